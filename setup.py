@@ -1,0 +1,140 @@
+"""Build fastattn and its extension fastattn._C.
+
+C++ CPU kernels are always built; CUDA kernels too when torch is a CUDA build and a real CUDA
+toolkit is found. Switches (environment variables):
+
+  FASTATTN_SKIP_CUDA_BUILD=1   CPU-only extension
+  FASTATTN_SKIP_EXTENSION=1    no extension at all (pure-Python install; used by `make` for the
+                               editable install, after which the extension is built in place)
+  FASTATTN_CUDA_ARCHS          compute capabilities, default "8.0;9.0"
+  FASTATTN_PORTABLE=1          compile the CPU kernels for AVX2 instead of -march=native
+  FASTATTN_ASAN=1              CPU kernels with AddressSanitizer (make asan)
+  MAX_JOBS                     parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import shutil
+import warnings
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_root():
+    """Return the CUDA toolkit root whose headers exist, or None.
+
+    torch guesses the root from the nvcc on PATH; on machines where that nvcc is a wrapper
+    script outside the toolkit (/usr/local/bin/nvcc here) the guess lacks cuda_runtime_api.h.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        # A wrapper script that execs the real nvcc: read the path it names.
+        try:
+            with open(real, "r", errors="ignore") as f:
+                for token in f.read(4096).split():
+                    if token.endswith("/bin/nvcc") and os.path.isfile(token):
+                        candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")) \
+                and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
+def extension_modules():
+    if _flag("FASTATTN_SKIP_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    if not cpu_sources:
+        warnings.warn("fastattn: no C++ sources found; building without fastattn._C")
+        return [], {}
+
+    with_cuda = False
+    if _flag("FASTATTN_SKIP_CUDA_BUILD"):
+        print("fastattn: FASTATTN_SKIP_CUDA_BUILD=1, building the CPU kernels only")
+    elif torch.version.cuda is None:
+        print("fastattn: torch is a CPU build, building the CPU kernels only")
+    elif not cuda_sources:
+        print("fastattn: no CUDA sources, building the CPU kernels only")
+    else:
+        root = find_cuda_root()
+        if root is None:
+            warnings.warn("fastattn: nvcc/CUDA toolkit not found; building the CPU kernels only "
+                          "(set CUDA_HOME to build the CUDA kernels)")
+        else:
+            print(f"fastattn: using CUDA toolkit at {root}")
+            os.environ["CUDA_HOME"] = root
+            cpp_extension.CUDA_HOME = root  # torch read CUDA_HOME at import; correct its guess
+            with_cuda = True
+
+    archs = os.environ.get("FASTATTN_CUDA_ARCHS", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if _flag("FASTATTN_ASAN"):
+        cxx_flags = ["-O1", "-g", "-std=c++17", "-fopenmp", "-fsanitize=address",
+                     "-fno-omit-frame-pointer"]
+    else:
+        # The extension is built from source where it runs, so tune for this CPU unless asked
+        # for a portable (AVX2) build.
+        cxx_flags += ["-mavx2", "-mfma"] if _flag("FASTATTN_PORTABLE") else ["-march=native"]
+    define_macros = [("FASTATTN_WITH_CUDA", "1" if with_cuda else "0"),
+                     ("FASTATTN_CUDA_ARCHS", '"' + archs + '"')]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    link_args = ["-fopenmp"] + (["-fsanitize=address"] if _flag("FASTATTN_ASAN") else [])
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "fastattn._C",
+            cpu_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                         "--expt-relaxed-constexpr", "-Xptxas=-v"],
+            },
+            extra_link_args=link_args,
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "fastattn._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
+        )
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="fastattn",
+    version="0.1.0",
+    description="Fused attention, softmax, norm and RoPE kernels behind drop-in PyTorch modules",
+    python_requires=">=3.10",
+    packages=["fastattn", "fastattn.ops", "fastattn.nn", "fastattn.kernels"],
+    # kernels/ ships as fastattn.kernels; no top-level `kernels` package is installed
+    # (that name belongs to an unrelated PyPI project).
+    package_dir={"fastattn.kernels": "kernels"},
+    install_requires=["torch"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
