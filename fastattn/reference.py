@@ -73,7 +73,8 @@ def attention(q, k, v, *, mask=None, scale=None, causal=False, alignment="top_le
     lse = torch.logsumexp(scores.float(), dim=-1)                     # (B, H, Sq)
     empty = torch.isneginf(lse)
     # Subtract a finite row max so fully masked rows give exp(-inf) = 0, not NaN.
-    row_max = torch.where(empty, torch.zeros_like(lse), lse).to(scores.dtype).unsqueeze(-1)
+    # (detached: softmax is shift-invariant, and lse's own backward is NaN on empty rows)
+    row_max = torch.where(empty, torch.zeros_like(lse), lse).detach().to(scores.dtype).unsqueeze(-1)
     probs = torch.exp(scores - row_max)
     denom = probs.sum(dim=-1, keepdim=True)
     probs = probs / torch.where(denom == 0, torch.ones_like(denom), denom)
@@ -116,7 +117,7 @@ def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
         keep = tri if keep is None else keep & tri
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(dim=dim, keepdim=True)
+    row_max = scores.detach().amax(dim=dim, keepdim=True)
     row_max = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
     e = torch.exp(scores - row_max)
     denom = e.sum(dim=dim, keepdim=True)

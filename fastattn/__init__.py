@@ -1,0 +1,22 @@
+"""fastattn: fused attention, softmax, LayerNorm/RMSNorm and RoPE kernels behind drop-in
+PyTorch modules.
+
+Backends: `triton` (CUDA), `cuda` and `cpu` (the C++/CUDA extension fastattn._C), `torch`
+(plain PyTorch reference). Choose with `fastattn.use_backend(name)` or $FASTATTN_BACKEND;
+the default `auto` picks the fastest backend that supports the call.
+"""
+
+from ._backend import available_backends, record_dispatch, use_backend
+from ._ext import build_info
+from .functional import (apply_rotary, apply_rotary_qk, layer_norm, rms_norm, rotary_cache,
+                         scaled_dot_product_attention, softmax)
+from .nn import LayerNorm, MultiHeadAttention, RMSNorm, RotaryEmbedding, patch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MultiHeadAttention", "LayerNorm", "RMSNorm", "RotaryEmbedding", "patch",
+    "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm", "apply_rotary",
+    "apply_rotary_qk", "rotary_cache", "use_backend", "available_backends", "record_dispatch",
+    "build_info",
+]

@@ -1,0 +1,159 @@
+"""Backend selection: which implementation runs an op.
+
+Backends (docs/backend-contract.md): `triton` (kernels/, CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1), `cuda` and `cpu` (the extension fastattn._C), `torch`
+(fastattn/reference.py). `auto` picks, per call, the first backend in the device's preference
+order that is available and supports the case; `torch` supports everything, so `auto` never
+fails. An explicitly chosen backend never silently hands the work to another: if it cannot run
+the case it raises a RuntimeError that says why.
+"""
+
+import contextlib
+import contextvars
+import importlib
+import os
+
+from . import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+ENV_VAR = "FASTATTN_BACKEND"
+
+# Preference of `auto` per device type. On CPU the C++ kernels beat the Triton interpreter by
+# orders of magnitude, so the interpreter is only used when asked for by name.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+# The kernels module of the triton backend that holds each op.
+TRITON_MODULES = {"attention": "attention", "softmax": "softmax", "layer_norm": "layer_norm",
+                  "rms_norm": "layer_norm", "rotary": "rotary"}
+
+_override = contextvars.ContextVar("fastattn_backend", default=None)
+_dispatch_logs = contextvars.ContextVar("fastattn_dispatch_logs", default=())
+
+
+def _validate(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastattn backend {name!r}; valid names: {', '.join(BACKENDS)}")
+    return name
+
+
+def requested_backend():
+    """The backend asked for: the innermost use_backend(), else $FASTATTN_BACKEND, else auto."""
+    name = _override.get()
+    if name is None:
+        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        try:
+            _validate(name)
+        except ValueError as exc:
+            raise ValueError(f"${ENV_VAR}: {exc}") from None
+    return name
+
+
+def interpreter_enabled():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(name, device_type=None):
+    """Why backend `name` cannot run on `device_type` ('cpu' / 'cuda' / None = anywhere), or None."""
+    if name in ("auto", "torch"):
+        return None
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        if device_type == "cpu" and not interpreter_enabled():
+            return "the triton backend runs CPU tensors only with TRITON_INTERPRET=1"
+        if device_type is None and not interpreter_enabled():
+            import torch
+            if not torch.cuda.is_available():
+                return "the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)"
+        return None
+    if not _ext.extension_loaded():
+        return "the extension fastattn._C is not built; " + _ext.BUILD_HINT
+    if name == "cpu":
+        if device_type not in (None, "cpu"):
+            return "the cpu backend runs CPU tensors only"
+        if not _ext.cpu_kernels_compiled():
+            return "fastattn._C was built without its CPU kernels"
+        return None
+    if name == "cuda":
+        import torch
+        if device_type not in (None, "cuda"):
+            return "the cuda backend runs CUDA tensors only"
+        if not _ext.cuda_kernels_compiled():
+            return "fastattn._C was built without CUDA kernels (see build_info())"
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+    raise AssertionError(name)
+
+
+def available_backends(device_type=None):
+    """Concrete backends that can run here (on `device_type` if given)."""
+    return [b for b in BACKENDS[1:] if unavailable_reason(b, device_type) is None]
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Run fastattn ops inside the block on backend `name` (auto, triton, cuda, cpu, torch).
+
+    Raises ValueError for an unknown name and RuntimeError when the backend cannot run on this
+    machine at all (e.g. `cuda` without a GPU or without CUDA kernels in the build).
+    """
+    _validate(name)
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"fastattn backend {name!r} is unavailable: {reason}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def backend_module(name, op):
+    """The module implementing the contract functions of `op` for backend `name`."""
+    if name == "triton":
+        return importlib.import_module(f"fastattn.kernels.{TRITON_MODULES[op]}")
+    if name in ("cpu", "cuda"):
+        return importlib.import_module("fastattn._C_ops")
+    return importlib.import_module("fastattn._torch_backend")
+
+
+def select(op, device_type, **case):
+    """Return (backend name, module implementing the contract) for `op` on `device_type`.
+
+    `case` describes the call for the modules' unsupported() checks (dtype, dropout_p, ...).
+    """
+    requested = requested_backend()
+    candidates = AUTO_ORDER.get(device_type, ("torch",)) if requested == "auto" else (requested,)
+    reasons = []
+    for name in candidates:
+        reason = unavailable_reason(name, device_type)
+        module = None
+        if reason is None:
+            module = backend_module(name, op)
+            reason = module.unsupported(op, **case)
+        if reason is None:
+            for log in _dispatch_logs.get():
+                log.append((op, name))
+            return name, module
+        reasons.append(f"{name}: {reason}")
+    raise RuntimeError(f"fastattn backend {requested!r} cannot run {op} on {device_type} "
+                       f"tensors ({'; '.join(reasons)}); use backend 'auto' to fall back to torch")
+
+
+@contextlib.contextmanager
+def record_dispatch():
+    """Collect (op, backend) for every fastattn kernel call inside the block.
+
+    >>> with fastattn.record_dispatch() as calls:
+    ...     out = fastattn.scaled_dot_product_attention(q, k, v)
+    >>> calls  # [('attention', 'cpu')]
+    """
+    log = []
+    token = _dispatch_logs.set(_dispatch_logs.get() + (log,))
+    try:
+        yield log
+    finally:
+        _dispatch_logs.reset(token)

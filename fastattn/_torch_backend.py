@@ -1,0 +1,158 @@
+"""The `torch` backend: the contract functions of docs/backend-contract.md on reference.py.
+
+Forward passes run the reference under no_grad; backward passes recompute the reference with
+autograd. It runs anywhere and supports every case, so it is the last fallback of `auto`.
+Its attention materialises (B, H, Sq, Sk) scores: correct, not fast.
+"""
+
+import torch
+
+from . import reference
+
+
+def unsupported(op, **case):
+    return None
+
+
+# ------------------------------------------------------------------ attention
+
+def dropout_keep_mask(shape, dropout_p, seed, offset, device):
+    """Bool keep-mask of `shape`, a pure function of (seed, offset) so the backward can
+    regenerate it."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(seed) * 1_000_003 + int(offset)) % (2**63 - 1))
+    return torch.rand(shape, generator=gen, device=device) >= dropout_p
+
+
+def _reference_attention(q, k, v, mask, scale, causal, alignment, window_left, window_right,
+                         softcap, key_lengths, dropout_p, seed, offset, return_lse):
+    keep = None
+    if dropout_p > 0:
+        b, h, sq, _ = q.shape
+        keep = dropout_keep_mask((b, h, sq, k.shape[2]), dropout_p, seed, offset, q.device)
+    return reference.attention(q, k, v, mask=mask, scale=scale, causal=causal,
+                               alignment=alignment, window_left=window_left,
+                               window_right=window_right, softcap=softcap,
+                               key_lengths=key_lengths, dropout_mask=keep,
+                               dropout_p=dropout_p, return_lse=return_lse)
+
+
+def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, window_right,
+                      softcap, key_lengths, dropout_p, seed, offset):
+    with torch.no_grad():
+        out, lse = _reference_attention(q, k, v, mask, scale, causal, alignment, window_left,
+                                        window_right, softcap, key_lengths, dropout_p, seed,
+                                        offset, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignment, window_left,
+                       window_right, softcap, key_lengths, dropout_p, seed, offset,
+                       deterministic, mask_needs_grad):
+    # Explicit FlashAttention backward math on materialised scores (custom-op bodies run below
+    # autograd, so the reference cannot be differentiated here).
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    group = h // hkv
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    raw = torch.matmul(qf, kf.transpose(-2, -1)) * scale                 # (B, H, Sq, Sk)
+    capped = softcap * torch.tanh(raw / softcap) if softcap > 0 else raw
+    scores = capped if mask is None or mask.dtype == torch.bool else capped + mask.to(acc)
+    visible = reference.attention_visibility(sq, sk, causal=causal, alignment=alignment,
+                                             window_left=window_left, window_right=window_right,
+                                             device=q.device).expand(b, h, sq, sk)
+    if key_lengths is not None:
+        keys = torch.arange(sk, device=q.device).view(1, 1, 1, sk)
+        visible = visible & (keys < key_lengths.view(b, 1, 1, 1))
+    if mask is not None and mask.dtype == torch.bool:
+        visible = visible & mask
+    lse_ = lse.to(acc).unsqueeze(-1)
+    finite = torch.isfinite(lse_)
+    probs = torch.where(visible & finite, torch.exp(scores - torch.where(finite, lse_, 0)), 0)
+    do = dout.to(acc)
+    dp = torch.matmul(do, vf.transpose(-2, -1))                            # (B, H, Sq, Sk)
+    p_used = probs
+    if dropout_p > 0:
+        keep = dropout_keep_mask((b, h, sq, sk), dropout_p, seed, offset, q.device)
+        p_used = probs * keep / (1.0 - dropout_p)
+        dp = dp * keep / (1.0 - dropout_p)
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)                       # rowsum(dO * O)
+    ds = probs * (dp - delta)                                              # dL/dscores
+    ds_raw = ds * (1 - torch.tanh(raw / softcap) ** 2) if softcap > 0 else ds
+    dq = torch.matmul(ds_raw, kf) * scale
+    dk = (torch.matmul(ds_raw.transpose(-2, -1), qf) * scale).view(b, hkv, group, sk, d).sum(2)
+    dv = torch.matmul(p_used.transpose(-2, -1), do).view(b, hkv, group, sk, -1).sum(2)
+    dmask = ds.float() if mask_needs_grad else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+# ------------------------------------------------------------------ softmax
+
+def softmax_forward(x, *, scale, mask, causal):
+    return reference.softmax(x, scale=scale, mask=mask, causal=causal)
+
+
+def softmax_backward(dy, y, *, scale):
+    yf, dyf = y.float(), dy.float()
+    dx = scale * yf * (dyf - (dyf * yf).sum(dim=-1, keepdim=True))
+    return dx.to(y.dtype)
+
+
+# ------------------------------------------------------------------ layer norm / rms norm
+
+def layer_norm_forward(x, weight, bias, eps, residual):
+    h = x if residual is None else x + residual
+    hf = h.float()
+    mean = hf.mean(dim=-1)
+    rstd = torch.rsqrt(hf.var(dim=-1, unbiased=False) + eps)
+    y = reference.layer_norm(h, h.shape[-1], weight, bias, eps)
+    return y, mean, rstd, (None if residual is None else h)
+
+
+def layer_norm_backward(dy, h, weight, bias, mean, rstd, dh_extra):
+    xhat = (h.float() - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    g = dy.float() * (weight.float() if weight is not None else 1.0)
+    dx = rstd.unsqueeze(-1) * (g - g.mean(-1, keepdim=True)
+                               - xhat * (g * xhat).mean(-1, keepdim=True))
+    if dh_extra is not None:
+        dx = dx + dh_extra.float()
+    dw = (dy.float() * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    db = dy.float().sum(0).to(bias.dtype) if bias is not None else None
+    return dx.to(h.dtype), dw, db
+
+
+def rms_norm_forward(x, weight, eps, residual):
+    h = x if residual is None else x + residual
+    rstd = torch.rsqrt(h.float().pow(2).mean(dim=-1) + eps)
+    y = reference.rms_norm(h, h.shape[-1], weight, eps)
+    return y, rstd, (None if residual is None else h)
+
+
+def rms_norm_backward(dy, h, weight, rstd, dh_extra):
+    xhat = h.float() * rstd.unsqueeze(-1)
+    g = dy.float() * (weight.float() if weight is not None else 1.0)
+    dx = rstd.unsqueeze(-1) * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    if dh_extra is not None:
+        dx = dx + dh_extra.float()
+    dw = (dy.float() * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    return dx.to(h.dtype), dw
+
+
+# ------------------------------------------------------------------ rotary
+
+def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out):
+    # x (B, S, H, D): the sequence is dim 1 and the batch dim 0.
+    y = reference.apply_rotary(x, cos, sin, interleaved=interleaved, seq_dim=1, offsets=offsets,
+                               conjugate=conjugate)
+    out.copy_(y)
+    return out
+
+
+def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out, k_out):
+    rotary_forward(q, cos, sin, interleaved=interleaved, offsets=offsets, conjugate=conjugate,
+                   out=q_out)
+    rotary_forward(k, cos, sin, interleaved=interleaved, offsets=offsets, conjugate=conjugate,
+                   out=k_out)
+    return q_out, k_out

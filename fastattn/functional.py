@@ -1,0 +1,348 @@
+"""The documented public functions: validate, normalise layouts, pick a backend, call the op.
+
+Each function has the signature of its PyTorch counterpart plus keyword-only extras. The
+backend is chosen per call (see fastattn.use_backend); `auto` never fails because the torch
+backend supports every case.
+"""
+
+import math
+
+import torch
+
+from . import _backend, _checks
+from .ops import attention as _attention_ops
+from .ops import norms as _norm_ops
+from .ops import rotary as _rotary_ops
+from .ops import softmax as _softmax_ops
+
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------ attention
+
+def _attention_window(window):
+    if window is None:
+        return -1, -1
+    if isinstance(window, int):
+        window = (window, window)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) for w in window)):
+        raise ValueError(f"window must be None, an int or a (left, right) pair of ints "
+                         f"(-1 = unbounded), got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 window=None, softcap=0.0, causal_alignment="top_left",
+                                 key_lengths=None, return_lse=False, deterministic=False):
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention on fused kernels.
+
+    query (B, H, Sq, D) or (H, Sq, D); key, value (B, Hkv, Sk, D). With enable_gqa=True, Hkv may
+    divide H (grouped-query / multi-query attention, without repeating K/V in memory).
+    attn_mask: bool (True = may attend) or float (added), broadcastable to (B, H, Sq, Sk); a float
+    mask that requires grad receives its gradient. Unlike PyTorch, attn_mask together with
+    is_causal is allowed and means both. A query row whose keys are all masked gives 0.
+
+    Keyword-only extras:
+      window: (left, right) sliding window in keys (-1 = unbounded), or an int for both.
+      softcap: tanh logit soft-capping, scores = softcap * tanh(scores / softcap) (0 = off).
+      causal_alignment: "top_left" (PyTorch's is_causal) or "bottom_right" (FlashAttention's,
+        for decoding with Sq < Sk); it applies to is_causal and window.
+      key_lengths: int tensor (B,): keys at positions >= key_lengths[b] are masked (padding),
+        without materialising a mask.
+      return_lse: also return the log-sum-exp (B, H, Sq) in fp32 (-inf for empty rows).
+      deterministic: a bitwise-reproducible backward.
+    """
+    _checks.check_tensor("query", query, ndim=(3, 4), dtypes=ATTENTION_DTYPES)
+    _checks.check_tensor("key", key, ndim=query.dim(), dtypes=ATTENTION_DTYPES)
+    _checks.check_tensor("value", value, ndim=query.dim(), dtypes=ATTENTION_DTYPES)
+    _checks.check_same("key", key, "query", query)
+    _checks.check_same("value", value, "query", query)
+    unbatched = query.dim() == 3
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+    b, h, sq, d = query.shape
+    hkv, sk = key.shape[1], key.shape[2]
+    if key.shape[0] != b or value.shape[0] != b:
+        raise ValueError(f"key/value batch size ({key.shape[0]}, {value.shape[0]}) must match "
+                         f"query's ({b})")
+    if key.shape[-1] != d:
+        raise ValueError(f"key head dim {key.shape[-1]} must equal query head dim {d}")
+    if value.shape[1] != hkv or value.shape[2] != sk:
+        raise ValueError(f"value shape {tuple(value.shape)} must match key's heads and length "
+                         f"{(hkv, sk)}")
+    if h != hkv:
+        if not enable_gqa:
+            raise ValueError(f"query has {h} heads but key/value have {hkv}; pass "
+                             f"enable_gqa=True for grouped-query attention")
+        if hkv == 0 or h % hkv != 0:
+            raise ValueError(f"enable_gqa: query heads ({h}) must be a multiple of key/value "
+                             f"heads ({hkv})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if causal_alignment not in _attention_ops.ALIGNMENTS:
+        raise ValueError(f"causal_alignment must be one of {_attention_ops.ALIGNMENTS}, "
+                         f"got {causal_alignment!r}")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    window_left, window_right = _attention_window(window)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+    mask = attn_mask
+    if mask is not None:
+        _checks.check_tensor("attn_mask", mask, dtypes=None)
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(f"attn_mask must be bool or floating, got {mask.dtype}")
+        if mask.device != query.device:
+            raise ValueError(f"attn_mask is on {mask.device} but query is on {query.device}")
+        if mask.is_floating_point() and mask.dtype != query.dtype:
+            raise ValueError(f"float attn_mask dtype {mask.dtype} must match query dtype "
+                             f"{query.dtype}")
+        if unbatched and mask.dim() == 3:
+            mask = mask.unsqueeze(0)
+        mask = _checks.broadcast_to("attn_mask", mask, (b, h, sq, sk))
+    if key_lengths is not None:
+        _checks.check_tensor("key_lengths", key_lengths, ndim=1,
+                             dtypes=(torch.int32, torch.int64))
+        if key_lengths.shape[0] != b:
+            raise ValueError(f"key_lengths must have shape ({b},), got "
+                             f"{tuple(key_lengths.shape)}")
+        key_lengths = key_lengths.to(query.device)
+
+    rng = None
+    if dropout_p > 0:
+        # (seed, offset) from torch's default generator, so torch.manual_seed reproduces runs.
+        rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+
+    mask_needs_grad = (mask is not None and mask.is_floating_point() and mask.requires_grad
+                       and torch.is_grad_enabled())
+    backend, _ = _backend.select(
+        "attention", query.device.type, dtype=query.dtype, head_dim=d,
+        v_head_dim=value.shape[-1], q_len=sq, k_len=sk, mask=_checks.mask_kind(mask),
+        mask_needs_grad=mask_needs_grad, causal=bool(is_causal), alignment=causal_alignment,
+        window=window_left >= 0 or window_right >= 0, softcap=float(softcap),
+        key_lengths=key_lengths is not None, dropout_p=float(dropout_p), gqa=h != hkv,
+        deterministic=bool(deterministic), device=query.device.type)
+    out, lse = _attention_ops.attention_op(
+        query, key, value, mask, key_lengths, rng, scale, bool(is_causal),
+        causal_alignment == "bottom_right", window_left, window_right, float(softcap),
+        float(dropout_p), bool(deterministic), backend)
+    if unbatched:
+        out, lse = out.squeeze(0), lse.squeeze(0)
+    return (out, lse) if return_lse else out
+
+
+# -------------------------------------------------------------------------------------- softmax
+
+def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
+    """Fused softmax(x * scale + mask) over `dim`.
+
+    mask: bool (True = keep) or float (added), broadcastable to x; causal masks column j > i,
+    where i indexes dim -2 (requires dim=-1). Rows with nothing kept give 0, not NaN.
+    """
+    _checks.check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension")
+    dim = dim % x.dim() if -x.dim() <= dim < x.dim() else None
+    if dim is None:
+        raise ValueError(f"dim out of range for x with {x.dim()} dimensions")
+    if causal and (dim != x.dim() - 1 or x.dim() < 2):
+        raise ValueError("softmax: causal=True needs dim=-1 and x with at least 2 dimensions")
+    scale = 1.0 if scale is None else float(scale)
+    last = dim == x.dim() - 1
+    xt = x if last else x.movedim(dim, -1)
+    if xt.stride(-1) != 1:
+        xt = xt.contiguous()
+    if mask is not None:
+        _checks.check_tensor("mask", mask, dtypes=None)
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise ValueError(f"mask must be bool or floating, got {mask.dtype}")
+        mask = _checks.broadcast_to("mask", mask, x.shape)
+        mask = mask if last else mask.movedim(dim, -1)
+    backend, _ = _backend.select("softmax", x.device.type, dtype=x.dtype, n=xt.shape[-1],
+                                 mask=_checks.mask_kind(mask), causal=bool(causal),
+                                 device=x.device.type)
+    y = _softmax_ops.softmax_op(xt, mask, scale, bool(causal), backend)
+    return y if last else y.movedim(-1, dim)
+
+
+# -------------------------------------------------------------------------------- normalisation
+
+def _norm_rows(name, input, normalized_shape, weight, bias, residual):
+    _checks.check_tensor("input", input)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) == 0 or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise ValueError(f"{name}: normalized_shape {shape} does not match the trailing dims of "
+                         f"input {tuple(input.shape)}")
+    n = math.prod(shape)
+    for pname, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _checks.check_tensor(pname, p)
+            if tuple(p.shape) != shape:
+                raise ValueError(f"{name}: {pname} must have shape {shape}, got {tuple(p.shape)}")
+            if p.device != input.device:
+                raise ValueError(f"{name}: {pname} is on {p.device} but input is on "
+                                 f"{input.device}")
+    x2 = input.reshape(-1, n)
+    r2 = None
+    if residual is not None:
+        _checks.check_tensor("residual", residual)
+        _checks.check_same("residual", residual, "input", input)
+        if residual.shape != input.shape:
+            raise ValueError(f"{name}: residual shape {tuple(residual.shape)} must equal input "
+                             f"shape {tuple(input.shape)}")
+        r2 = residual.reshape(-1, n).contiguous()
+    w = weight.reshape(n) if weight is not None else None
+    bb = bias.reshape(n) if bias is not None else None
+    return x2.contiguous(), w, bb, r2, n
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
+    """F.layer_norm on a fused kernel (fp32 statistics).
+
+    With `residual=`, normalises input + residual in the same pass (pre-norm blocks) and returns
+    (output, input + residual).
+    """
+    x2, w, b, r2, n = _norm_rows("layer_norm", input, normalized_shape, weight, bias, residual)
+    backend, _ = _backend.select(
+        "layer_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
+        weight=w is not None, bias=b is not None,
+        weight_dtype=None if w is None else w.dtype, device=input.device.type)
+    y, _, _, h = _norm_ops.layer_norm_op(x2, w, b, r2, float(eps), backend)
+    y = y.view(input.shape)
+    return y if residual is None else (y, h.view(input.shape))
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
+    """F.rms_norm on a fused kernel (eps=None means torch.finfo(input.dtype).eps).
+
+    With `residual=`, normalises input + residual in the same pass and returns
+    (output, input + residual).
+    """
+    x2, w, _, r2, n = _norm_rows("rms_norm", input, normalized_shape, weight, None, residual)
+    eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
+    backend, _ = _backend.select(
+        "rms_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
+        weight=w is not None, bias=False, weight_dtype=None if w is None else w.dtype,
+        device=input.device.type)
+    y, _, h = _norm_ops.rms_norm_op(x2, w, r2, eps, backend)
+    y = y.view(input.shape)
+    return y if residual is None else (y, h.view(input.shape))
+
+
+# --------------------------------------------------------------------------------------- rotary
+
+def _rotary_view(name, x, seq_dim):
+    """View x as (B, S, H, D) without copying: (batch, sequence, merged heads, features)."""
+    _checks.check_tensor(name, x)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (S, D), got {tuple(x.shape)}")
+    if not -x.dim() <= seq_dim < x.dim():
+        raise ValueError(f"seq_dim {seq_dim} is out of range for {name} of shape "
+                         f"{tuple(x.shape)}")
+    seq = seq_dim % x.dim()
+    if seq == x.dim() - 1:
+        raise ValueError(f"seq_dim must not be the last (feature) dim of {name}")
+    v = x if seq > 0 else x.unsqueeze(0)
+    seq = max(seq, 1)
+    v = v.movedim(seq, 1)                                 # (B, S, ..., D)
+    if v.dim() == 3:
+        v = v.unsqueeze(2)                                # (B, S, 1, D)
+    elif v.dim() > 4:
+        v = v.flatten(2, -2)                              # may copy for exotic strides
+    return v
+
+
+def _check_rotary_tables(x4, cos, sin, offsets):
+    for pname, t in (("cos", cos), ("sin", sin)):
+        _checks.check_tensor(pname, t, ndim=2)
+        if t.device != x4.device:
+            raise ValueError(f"{pname} is on {t.device} but the input is on {x4.device}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{pname} requires grad, but apply_rotary treats cos/sin as "
+                             f"constants; pass {pname}.detach()")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must have one shape")
+    rot = 2 * cos.shape[1]
+    if rot == 0 or rot > x4.shape[-1]:
+        raise ValueError(f"cos/sin of shape {tuple(cos.shape)} rotate {rot} features but the "
+                         f"head dim is {x4.shape[-1]} (need 0 < 2 * cos.shape[1] <= head dim)")
+    b, s = x4.shape[0], x4.shape[1]
+    if offsets is not None:
+        _checks.check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int32, torch.int64))
+        if offsets.shape[0] != b:
+            raise ValueError(f"offsets must have shape ({b},), got {tuple(offsets.shape)}")
+        offsets = offsets.to(x4.device)
+        if offsets.numel() and (int(offsets.min()) < 0
+                                or int(offsets.max()) + s > cos.shape[0]):
+            raise ValueError(f"offsets + sequence length exceed the cos/sin cache of "
+                             f"{cos.shape[0]} positions")
+    elif s > cos.shape[0]:
+        raise ValueError(f"sequence length {s} exceeds the cos/sin cache of {cos.shape[0]} "
+                         f"positions")
+    return rot, offsets
+
+
+def _rotary_backend(x4, rot, interleaved, offsets, inplace):
+    name, _ = _backend.select("rotary", x4.device.type, dtype=x4.dtype, head_dim=x4.shape[-1],
+                              rot_dim=rot, interleaved=bool(interleaved),
+                              offsets=offsets is not None, inplace=inplace,
+                              device=x4.device.type)
+    return name
+
+
+def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, inplace=False):
+    """Rotary position embedding on the first R = 2 * cos.shape[1] features of x.
+
+    x (..., S, ..., D) with the sequence at seq_dim and the batch at dim 0 (for `offsets`);
+    cos, sin (S_cache, R/2), from fastattn.rotary_cache. interleaved=False is GPT-NeoX style
+    (rotate halves), True is GPT-J style (adjacent pairs). offsets (B,): per-batch position
+    offsets (decoding with a KV cache). inplace=True writes into x (no autograd) and returns x.
+    Any strided layout is read without a copy.
+    """
+    x4 = _rotary_view("x", x, seq_dim)
+    rot, offsets = _check_rotary_tables(x4, cos, sin, offsets)
+    backend = _rotary_backend(x4, rot, interleaved, offsets, inplace)
+    if inplace:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise ValueError("apply_rotary(inplace=True) does not support autograd; x requires "
+                             "grad")
+        _rotary_ops.rotary_inplace_op(x4, cos, sin, offsets, bool(interleaved), False, backend)
+        return x
+    y4 = _rotary_ops.rotary_op(x4, cos, sin, offsets, bool(interleaved), False, backend)
+    return _undo_rotary_view(y4, x, seq_dim)
+
+
+def _undo_rotary_view(y4, x, seq_dim):
+    seq = seq_dim % x.dim()
+    shape = list(x.shape) if seq > 0 else [1] + list(x.shape)
+    seq = max(seq, 1)
+    moved = [shape[0], shape[seq]] + [s for i, s in enumerate(shape) if i not in (0, seq)]
+    y = y4.reshape(moved).movedim(1, seq)
+    return y if seq_dim % x.dim() > 0 else y.squeeze(0)
+
+
+def apply_rotary_qk(q, k, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None):
+    """Rotate q and k with one kernel launch; same arguments as apply_rotary."""
+    q4, k4 = _rotary_view("q", q, seq_dim), _rotary_view("k", k, seq_dim)
+    if q4.shape[:2] != k4.shape[:2] or q4.shape[-1] != k4.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, sequence "
+                         f"and head dim")
+    _checks.check_same("k", k, "q", q)
+    rot, offsets = _check_rotary_tables(q4, cos, sin, offsets)
+    backend = _rotary_backend(q4, rot, interleaved, offsets, False)
+    qo, ko = _rotary_ops.rotary_qk_op(q4, k4, cos, sin, offsets, bool(interleaved), False,
+                                      backend)
+    return _undo_rotary_view(qo, q, seq_dim), _undo_rotary_view(ko, k, seq_dim)
+
+
+def rotary_cache(seq_len, rot_dim, *, base=10000.0, scaling=None, device=None,
+                 dtype=torch.float32):
+    """cos, sin tables (seq_len, rot_dim // 2) for apply_rotary.
+
+    scaling: None, ("linear", factor) (position interpolation) or ("ntk", factor) (NTK-aware
+    base scaling).
+    """
+    from .reference import rotary_cache as _cache
+    return _cache(seq_len, rot_dim, base=base, scaling=scaling, device=device, dtype=dtype)

@@ -1,0 +1,98 @@
+"""Attention as torch.library custom ops with autograd and fake (meta) implementations.
+
+`fastattn::attention` (forward, returns out and lse) and `fastattn::attention_grad` (backward)
+take the backend chosen by the caller as an argument, so forward and backward run on the same
+backend even when autograd runs the backward on another thread, and torch.compile bakes the
+choice into the graph. They are opaque custom ops (not `triton_op`): one op serves every backend,
+and the Triton launcher inside picks its own autotuned kernel.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _alignment(bottom_right):
+    return "bottom_right" if bottom_right else "top_left"
+
+
+@torch.library.custom_op("fastattn::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                 key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
+                 causal: bool, bottom_right: bool, window_left: int, window_right: int,
+                 softcap: float, dropout_p: float, deterministic: bool,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """out (B, H, Sq, Dv), lse (B, H, Sq) fp32. `deterministic` is used by the backward only."""
+    seed, offset = rng.tolist() if rng is not None else (0, 0)
+    impl = _backend.backend_module(backend, "attention")
+    return impl.attention_forward(
+        q, k, v, mask=mask, scale=scale, causal=causal, alignment=_alignment(bottom_right),
+        window_left=window_left, window_right=window_right, softcap=softcap,
+        key_lengths=key_lengths, dropout_p=dropout_p, seed=seed, offset=offset)
+
+
+@attention_op.register_fake
+def _(q, k, v, mask, key_lengths, rng, scale, causal, bottom_right, window_left, window_right,
+      softcap, dropout_p, deterministic, backend):
+    b, h, sq, _ = q.shape
+    out = q.new_empty(b, h, sq, v.shape[-1])
+    lse = q.new_empty(b, h, sq, dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fastattn::attention_grad", mutates_args=())
+def attention_grad_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                      mask: Optional[Tensor], key_lengths: Optional[Tensor],
+                      rng: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
+                      window_left: int, window_right: int, softcap: float, dropout_p: float,
+                      deterministic: bool, mask_needs_grad: bool,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, and dmask (fp32 (B, H, Sq, Sk); empty unless mask_needs_grad)."""
+    seed, offset = rng.tolist() if rng is not None else (0, 0)
+    impl = _backend.backend_module(backend, "attention")
+    dq, dk, dv, dmask = impl.attention_backward(
+        dout, q, k, v, out, lse, mask=mask, scale=scale, causal=causal,
+        alignment=_alignment(bottom_right), window_left=window_left, window_right=window_right,
+        softcap=softcap, key_lengths=key_lengths, dropout_p=dropout_p, seed=seed, offset=offset,
+        deterministic=deterministic, mask_needs_grad=mask_needs_grad)
+    if dmask is None:
+        dmask = q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dmask
+
+
+@attention_grad_op.register_fake
+def _(dout, q, k, v, out, lse, mask, key_lengths, rng, scale, causal, bottom_right, window_left,
+      window_right, softcap, dropout_p, deterministic, mask_needs_grad, backend):
+    dmask = (q.new_empty(mask.shape, dtype=torch.float32) if mask_needs_grad
+             else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, mask, key_lengths, rng, scale, causal, bottom_right, window_left, window_right,
+     softcap, dropout_p, deterministic, backend) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, key_lengths, rng)
+    ctx.args = (scale, causal, bottom_right, window_left, window_right, softcap, dropout_p,
+                deterministic)
+    ctx.backend = backend
+    ctx.mask_needs_grad = (mask is not None and mask.is_floating_point()
+                           and ctx.needs_input_grad[3])
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask, key_lengths, rng = ctx.saved_tensors
+    dq, dk, dv, dmask = attention_grad_op(dout.contiguous(), q, k, v, out, lse, mask,
+                                          key_lengths, rng, *ctx.args, ctx.mask_needs_grad,
+                                          ctx.backend)
+    dmask = dmask.to(mask.dtype) if ctx.mask_needs_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastattn::attention", _backward, setup_context=_setup_context)

@@ -1,0 +1,93 @@
+"""Rotary position embeddings as custom ops with autograd.
+
+Tensors arrive as (B, S, H, D) views (any strides). The backward of a rotation is the rotation
+by the negative angle (`conjugate`), so one kernel serves both directions. cos/sin are treated
+as constants (the public function refuses ones that require grad).
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+
+def _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend):
+    impl = _backend.backend_module(backend, "rotary")
+    return impl.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=offsets,
+                               conjugate=conjugate, out=out)
+
+
+@torch.library.custom_op("fastattn::rotary", mutates_args=())
+def rotary_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], interleaved: bool,
+              conjugate: bool, backend: str) -> Tensor:
+    out = torch.empty_like(x)
+    _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend)
+    return out
+
+
+@rotary_op.register_fake
+def _(x, cos, sin, offsets, interleaved, conjugate, backend):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, cos, sin, offsets, interleaved, conjugate, backend = inputs
+    ctx.save_for_backward(cos, sin, offsets)
+    ctx.args = (interleaved, conjugate, backend)
+
+
+def _backward(ctx, dy):
+    cos, sin, offsets = ctx.saved_tensors
+    interleaved, conjugate, backend = ctx.args
+    dx = rotary_op(dy, cos, sin, offsets, interleaved, not conjugate, backend)
+    return dx, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastattn::rotary", _backward, setup_context=_setup)
+
+
+@torch.library.custom_op("fastattn::rotary_", mutates_args=("x",))
+def rotary_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
+                      interleaved: bool, conjugate: bool, backend: str) -> None:
+    """In-place rotation (no autograd: for inference and KV caches)."""
+    _rotate(x, cos, sin, interleaved, offsets, conjugate, x, backend)
+
+
+@rotary_inplace_op.register_fake
+def _(x, cos, sin, offsets, interleaved, conjugate, backend):
+    return None
+
+
+@torch.library.custom_op("fastattn::rotary_qk", mutates_args=())
+def rotary_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
+                 interleaved: bool, conjugate: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """q and k rotated by one launch."""
+    impl = _backend.backend_module(backend, "rotary")
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    impl.rotary_forward_qk(q, k, cos, sin, interleaved=interleaved, offsets=offsets,
+                           conjugate=conjugate, q_out=q_out, k_out=k_out)
+    return q_out, k_out
+
+
+@rotary_qk_op.register_fake
+def _(q, k, cos, sin, offsets, interleaved, conjugate, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _qk_setup(ctx, inputs, output):
+    q, k, cos, sin, offsets, interleaved, conjugate, backend = inputs
+    ctx.save_for_backward(cos, sin, offsets)
+    ctx.args = (interleaved, conjugate, backend)
+
+
+def _qk_backward(ctx, dq, dk):
+    cos, sin, offsets = ctx.saved_tensors
+    interleaved, conjugate, backend = ctx.args
+    dq_in, dk_in = rotary_qk_op(dq.contiguous(), dk.contiguous(), cos, sin, offsets, interleaved,
+                                not conjugate, backend)
+    return dq_in, dk_in, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastattn::rotary_qk", _qk_backward, setup_context=_qk_setup)

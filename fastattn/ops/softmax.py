@@ -1,0 +1,50 @@
+"""Softmax over the last dim as custom ops `fastattn::softmax` / `fastattn::softmax_grad`."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+
+
+@torch.library.custom_op("fastattn::softmax", mutates_args=())
+def softmax_op(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+               backend: str) -> Tensor:
+    impl = _backend.backend_module(backend, "softmax")
+    return impl.softmax_forward(x, scale=scale, mask=mask, causal=causal)
+
+
+@softmax_op.register_fake
+def _(x, mask, scale, causal, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastattn::softmax_grad", mutates_args=())
+def softmax_grad_op(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
+    impl = _backend.backend_module(backend, "softmax")
+    return impl.softmax_backward(dy, y, scale=scale)
+
+
+@softmax_grad_op.register_fake
+def _(dy, y, scale, backend):
+    return torch.empty_like(y)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mask, scale, causal, backend = inputs
+    ctx.save_for_backward(output)
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mask_needs_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[1]
+
+
+def _backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    if not ctx.mask_needs_grad:
+        return softmax_grad_op(dy.contiguous(), y, ctx.scale, ctx.backend), None, None, None, None
+    # s = x * scale + mask: the mask receives dS, x receives scale * dS.
+    ds = softmax_grad_op(dy.contiguous(), y, 1.0, ctx.backend)
+    return ds * ctx.scale, ds, None, None, None
+
+
+torch.library.register_autograd("fastattn::softmax", _backward, setup_context=_setup_context)
