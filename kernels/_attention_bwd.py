@@ -1,0 +1,214 @@
+"""FlashAttention-2 backward: preprocess (delta), dK/dV (loop over query blocks), dQ (loop over keys).
+
+P is recomputed from the saved lse; nothing of size Sq x Sk is allocated except dmask_full.
+No atomics: dK/dV of a kv head sum over the group's query heads inside one program, so the
+backward is bitwise deterministic.
+"""
+
+import triton
+import triton.language as tl
+
+from ._attention_common import dropout_keep, kv_len_of, kv_range, q_range, scores
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    Out, DOut, Delta,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    H, Sq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO * O (fp32)."""
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)               # (BLOCK_M, BLOCK_D)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)           # (BLOCK_M,)
+    tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def load_row_stats(Lse, Delta, bh, Sq, offs_m):
+    """lse in log2 units with +inf for empty/out-of-range rows (so P = exp2(s - lse) = 0), delta."""
+    row = bh.to(tl.int64) * Sq + offs_m
+    lse = tl.load(Lse + row, mask=offs_m < Sq, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + row, mask=offs_m < Sq, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV, Mask, KeyLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Hkv, Sq, Sk, D, group, shift, window_left, window_right,
+    sm_scale, softcap, dropout_p, seed, rng_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    num_n = tl.cdiv(Sk, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    bhk = pid // num_n
+    b = bhk // Hkv
+    hk = bhk % Hkv
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                  # (BLOCK_N,)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    if EVEN_D:
+        d_ok = offs_d[None, :] < BLOCK_D
+    kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
+    n_ok = (offs_n[:, None] < kv_len) & d_ok                          # (BLOCK_N, BLOCK_D)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=n_ok, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=n_ok, other=0.0)
+
+    col_lo = pid_n * BLOCK_N
+    col_hi = tl.minimum(col_lo + BLOCK_N, kv_len)
+    lo, hi = q_range(col_lo, col_hi, Sq, shift, window_left, window_right,
+                     BLOCK_M, IS_CAUSAL, HAS_WL, HAS_WR)
+    hi = tl.where(col_lo < kv_len, hi, 0)                             # block past key_lengths
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    # GQA: this kv head's gradient is the sum over its query heads, in a fixed order.
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * H + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + offs_m0                                # (BLOCK_M,)
+            m_ok = (offs_m[:, None] < Sq) & d_ok
+            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                        mask=m_ok, other=0.0)                         # (BLOCK_M, BLOCK_D)
+            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
+                         mask=m_ok, other=0.0)                        # (BLOCK_M, BLOCK_D)
+            lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)     # (BLOCK_M, BLOCK_N)
+            s2, t = scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len,
+                           shift, window_left, window_right, sm_scale, softcap,
+                           IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+            p = tl.exp2(s2 - lse2[:, None])                           # (BLOCK_M, BLOCK_N)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)    # (BLOCK_M, BLOCK_N)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+                inv_keep = 1.0 / (1.0 - dropout_p)
+                p_drop = tl.where(keep, p * inv_keep, 0.0)
+                dp = tl.where(keep, dp * inv_keep, 0.0)
+            else:
+                p_drop = p
+            dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])                            # d(score after softcap)
+            if HAS_SOFTCAP:
+                ds = ds * (1.0 - t * t)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+
+    dk = dk * sm_scale
+    st_ok = (offs_n[:, None] < Sk) & d_ok
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=st_ok)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=st_ok)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, KeyLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Sq, Sk, D, group, shift, window_left, window_right,
+    sm_scale, softcap, dropout_p, seed, rng_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    b = bh // H
+    h = bh % H
+    hk = h // group
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    if EVEN_D:
+        d_ok = offs_d[None, :] < BLOCK_D
+    m_ok = (offs_m[:, None] < Sq) & d_ok                              # (BLOCK_M, BLOCK_D)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], mask=m_ok, other=0.0)
+    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :], mask=m_ok, other=0.0)
+    lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
+
+    kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
+    lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq), kv_len, shift,
+                      window_left, window_right, BLOCK_N, IS_CAUSAL, HAS_WL, HAS_WR)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    dmask_base = DMask + bh.to(tl.int64) * Sq * Sk                   # contiguous (B, H, Sq, Sk)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = (offs_n[:, None] < kv_len) & d_ok
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
+        s2, t = scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
+                       window_left, window_right, sm_scale, softcap,
+                       IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+        p = tl.exp2(s2 - lse2[:, None])                               # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)        # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        ds = p * (dp - delta[:, None])                                # (BLOCK_M, BLOCK_N)
+        if MASK_GRAD:
+            # gradient of the added float mask = dS (skipped blocks stay at their zero init)
+            dm_ptrs = (dmask_base + offs_m[:, None].to(tl.int64) * Sk + offs_n[None, :])
+            tl.store(dm_ptrs, ds, mask=(offs_m[:, None] < Sq) & (offs_n[None, :] < Sk))
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+             + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok)

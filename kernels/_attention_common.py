@@ -1,0 +1,135 @@
+"""Device helpers shared by the attention kernels: scores, visibility, loop bounds, dropout RNG.
+
+Scores are kept in log2 units (s * log2(e)) so the softmax uses exp2; lse is converted back to
+natural log only when it is stored.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# MASK_KIND values
+MASK_NONE = 0
+MASK_BOOL = 1
+MASK_FLOAT = 2
+
+
+@triton.jit
+def tanh_approx_free(x):
+    # tanh via exp2; exact limits: exp2 -> inf gives 1, exp2 -> 0 gives -1 (no NaN).
+    e = tl.exp2(x * (2.0 * 1.4426950408889634))
+    return 1.0 - 2.0 / (e + 1.0)
+
+
+@triton.jit
+def kv_len_of(KeyLens, b, Sk, HAS_KL: tl.constexpr):
+    """Number of keys batch `b` may attend to (Sk without key_lengths)."""
+    kv_len = Sk
+    if HAS_KL:
+        kv_len = tl.minimum(tl.load(KeyLens + b).to(tl.int32), Sk)
+        kv_len = tl.maximum(kv_len, 0)
+    return kv_len
+
+
+@triton.jit
+def kv_range(row_lo, row_hi, kv_len, shift, window_left, window_right,
+             BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+             HAS_WR: tl.constexpr):
+    """[lo, hi) of key blocks that rows [row_lo, row_hi) can see; lo is BLOCK_N aligned.
+
+    Blocks outside it are fully masked and skipped, not just masked.
+    """
+    lo = 0
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, row_hi + shift)           # j <= i + shift
+    if HAS_WR:
+        hi = tl.minimum(hi, row_hi + shift + window_right)
+    if HAS_WL:
+        lo = tl.maximum(row_lo + shift - window_left, 0)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def q_range(col_lo, col_hi, Sq, shift, window_left, window_right,
+            BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+            HAS_WR: tl.constexpr):
+    """[lo, hi) of query rows that can see some key in [col_lo, col_hi); lo is BLOCK_M aligned."""
+    lo = 0
+    hi = Sq
+    if IS_CAUSAL:
+        lo = tl.maximum(lo, col_lo - shift)           # i >= j - shift
+    if HAS_WR:
+        lo = tl.maximum(lo, col_lo - shift - window_right)
+    if HAS_WL:
+        hi = tl.minimum(hi, col_hi - shift + window_left)   # i <= j - shift + wl
+    lo = (lo // BLOCK_M) * BLOCK_M
+    return lo, hi
+
+
+@triton.jit
+def scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
+           window_left, window_right, sm_scale, softcap,
+           IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+           MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products -> (s2, t).
+
+    qk: (BLOCK_M, BLOCK_N) fp32 q.k; offs_m: (BLOCK_M,) query rows; offs_n: (BLOCK_N,) keys.
+    s2: scores in log2 units, -inf where the key is invisible. t: tanh(s/softcap) for the
+    softcap gradient (qk itself when there is no softcap; unused then).
+    """
+    if HAS_SOFTCAP:
+        t = tanh_approx_free(qk * (sm_scale / softcap))
+        s2 = t * (softcap * 1.4426950408889634)
+    else:
+        t = qk
+        s2 = qk * (sm_scale * 1.4426950408889634)
+    # (1, BLOCK_N) -> broadcast to (BLOCK_M, BLOCK_N) by the row conditions
+    vis = offs_n[None, :] < kv_len
+    if IS_CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift)
+    if HAS_WL:
+        vis = vis & (offs_n[None, :] >= offs_m[:, None] + (shift - window_left))
+    if HAS_WR:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (shift + window_right))
+    if MASK_KIND != 0:
+        m_ptrs = (mask_base + offs_m[:, None].to(tl.int64) * stride_mm
+                  + offs_n[None, :].to(tl.int64) * stride_mn)    # (BLOCK_M, BLOCK_N)
+        in_bounds = (offs_m[:, None] < Sq) & (offs_n[None, :] < kv_len)
+        if MASK_KIND == 1:
+            vis = vis & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
+        else:
+            fm = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+            s2 = s2 + fm * 1.4426950408889634
+    s2 = tl.where(vis, s2, float("-inf"))
+    return s2, t
+
+
+@triton.jit
+def dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p):
+    """(BLOCK_M, BLOCK_N) keep-mask from philox keyed by (seed, offset + linear index).
+
+    Linear index ((b*H + h)*Sq + i)*Sk + j in int64, so the backward regenerates it exactly.
+    """
+    row = bh.to(tl.int64) * Sq + offs_m.to(tl.int64)                     # (BLOCK_M,)
+    idx = row[:, None] * Sk + offs_n[None, :].to(tl.int64) + rng_offset   # (BLOCK_M, BLOCK_N)
+    return tl.rand(seed, idx) >= dropout_p
+
+
+@triton.jit
+def dropout_mask_kernel(Out, seed, rng_offset, Sq, Sk, dropout_p,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Materialise the keep-mask (B*H, Sq, Sk) as uint8, for tests and debugging."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+    ptrs = (Out + (bh.to(tl.int64) * Sq + offs_m[:, None].to(tl.int64)) * Sk
+            + offs_n[None, :])
+    ok = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)
+    tl.store(ptrs, keep.to(tl.uint8), mask=ok)

@@ -1,0 +1,126 @@
+"""Flash-decoding: few queries (Sq <= 16) against a long Sk.
+
+Stage 1 splits Sk across programs; each writes a partial (out, lse) in fp32. The rows of one
+program are the (query head of the GQA group, query index) pairs that share a kv head, so the
+group's queries fill the MMA tile and K/V are read once per group. Stage 2 merges the splits.
+"""
+
+import triton
+import triton.language as tl
+
+from ._attention_common import kv_len_of, kv_range, scores
+
+
+@triton.jit
+def attn_decode_split_kernel(
+    Q, K, V, OPart, LPart, Mask, KeyLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Hkv, Sq, Sk, D, group, shift, window_left, window_right,
+    sm_scale, softcap, chunk, num_splits,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    rows = group * Sq
+    num_r = tl.cdiv(rows, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_r = pid % num_r
+    split = (pid // num_r) % num_splits
+    bhk = pid // (num_r * num_splits)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)                  # packed row g*Sq + i
+    r_ok = offs_r < rows
+    # padded rows repeat row 0 (in bounds everywhere); their results are never stored
+    offs_rc = tl.where(r_ok, offs_r, 0)
+    g = offs_rc // Sq
+    offs_i = offs_rc % Sq                                              # (BLOCK_M,) query index
+    h = hk * group + g                                                # (BLOCK_M,) query head
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    if EVEN_D:
+        d_ok = offs_d[None, :] < BLOCK_D
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh
+                + offs_i[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok, other=0.0)                 # (BLOCK_M, BLOCK_D)
+
+    kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
+    lo, hi = kv_range(0, Sq, kv_len, shift, window_left, window_right,
+                      BLOCK_N, IS_CAUSAL, HAS_WL, HAS_WR)
+    lo = tl.maximum(lo, split * chunk)                                # chunk is BLOCK_N aligned
+    hi = tl.minimum(hi, split * chunk + chunk)
+
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    # the mask is per query head: fold the head into the row offset (stride_mm per query row)
+    mask_base = Mask + b.to(tl.int64) * stride_mb
+    m_row = h.to(tl.int64) * stride_mh + offs_i.to(tl.int64) * stride_mm   # (BLOCK_M,)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)                    # (BLOCK_M, BLOCK_D)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = (offs_n[:, None] < kv_len) & d_ok
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
+        # scores() indexes the mask as base + row * stride_mm; give it row offsets with stride 1
+        s2, _t = scores(qk, offs_i, offs_n, mask_base + m_row[:, None] - offs_i[:, None], 1,
+                        stride_mn, Sq, kv_len, shift, window_left, window_right, sm_scale,
+                        softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 - m_safe[:, None])                             # (BLOCK_M, BLOCK_N)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    # partials: (B*H, num_splits, Sq, D) and (B*H, num_splits, Sq), lse in log2 units
+    prow = ((b * H + h).to(tl.int64) * num_splits + split) * Sq + offs_i   # (BLOCK_M,)
+    tl.store(OPart + prow[:, None] * D + offs_d[None, :], out, mask=r_ok[:, None] & d_ok)
+    tl.store(LPart + prow, lse2, mask=r_ok)
+
+
+@triton.jit
+def attn_decode_merge_kernel(
+    OPart, LPart, Out, Lse,
+    stride_ob, stride_oh, stride_om,
+    H, Sq, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (b, h, i): out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max)."""
+    pid = tl.program_id(0)
+    i = pid % Sq
+    bh = pid // Sq
+    b = bh // H
+    h = bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    prow = (bh.to(tl.int64) * num_splits + offs_s) * Sq + i           # (BLOCK_S,)
+    lse2 = tl.load(LPart + prow, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse2, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse2 - m_safe)                                        # (BLOCK_S,) 0 for empty
+    w_sum = tl.sum(w, 0)
+    o = tl.load(OPart + prow[:, None] * D + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)   # (BLOCK_S, BLOCK_D)
+    empty = w_sum == 0.0
+    out = tl.sum(o * w[:, None], 0) * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, w_sum))
+    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, w_sum))) * 0.6931471805599453)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+             + i.to(tl.int64) * stride_om + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+    tl.store(Lse + bh.to(tl.int64) * Sq + i, lse)

@@ -1,0 +1,91 @@
+"""FlashAttention-2 forward kernel: online softmax over key blocks, saves lse (natural log)."""
+
+import triton
+import triton.language as tl
+
+from ._attention_common import dropout_keep, kv_len_of, kv_range, scores
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, Out, Lse, Mask, KeyLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Sq, Sk, D, group, shift, window_left, window_right,
+    sm_scale, softcap, dropout_p, seed, rng_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # 1-D grid: query blocks of one head are adjacent (K/V stay in L2); no 65535 grid limit.
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    b = bh // H
+    h = bh % H
+    hk = h // group                                                   # GQA: never repeat K/V
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)                                    # (BLOCK_D,)
+    d_ok = offs_d[None, :] < D                                        # (1, BLOCK_D)
+    if EVEN_D:
+        d_ok = offs_d[None, :] < BLOCK_D
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < Sq) & d_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+
+    kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
+    lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq), kv_len, shift,
+                      window_left, window_right, BLOCK_N, IS_CAUSAL, HAS_WL, HAS_WR)
+
+    offs_n0 = tl.arange(0, BLOCK_N)                                   # (BLOCK_N,)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)               # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                             # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)                    # (BLOCK_M, BLOCK_D)
+
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n[:, None] < kv_len                               # (BLOCK_N, 1)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=n_ok & d_ok, other=0.0)                      # (BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
+        s2, _t = scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
+                        window_left, window_right, sm_scale, softcap,
+                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 - m_safe[:, None])                             # (BLOCK_M, BLOCK_N)
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        # masked V rows are zeroed so garbage past key_lengths cannot give 0 * NaN
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                    mask=n_ok & d_ok, other=0.0)                      # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0                                                # fully masked row
+    inv_l = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    if HAS_DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok)
+    tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)

@@ -1,0 +1,369 @@
+"""Triton flash attention: launchers for the forward, backward and decode kernels.
+
+Implements the "Attention" section of docs/backend-contract.md:
+
+    attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, window_right,
+                      softcap, key_lengths, dropout_p, seed, offset) -> (out, lse)
+    attention_backward(dout, q, k, v, out, lse, *, <same keywords>, deterministic,
+                       mask_needs_grad) -> (dq, dk, dv, dmask_full | None)
+    attention_decode(q, k, v, *, <forward keywords>, num_splits=None) -> (out, lse)
+    unsupported(op, **case) -> str | None
+
+The backward never uses atomics (dK/dV of a kv head are summed over its query heads inside one
+program), so it is always bitwise deterministic and `deterministic` changes nothing.
+Kernels live in _attention_fwd.py, _attention_bwd.py, _attention_decode.py; tiles in
+_attention_configs.py; the static-report list in _attention_static.py.
+"""
+
+import math
+
+import torch
+import triton
+
+from . import _attention_configs as cfg
+from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
+from ._attention_common import dropout_mask_kernel
+from ._attention_decode import attn_decode_merge_kernel, attn_decode_split_kernel
+from ._attention_fwd import attn_fwd_kernel
+
+# attention_forward takes the split-K decode path from here on (dropout off)
+DECODE_MAX_SQ = 16
+DECODE_MIN_SK = 512
+MAX_HEAD_DIM = 256
+
+_FLAGS = ["D", "IS_CAUSAL", "HAS_WL", "HAS_WR", "MASK_KIND", "HAS_KL", "HAS_SOFTCAP", "HAS_DROPOUT"]
+
+if cfg.interpreting():
+    _fwd_tuned = _dkdv_tuned = _dq_tuned = None
+else:
+    _fwd_tuned = triton.autotune(
+        configs=cfg.autotune_configs("fwd"), key=["Sq", "Sk", "group"] + _FLAGS,
+        prune_configs_by={"early_config_prune": cfg.make_prune("fwd", "Sq", "Sk")},
+    )(attn_fwd_kernel)
+    _dkdv_tuned = triton.autotune(
+        configs=cfg.autotune_configs("dkdv"), key=["Sq", "Sk", "group"] + _FLAGS,
+        prune_configs_by={"early_config_prune": cfg.make_prune("dkdv", "Sq", "Sk")},
+    )(attn_bwd_dkdv_kernel)
+    _dq_tuned = triton.autotune(
+        configs=cfg.autotune_configs("dq"), key=["Sq", "Sk", "group", "MASK_GRAD"] + _FLAGS,
+        prune_configs_by={"early_config_prune": cfg.make_prune("dq", "Sq", "Sk")},
+    )(attn_bwd_dq_kernel)
+
+
+def _launch(jit_fn, tuned, interp_cfg, grid_rows, args, consts):
+    """Autotuned launch on a GPU; one fixed config under the interpreter."""
+    if tuned is None:
+        bm, bn, warps, stages = interp_cfg
+        grid = (grid_rows(bm, bn),)
+        jit_fn[grid](*args, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **consts)
+    else:
+        tuned[lambda meta: (grid_rows(meta["BLOCK_M"], meta["BLOCK_N"]),)](*args, **consts)
+
+
+# ----------------------------------------------------------------------------- argument handling
+
+def _as_int(x, name):
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(x.shape)}")
+        return int(x.item())
+    return int(x)
+
+
+def _last_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"   # ignored for 16-bit operands; the compiler default
+
+
+class _Case:
+    """Validated, normalised arguments shared by forward, backward and decode."""
+
+    def __init__(self, q, k, v, mask, scale, causal, alignment, window_left, window_right,
+                 softcap, key_lengths, dropout_p, seed, offset):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name}: expected a 4-D tensor (B, H, S, D)")
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"{name}: dtype {t.dtype} is not float16/bfloat16/float32")
+        B, H, Sq, D = q.shape
+        if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape:
+            raise ValueError(f"k, v: expected (B={B}, Hkv, Sk, D={D}) with equal shapes, got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError("k, v: dtype must match q")
+        Hkv, Sk = k.shape[1], k.shape[2]
+        if Hkv == 0 or H % Hkv != 0:
+            raise ValueError(f"k: kv heads {Hkv} must divide query heads {H}")
+        if D > MAX_HEAD_DIM or D < 1:
+            raise ValueError(f"q: head dim {D} outside 1..{MAX_HEAD_DIM}")
+        if alignment not in ("top_left", "bottom_right"):
+            raise ValueError(f"alignment: expected 'top_left' or 'bottom_right', got {alignment!r}")
+        if not 0.0 <= float(dropout_p) < 1.0:
+            raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+        if softcap is not None and float(softcap) < 0:
+            raise ValueError(f"softcap: expected >= 0, got {softcap}")
+        self.B, self.H, self.Hkv, self.Sq, self.Sk, self.D = B, H, Hkv, Sq, Sk, D
+        self.q, self.k, self.v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        self.group = H // Hkv
+        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+        self.causal = bool(causal)
+        self.shift = Sk - Sq if alignment == "bottom_right" else 0
+        self.wl = int(window_left) if window_left is not None else -1
+        self.wr = int(window_right) if window_right is not None else -1
+        self.softcap = float(softcap or 0.0)
+        self.dropout_p = float(dropout_p)
+        self.seed = _as_int(seed, "seed") if self.dropout_p > 0 else 0
+        self.offset = _as_int(offset, "offset") if self.dropout_p > 0 else 0
+
+        self.mask_kind = 0
+        self.mask = q                                   # dummy pointer when there is no mask
+        self.mask_strides = (0, 0, 0, 0)
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError("mask: expected a tensor or None")
+            try:
+                mask = mask.expand(B, H, Sq, Sk)
+            except RuntimeError as e:
+                raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to "
+                                 f"{(B, H, Sq, Sk)}") from e
+            if mask.device != q.device:
+                raise ValueError(f"mask: on {mask.device}, expected {q.device}")
+            if mask.dtype == torch.bool:
+                self.mask_kind = 1
+                mask = mask.view(torch.uint8)           # same strides, loadable bytes
+            elif mask.is_floating_point():
+                self.mask_kind = 2
+            else:
+                raise ValueError(f"mask: dtype {mask.dtype} is neither bool nor floating")
+            self.mask = mask
+            self.mask_strides = tuple(mask.stride())
+
+        self.key_lengths = q                            # dummy pointer
+        self.has_kl = key_lengths is not None
+        if self.has_kl:
+            if not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (B,):
+                raise ValueError(f"key_lengths: expected an int tensor of shape ({B},)")
+            if key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
+                raise ValueError(f"key_lengths: dtype {key_lengths.dtype} is not an integer type")
+            self.key_lengths = key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
+
+        self.block_d = cfg.block_d_of(D)
+        self.consts = dict(
+            BLOCK_D=self.block_d, EVEN_D=(D == self.block_d), IS_CAUSAL=self.causal,
+            HAS_WL=self.wl >= 0, HAS_WR=self.wr >= 0, MASK_KIND=self.mask_kind,
+            HAS_KL=self.has_kl, HAS_SOFTCAP=self.softcap > 0,
+            DOT_PREC=_dot_precision(q.dtype),
+        )
+
+    def scalars(self, dropout=True):
+        s = [self.Sq, self.Sk, self.D, self.group, self.shift, self.wl, self.wr,
+             self.scale, self.softcap]
+        if dropout:
+            s += [self.dropout_p, self.seed, self.offset]
+        return s
+
+
+def _strides3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def attention_forward(q, k, v, *, mask=None, scale=None, causal=False, alignment="top_left",
+                      window_left=-1, window_right=-1, softcap=0.0, key_lengths=None,
+                      dropout_p=0.0, seed=0, offset=0):
+    """out (B, H, Sq, D) in q's dtype and lse (B, H, Sq) fp32 (natural log, -inf for empty rows).
+
+    Routes to the split-K decode kernels when Sq <= 16, Sk >= 512 and there is no dropout.
+    """
+    c = _Case(q, k, v, mask, scale, causal, alignment, window_left, window_right, softcap,
+              key_lengths, dropout_p, seed, offset)
+    if c.Sq <= DECODE_MAX_SQ and c.Sk >= DECODE_MIN_SK and c.dropout_p == 0.0:
+        return _decode(c)
+    out = torch.empty((c.B, c.H, c.Sq, c.D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
+    if c.Sq == 0 or c.B * c.H == 0:
+        return out, lse
+    if c.Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    args = [c.q, c.k, c.v, out, lse, c.mask, c.key_lengths,
+            *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(out), *c.mask_strides,
+            c.H, *c.scalars()]
+    consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
+    _launch(attn_fwd_kernel, _fwd_tuned, cfg.INTERP_FWD,
+            lambda bm, bn: triton.cdiv(c.Sq, bm) * c.B * c.H, args, consts)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- backward
+
+def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal=False,
+                       alignment="top_left", window_left=-1, window_right=-1, softcap=0.0,
+                       key_lengths=None, dropout_p=0.0, seed=0, offset=0, deterministic=False,
+                       mask_needs_grad=False):
+    """(dq, dk, dv, dmask_full | None). Always deterministic (no atomics)."""
+    del deterministic   # the kernels never use atomics
+    c = _Case(q, k, v, mask, scale, causal, alignment, window_left, window_right, softcap,
+              key_lengths, dropout_p, seed, offset)
+    if dout.shape != q.shape or out.shape != q.shape:
+        raise ValueError(f"dout, out: expected shape {tuple(q.shape)}")
+    if lse.shape != (c.B, c.H, c.Sq):
+        raise ValueError(f"lse: expected shape {(c.B, c.H, c.Sq)}, got {tuple(lse.shape)}")
+    if mask_needs_grad and c.mask_kind != 2:
+        raise ValueError("mask_needs_grad: requires a floating-point mask")
+    dout = _last_contiguous(dout.to(q.dtype))
+    out = _last_contiguous(out)
+    lse = lse.to(torch.float32).contiguous()
+
+    dq = torch.empty((c.B, c.H, c.Sq, c.D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((c.B, c.Hkv, c.Sk, c.D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((c.B, c.Hkv, c.Sk, c.D), device=q.device, dtype=v.dtype)
+    dmask = None
+    if mask_needs_grad:
+        dmask = torch.zeros((c.B, c.H, c.Sq, c.Sk), device=q.device, dtype=torch.float32)
+    if c.Sq == 0 or c.Sk == 0 or c.B * c.H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+
+    delta = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
+    pre_bm = 16 if cfg.interpreting() else 64
+    attn_bwd_preprocess_kernel[(triton.cdiv(c.Sq, pre_bm) * c.B * c.H,)](
+        out, dout, delta, *_strides3(out), *_strides3(dout), c.H, c.Sq, c.D,
+        BLOCK_M=pre_bm, BLOCK_D=c.block_d)
+
+    consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
+    args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths,
+            *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
+            *_strides3(dk), *_strides3(dv), *c.mask_strides, c.H, c.Hkv, *c.scalars()]
+    _launch(attn_bwd_dkdv_kernel, _dkdv_tuned, cfg.INTERP_DKDV,
+            lambda bm, bn: triton.cdiv(c.Sk, bn) * c.B * c.Hkv, args, consts)
+
+    args = [c.q, c.k, c.v, dout, lse, delta, dq, dmask if dmask is not None else delta,
+            c.mask, c.key_lengths,
+            *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
+            *_strides3(dq), *c.mask_strides, c.H, *c.scalars()]
+    _launch(attn_bwd_dq_kernel, _dq_tuned, cfg.INTERP_DQ,
+            lambda bm, bn: triton.cdiv(c.Sq, bm) * c.B * c.H, args,
+            dict(consts, MASK_GRAD=dmask is not None))
+    return dq, dk, dv, dmask
+
+
+# ----------------------------------------------------------------------------- decode
+
+def decode_tiles(group, Sq, head_dim):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel."""
+    bm = min(64, max(16, triton.next_power_of_2(group * Sq)))
+    if cfg.interpreting():
+        return bm, cfg.INTERP_DECODE_BLOCK_N, 4, 1
+    bd = cfg.block_d_of(head_dim)
+    return bm, 64, 4, (3 if bd <= 128 else 2)
+
+
+def _num_splits(c, bm, bn, device):
+    n_blocks = triton.cdiv(c.Sk, bn)
+    if cfg.interpreting():
+        return min(4, n_blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = c.B * c.Hkv * triton.cdiv(c.group * c.Sq, bm)
+    return max(1, min(n_blocks, triton.cdiv(2 * sms, programs), 128))
+
+
+def _decode(c, num_splits=None):
+    out = torch.empty((c.B, c.H, c.Sq, c.D), device=c.q.device, dtype=c.q.dtype)
+    lse = torch.empty((c.B, c.H, c.Sq), device=c.q.device, dtype=torch.float32)
+    if c.Sq == 0 or c.B * c.H == 0:
+        return out, lse
+    if c.Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    bm, bn, warps, stages = decode_tiles(c.group, c.Sq, c.D)
+    if num_splits is None:
+        num_splits = _num_splits(c, bm, bn, c.q.device)
+    num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn)))
+    chunk = triton.cdiv(triton.cdiv(c.Sk, num_splits), bn) * bn       # BLOCK_N aligned
+    num_splits = triton.cdiv(c.Sk, chunk)
+    opart = torch.empty((c.B * c.H, num_splits, c.Sq, c.D), device=c.q.device, dtype=torch.float32)
+    lpart = torch.empty((c.B * c.H, num_splits, c.Sq), device=c.q.device, dtype=torch.float32)
+    grid = (triton.cdiv(c.group * c.Sq, bm) * num_splits * c.B * c.Hkv,)
+    attn_decode_split_kernel[grid](
+        c.q, c.k, c.v, opart, lpart, c.mask, c.key_lengths,
+        *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *c.mask_strides,
+        c.H, c.Hkv, *c.scalars(dropout=False), chunk, num_splits,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **c.consts)
+    attn_decode_merge_kernel[(c.B * c.H * c.Sq,)](
+        opart, lpart, out, lse, *_strides3(out), c.H, c.Sq, c.D, num_splits,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=c.block_d, num_warps=4)
+    return out, lse
+
+
+def attention_decode(q, k, v, *, mask=None, scale=None, causal=False, alignment="top_left",
+                     window_left=-1, window_right=-1, softcap=0.0, key_lengths=None,
+                     dropout_p=0.0, seed=0, offset=0, num_splits=None):
+    """Split-K (flash-decoding) forward for few queries against many keys: (out, lse).
+
+    Same semantics as attention_forward without dropout; any Sq works, it pays off for Sq <= 16.
+    `num_splits` overrides the number of key chunks (default: enough programs to fill the GPU).
+    """
+    if float(dropout_p) > 0.0:
+        raise ValueError("dropout_p: the decode path has no dropout; use attention_forward")
+    c = _Case(q, k, v, mask, scale, causal, alignment, window_left, window_right, softcap,
+              key_lengths, 0.0, seed, offset)
+    return _decode(c, num_splits)
+
+
+# ----------------------------------------------------------------------------- dropout mask
+
+def dropout_keep_mask(shape, dropout_p, seed, offset=0, device="cpu"):
+    """The keep-mask (bool, `shape` = (B, H, Sq, Sk)) the kernels use for (seed, offset, p).
+
+    Lets tests run the reference with exactly the kernels' dropout.
+    """
+    B, H, Sq, Sk = (int(s) for s in shape)
+    keep = torch.empty((B, H, Sq, Sk), device=device, dtype=torch.uint8)
+    if keep.numel() == 0:
+        return keep.bool()
+    bm, bn = 16, 64
+    dropout_mask_kernel[(triton.cdiv(Sq, bm), triton.cdiv(Sk, bn), B * H)](
+        keep, _as_int(seed, "seed"), _as_int(offset, "offset"), Sq, Sk, float(dropout_p),
+        BLOCK_M=bm, BLOCK_N=bn)
+    return keep.bool()
+
+
+# ----------------------------------------------------------------------------- capability
+
+def unsupported(op, **case):
+    """Reason this backend cannot run the case, or None. Dropout is supported."""
+    if not str(op).startswith("attention"):
+        return f"op {op!r} is not an attention op"
+    tensors = [case.get(n) for n in ("q", "k", "v", "dout", "out")]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {t.dtype}"
+        if t.device.type == "cpu" and not cfg.interpreting():
+            return "cpu tensors need TRITON_INTERPRET=1"
+        if t.device.type not in ("cpu", "cuda"):
+            return f"device {t.device.type}"
+        if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) < (8, 0):
+            return "needs compute capability 8.0 or newer"
+    q = case.get("q")
+    if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    v = case.get("v")
+    if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and v.shape[-1] != q.shape[-1]:
+        return "v head dim differs from q/k"
+    mask = case.get("mask")
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.float64:
+        return "float64 mask"
+    if op == "attention_decode" and float(case.get("dropout_p", 0.0) or 0.0) > 0:
+        return "dropout on the decode path"
+    return None
+
+
+def static_variants(arch):
+    """Every configuration the launchers or autotuners may pick on `arch` (80 or 90)."""
+    from ._attention_static import static_variants as _sv
+    return _sv(arch)
