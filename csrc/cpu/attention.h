@@ -1,0 +1,57 @@
+// CPU flash attention: parameters and entry points (torch-free interface; the kernels use ATen's
+// vectorisation, threading and BLAS internally). csrc/attention.cpp checks arguments, allocates
+// and fills these structs.
+#pragma once
+
+#include <cstdint>
+
+namespace fastattn::cpu {
+
+enum class DType { f32, bf16, f16 };
+enum class MaskKind { none, boolean, f32, bf16, f16 };
+
+// Strides are in elements; the head dim (last dim) is contiguous for q, k, v, out, dout.
+struct AttentionParams {
+  DType dtype = DType::f32;
+  int64_t B = 0, H = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0;
+
+  const void* q = nullptr;  // (B, H, Sq, D)
+  const void* k = nullptr;  // (B, Hkv, Sk, D)
+  const void* v = nullptr;  // (B, Hkv, Sk, D)
+  int64_t q_sb = 0, q_sh = 0, q_ss = 0;
+  int64_t k_sb = 0, k_sh = 0, k_ss = 0;
+  int64_t v_sb = 0, v_sh = 0, v_ss = 0;
+
+  MaskKind mask_kind = MaskKind::none;
+  const void* mask = nullptr;  // (B, H, Sq, Sk), broadcast dims have stride 0
+  int64_t m_sb = 0, m_sh = 0, m_sq = 0, m_sk = 0;
+
+  const int64_t* key_lengths = nullptr;  // (B,) or null
+
+  float scale = 1.f;
+  float softcap = 0.f;     // 0 = off
+  bool causal = false;
+  int64_t shift = 0;       // 0 (top-left) or Sk - Sq (bottom-right)
+  int64_t window_left = -1, window_right = -1;
+
+  // Forward outputs / backward inputs. out has q's dtype; lse is fp32 (B, H, Sq) contiguous.
+  void* out = nullptr;
+  int64_t o_sb = 0, o_sh = 0, o_ss = 0;
+  float* lse = nullptr;
+};
+
+struct AttentionGrads {
+  const void* dout = nullptr;  // (B, H, Sq, D), q's dtype
+  int64_t do_sb = 0, do_sh = 0, do_ss = 0;
+  // Outputs, contiguous: dq (B, H, Sq, D), dk/dv (B, Hkv, Sk, D) in q's dtype;
+  // dmask fp32 (B, H, Sq, Sk) zero-filled by the caller, or null.
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dmask = nullptr;
+};
+
+void attention_forward(const AttentionParams& p);
+void attention_backward(const AttentionParams& p, const AttentionGrads& g);
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,183 @@
+// CPU flash-attention backward. P is recomputed from the saved lse, tile by tile.
+//
+// One task per (batch, kv head, chunk of key blocks): it owns the dK/dV rows of its keys
+// (summed over the query heads of its GQA group) and accumulates dQ into its own fp32 partial
+// buffer, so no two tasks write the same memory and no atomics are needed. With several chunks
+// (only when batch x kv heads is too small to feed the threads) the partial dQ buffers are
+// summed in a fixed order afterwards: the result is deterministic for a given thread count.
+#include "cpu/attention_tile.h"
+
+#include <ATen/Parallel.h>
+
+#include <memory>
+#include <vector>
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
+
+// delta[i] = sum_d dout[i, d] * out[i, d]  (B, H, Sq) fp32.
+template <typename T>
+void compute_delta(const AttentionParams& p, const AttentionGrads& g, float* delta) {
+  const T* out = static_cast<const T*>(p.out);
+  const T* dout = static_cast<const T*>(g.dout);
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a(p.D), c(p.D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      for (int64_t i = 0; i < p.Sq; ++i) {
+        int64_t lda = 0, ldc = 0;
+        const float* o = tile::as_f32(out + b * p.o_sb + h * p.o_sh + i * p.o_ss, 1, p.D, p.D,
+                                      a.data(), lda);
+        const float* d = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + i * g.do_ss, 1, p.D,
+                                      p.D, c.data(), ldc);
+        delta[bh * p.Sq + i] = at::vec::map2_reduce_all<float>(
+            [](tile::Vec x, tile::Vec y) { return x * y; },
+            [](tile::Vec x, tile::Vec y) { return x + y; }, o, d, p.D);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
+  const int64_t D = p.D, group = p.H / p.Hkv;
+  const int64_t nqb = (p.Sq + kBlockQ - 1) / kBlockQ, nkb = (p.Sk + kBlockK - 1) / kBlockK;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(g.dout);
+  const bool softcap = p.softcap > 0.f;
+
+  std::vector<float> delta(p.B * p.H * p.Sq);
+  compute_delta<T>(p, g, delta.data());
+
+  // Split the keys into chunks only when (batch, kv head) pairs cannot keep the threads busy.
+  const int64_t pairs = p.B * p.Hkv, threads = at::get_num_threads();
+  const int64_t nchunk = std::max<int64_t>(
+      1, std::min<int64_t>(nkb, (4 * threads + pairs - 1) / pairs));
+  const int64_t dq_numel = p.B * p.H * p.Sq * D;
+  // fp32 dQ with one chunk accumulates straight into the output (contiguous, caller-made).
+  const bool direct = nchunk == 1 && std::is_same_v<T, float>;
+  // Uninitialised on purpose: each task zeroes the part it owns, in parallel.
+  std::unique_ptr<float[]> dq_part(direct ? nullptr : new float[nchunk * dq_numel]);
+  float* dq_acc_base = direct ? static_cast<float*>(g.dq) : dq_part.get();
+
+  at::parallel_for(0, pairs * nchunk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t n_scratch = 3 * kBlockQ * kBlockK + 2 * kBlockK * D + 2 * (kBlockQ + kBlockK) * D;
+    std::unique_ptr<float[]> scratch(new float[n_scratch]);
+    float* pbuf = scratch.get();              // (BQ, BK) probabilities
+    float* dsbuf = pbuf + kBlockQ * kBlockK;  // (BQ, BK) dP, then dS
+    float* tbuf = dsbuf + kBlockQ * kBlockK;  // (BQ, BK) tanh for softcap
+    float* dk_acc = tbuf + kBlockQ * kBlockK; // (BK, D)
+    float* dv_acc = dk_acc + kBlockK * D;     // (BK, D)
+    float* qs = dv_acc + kBlockK * D;         // conversion scratch
+    float* dos = qs + kBlockQ * D;
+    float* ks = dos + kBlockQ * D;
+    float* vs = ks + kBlockK * D;
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task % nchunk, pair = task / nchunk;
+      const int64_t b = pair / p.Hkv, hk = pair % p.Hkv;
+      const int64_t kb_begin = c * nkb / nchunk, kb_end = (c + 1) * nkb / nchunk;
+      float* dq_acc = dq_acc_base + c * dq_numel;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        std::fill_n(dq_acc + (b * p.H + h) * p.Sq * D, p.Sq * D, 0.f);
+
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+        const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, p.Sk - j0);
+        int64_t ldk = 0, ldv = 0;
+        const float* kt = tile::as_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D,
+                                       p.k_ss, ks, ldk);
+        const float* vt = tile::as_f32(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss, nk, D,
+                                       p.v_ss, vs, ldv);
+        std::fill_n(dk_acc, nk * D, 0.f);
+        std::fill_n(dv_acc, nk * D, 0.f);
+
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const float* lse = p.lse + (b * p.H + h) * p.Sq;
+          const float* dlt = delta.data() + (b * p.H + h) * p.Sq;
+          for (int64_t qb = 0; qb < nqb; ++qb) {
+            const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
+            // Skip query blocks that see none of these keys.
+            if (tile::visible_keys(p, b, i0).lo >= j0 + nk ||
+                tile::visible_keys(p, b, i0 + nq - 1).hi <= j0)
+              continue;
+            int64_t ldq = 0, ldo = 0;
+            const float* qt = tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D,
+                                           p.q_ss, qs, ldq);
+            const float* dot = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + i0 * g.do_ss,
+                                            nq, D, g.do_ss, dos, ldo);
+            // P = exp(scale * Q K^T (finished) - lse)
+            tile::gemm(false, true, nq, nk, D, p.scale, qt, ldq, kt, ldk, 0.f, pbuf, kBlockK);
+            for (int64_t r = 0; r < nq; ++r) {
+              float* s = pbuf + r * kBlockK;
+              const float l = lse[i0 + r];
+              tile::finish_scores(p, b, h, i0 + r, j0, nk, s, tbuf + r * kBlockK);
+              if (l == tile::kNegInf) std::fill_n(s, nk, 0.f);
+              else tile::exp_row(s, nk, l);
+            }
+            // dV += P^T dO
+            tile::gemm(true, false, nk, D, nq, 1.f, pbuf, kBlockK, dot, ldo, 1.f, dv_acc, D);
+            // dP = dO V^T, then dS = P * (dP - delta), the gradient of the finished score.
+            tile::gemm(false, true, nq, nk, D, 1.f, dot, ldo, vt, ldv, 0.f, dsbuf, kBlockK);
+            for (int64_t r = 0; r < nq; ++r) {
+              float* ds = dsbuf + r * kBlockK;
+              const float* pr = pbuf + r * kBlockK;
+              const tile::Vec dl(dlt[i0 + r]);
+              at::vec::map2([dl](tile::Vec pp, tile::Vec dp) { return pp * (dp - dl); },
+                            ds, pr, ds, nk);
+              if (g.dmask) {
+                float* dm = g.dmask + ((b * p.H + h) * p.Sq + i0 + r) * p.Sk + j0;
+                std::copy_n(ds, nk, dm);
+              }
+              if (softcap) {  // d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+                const float* t = tbuf + r * kBlockK;
+                at::vec::map2([](tile::Vec d, tile::Vec tt) {
+                  return d * (tile::Vec(1.f) - tt * tt);
+                }, ds, ds, t, nk);
+              }
+            }
+            // dK += scale * dS^T Q ;  dQ += scale * dS K
+            tile::gemm(true, false, nk, D, nq, p.scale, dsbuf, kBlockK, qt, ldq, 1.f, dk_acc, D);
+            tile::gemm(false, false, nq, D, nk, p.scale, dsbuf, kBlockK, kt, ldk, 1.f,
+                       dq_acc + ((b * p.H + h) * p.Sq + i0) * D, D);
+          }
+        }
+        T* dk = static_cast<T*>(g.dk) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
+        T* dv = static_cast<T*>(g.dv) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
+        tile::store_row(dk_acc, 1.f, dk, nk * D);
+        tile::store_row(dv_acc, 1.f, dv, nk * D);
+      }
+    }
+  });
+
+  if (direct) return;
+  // dQ = sum of the chunk partials in chunk order, converted to the input dtype.
+  T* dq = static_cast<T*>(g.dq);
+  const int64_t rows = p.B * p.H * p.Sq;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* first = dq_part.get() + row * D;
+      for (int64_t c = 1; c < nchunk; ++c) {
+        const float* other = dq_part.get() + c * dq_numel + row * D;
+        at::vec::map2([](tile::Vec x, tile::Vec y) { return x + y; }, first, first, other, D);
+      }
+      tile::store_row(first, 1.f, dq + row * D, D);
+    }
+  });
+}
+
+}  // namespace
+
+void attention_backward(const AttentionParams& p, const AttentionGrads& g) {
+  switch (p.dtype) {
+    case DType::f32: backward_impl<float>(p, g); break;
+    case DType::bf16: backward_impl<c10::BFloat16>(p, g); break;
+    case DType::f16: backward_impl<c10::Half>(p, g); break;
+  }
+}
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,195 @@
+// Tile helpers shared by the CPU attention forward and backward kernels: row-major GEMM on fp32
+// tiles, dtype conversion of tiles, per-row key visibility and score finishing (softcap, masks).
+#pragma once
+
+#include "cpu/attention_vec.h"  // must come first: picks the at::vec width
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "cpu/attention.h"
+
+// Fortran BLAS (LP64), provided by the MKL inside libtorch_cpu.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace fastattn::cpu::tile {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Row-major C(M,N) = alpha * op(A) * op(B) + beta * C on fp32 tiles. ta: A is stored (K, M);
+// tb: B is stored (N, K). BLAS is column-major, so we compute C^T = op(B)^T op(A)^T.
+//
+// ATen's float overload of at::native::cpublas::gemm is not exported from libtorch_cpu, so we
+// call the BLAS it forwards to (MKL's sgemm_, exported by the torch wheels) directly.
+inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                 float* C, int64_t ldc) {
+  const char opa = tb ? 'T' : 'N', opb = ta ? 'T' : 'N';
+  // BLAS wants ld >= rows of the stored matrix even when that dim is 1.
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(std::max<int64_t>(ldb, tb ? K : N));
+  const int lb = static_cast<int>(std::max<int64_t>(lda, ta ? M : K));
+  const int lc = static_cast<int>(std::max<int64_t>(ldc, N));
+  sgemm_(&opa, &opb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+}
+
+template <typename T>
+inline float to_float(T x) { return static_cast<float>(x); }
+
+// A (rows, cols) tile of T with row stride `stride` as fp32. fp32 input is used in place (no
+// copy); other dtypes are converted into `scratch` (ld = cols). Returns the pointer and its ld.
+template <typename T>
+inline const float* as_f32(const T* src, int64_t rows, int64_t cols, int64_t stride,
+                           float* scratch, int64_t& ld) {
+  // BLAS takes 32-bit leading dims: huge row strides are copied (never in practice).
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride <= (int64_t{1} << 30)) {
+      ld = stride;
+      return src;
+    }
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * stride, cols, scratch + r * cols);
+    ld = cols;
+    return scratch;
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* s = src + r * stride;
+      float* d = scratch + r * cols;
+      int64_t c = 0;
+      for (; c + VecT::size() <= cols; c += VecT::size()) {
+        auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(s + c));
+        lo.store(d + c);
+        hi.store(d + c + Vec::size());
+      }
+      for (; c < cols; ++c) d[c] = static_cast<float>(s[c]);
+    }
+    ld = cols;
+    return scratch;
+  }
+}
+
+// dst[0:n) = src[0:n) * mul, converted to T.
+template <typename T>
+inline void store_row(const float* src, float mul, T* dst, int64_t n) {
+  const Vec vm(mul);
+  int64_t c = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(src + c) * vm).store(dst + c);
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    for (; c + VecT::size() <= n; c += VecT::size()) {
+      Vec lo = Vec::loadu(src + c) * vm, hi = Vec::loadu(src + c + Vec::size()) * vm;
+      at::vec::convert_from_float<T>(lo, hi).store(dst + c);
+    }
+  }
+  for (; c < n; ++c) dst[c] = static_cast<T>(src[c] * mul);
+}
+
+// Keys visible to query row i of batch b by the structural rules (causal, window,
+// key_lengths) form one interval [lo, hi); both ends never decrease with i, so a block of rows
+// sees the union [lo(first row), hi(last row)).
+struct Interval {
+  int64_t lo, hi;
+};
+inline Interval visible_keys(const AttentionParams& p, int64_t b, int64_t i) {
+  int64_t hi = p.Sk, lo = 0;
+  if (p.key_lengths) hi = std::min(hi, std::max<int64_t>(p.key_lengths[b], 0));
+  const int64_t pos = i + p.shift;
+  if (p.causal) hi = std::min(hi, pos + 1);
+  if (p.window_right >= 0) hi = std::min(hi, pos + p.window_right + 1);
+  if (p.window_left >= 0) lo = std::max(lo, pos - p.window_left);
+  return {lo, std::max(lo, hi)};
+}
+
+template <typename M>
+inline void add_mask_row(float* s, const M* m, int64_t stride, int64_t a, int64_t e) {
+  if constexpr (std::is_same_v<M, bool>) {
+    for (int64_t j = a; j < e; ++j)
+      if (!m[j * stride]) s[j] = kNegInf;
+  } else if constexpr (std::is_same_v<M, float>) {
+    int64_t j = a;
+    if (stride == 1)
+      for (; j + Vec::size() <= e; j += Vec::size())
+        (Vec::loadu(s + j) + Vec::loadu(m + j)).store(s + j);
+    for (; j < e; ++j) s[j] += m[j * stride];
+  } else {
+    for (int64_t j = a; j < e; ++j) s[j] += static_cast<float>(m[j * stride]);
+  }
+}
+
+// Turns the scaled scores s[0:n) of query i against keys j0..j0+n into logits: softcap, float
+// mask, then -inf for keys that are not visible. With softcap, `tanh_out` (if given) receives
+// tanh(s / softcap) for the backward's chain rule. Returns the row max (-inf if none visible).
+inline float finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
+                           int64_t j0, int64_t n, float* s, float* tanh_out = nullptr) {
+  const Interval iv = visible_keys(p, b, i);
+  const int64_t a = std::clamp<int64_t>(iv.lo - j0, 0, n);
+  const int64_t e = std::clamp<int64_t>(iv.hi - j0, a, n);
+  std::fill(s, s + a, kNegInf);
+  std::fill(s + e, s + n, kNegInf);
+  if (tanh_out) {  // defined everywhere, so 0 * (1 - t^2) stays 0 for hidden keys
+    std::fill(tanh_out, tanh_out + a, 0.f);
+    std::fill(tanh_out + e, tanh_out + n, 0.f);
+  }
+  if (a == e) return kNegInf;
+  if (p.softcap > 0.f) {
+    const Vec inv(1.f / p.softcap), cap(p.softcap);
+    int64_t j = a;
+    for (; j + Vec::size() <= e; j += Vec::size()) {
+      Vec t = (Vec::loadu(s + j) * inv).tanh();
+      if (tanh_out) t.store(tanh_out + j);
+      (t * cap).store(s + j);
+    }
+    for (; j < e; ++j) {
+      const float t = std::tanh(s[j] / p.softcap);
+      if (tanh_out) tanh_out[j] = t;
+      s[j] = t * p.softcap;
+    }
+  }
+  if (p.mask_kind != MaskKind::none) {
+    const int64_t off = b * p.m_sb + h * p.m_sh + i * p.m_sq + j0 * p.m_sk;
+    switch (p.mask_kind) {
+      case MaskKind::boolean:
+        add_mask_row(s, static_cast<const bool*>(p.mask) + off, p.m_sk, a, e); break;
+      case MaskKind::f32:
+        add_mask_row(s, static_cast<const float*>(p.mask) + off, p.m_sk, a, e); break;
+      case MaskKind::bf16:
+        add_mask_row(s, static_cast<const c10::BFloat16*>(p.mask) + off, p.m_sk, a, e); break;
+      case MaskKind::f16:
+        add_mask_row(s, static_cast<const c10::Half*>(p.mask) + off, p.m_sk, a, e); break;
+      default: break;
+    }
+  }
+  return at::vec::reduce_all<float>(
+      [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, s + a, e - a);
+}
+
+// s[0:n) = exp(s - m) in place (m finite; -inf entries become 0). Returns the sum.
+inline float exp_row(float* s, int64_t n, float m) {
+  const Vec vm(m);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec x = (Vec::loadu(s + j) - vm).exp_u20();
+    x.store(s + j);
+    acc = acc + x;
+  }
+  float sum = at::vec::vec_reduce_all<float>(
+      [](const Vec& x, const Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+}  // namespace fastattn::cpu::tile
