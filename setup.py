@@ -14,42 +14,19 @@ toolkit is found. Switches (environment variables):
 
 import glob
 import os
-import shutil
+import sys
 import warnings
 
 from setuptools import setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_support import find_cuda_root  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
-
-
-def find_cuda_root():
-    """Return the CUDA toolkit root whose headers exist, or None.
-
-    torch guesses the root from the nvcc on PATH; on machines where that nvcc is a wrapper
-    script outside the toolkit (/usr/local/bin/nvcc here) the guess lacks cuda_runtime_api.h.
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(real)))
-        # A wrapper script that execs the real nvcc: read the path it names.
-        try:
-            with open(real, "r", errors="ignore") as f:
-                for token in f.read(4096).split():
-                    if token.endswith("/bin/nvcc") and os.path.isfile(token):
-                        candidates.append(os.path.dirname(os.path.dirname(token)))
-        except OSError:
-            pass
-    for root in candidates:
-        if root and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h")) \
-                and os.path.isfile(os.path.join(root, "bin", "nvcc")):
-            return root
-    return None
 
 
 def extension_modules():
@@ -84,9 +61,9 @@ def extension_modules():
 
     archs = os.environ.get("FASTATTN_CUDA_ARCHS", "8.0;9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if _flag("FASTATTN_ASAN"):
-        cxx_flags = ["-O1", "-g", "-std=c++17", "-fopenmp", "-fsanitize=address",
+        cxx_flags = ["-O1", "-g", "-std=c++20", "-fopenmp", "-fsanitize=address",
                      "-fno-omit-frame-pointer"]
     else:
         # The extension is built from source where it runs, so tune for this CPU unless asked

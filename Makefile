@@ -1,0 +1,51 @@
+# The set-up-and-run commands of the README. Each target creates .venv if missing, installs the
+# pinned dependencies once, builds the extension fastattn._C (incrementally) and runs.
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.fastattn-deps
+export MAX_JOBS ?= 2
+export FASTATTN_CUDA_ARCHS ?= 8.0;9.0
+PYTEST_ARGS ?=
+
+.PHONY: venv build test bench bench-ci bench-baseline static asan clean
+
+venv: $(DEPS_STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements.txt setup.py | $(VPY)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	# Editable install of the Python package only; the extension is built in place below.
+	FASTATTN_SKIP_EXTENSION=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(DEPS_STAMP)
+
+# ninja recompiles only what changed; --force makes setuptools hand every build to ninja
+# (its own check ignores headers).
+build: $(DEPS_STAMP)
+	$(VPY) setup.py -q build_ext --inplace --force
+	$(VPY) -c "import fastattn, json; print('fastattn build:', json.dumps(fastattn.build_info()))"
+
+test: build
+	TRITON_INTERPRET=1 $(VPY) -m pytest tests $(PYTEST_ARGS)
+
+bench: build
+	$(VPY) -m benchmarks
+
+bench-ci: build
+	$(VPY) -m benchmarks.gate
+
+bench-baseline: build
+	$(VPY) -m benchmarks.gate --update-baseline
+
+static: build
+	$(VPY) -m benchmarks.gpu_static
+
+asan: $(DEPS_STAMP)
+	bash scripts/asan.sh
+
+clean:
+	rm -rf build fastattn/_C*.so

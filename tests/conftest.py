@@ -1,0 +1,161 @@
+"""Shared test harness: tolerance rule, backend fixture, markers, interpreter bf16 dot fix.
+
+Tolerance rule (DESIGN.md, after FlashAttention): for fp16/bf16, compute the reference in fp32
+(`ref`) and in the input dtype (`pt`), then require
+    max|out - ref| <= 2 * max|pt - ref| + atol_floor
+for the output and for every gradient. fp32 paths use tight absolute/relative bounds.
+"""
+
+import os
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _backend
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Tight fp32 bounds: kernels reorder fp32 sums, so a few ulps times the reduction depth.
+FP32_ATOL = 1e-5
+FP32_RTOL = 1e-4
+# The absolute floor of the 2x rule: one ulp-level step of the dtype near 1.
+ATOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; the same behaviour is covered on the "
+                                       "CPU by the interpreter / C++ backend tests")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped", [])
+    gpu_only = [r for r in skipped if "needs a CUDA GPU" in str(r.longrepr)]
+    if gpu_only:
+        terminalreporter.write_line(
+            f"fastattn: {len(gpu_only)} GPU-only tests skipped (no CUDA device here); "
+            f"{len(skipped) - len(gpu_only)} other skips")
+
+
+# ------------------------------------------------------------------ interpreter bf16 tl.dot fix
+
+def _patch_interpreter_bf16_dot():
+    """The Triton interpreter keeps bf16 as raw uint16 and multiplies those in tl.dot. Upcast
+    bf16 operands to fp32 before the matmul (test-harness fix; kernels stay unchanged)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder.create_dot, "_fastattn_bf16_fix", False):
+        return
+    original = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            def up(t):
+                if t.dtype.scalar != tl.bfloat16:
+                    return t.data.astype(np.float32)
+                return interpreter._convert_float(t.data, tl.bfloat16, tl.float32,
+                                                  None).view(np.float32)
+            return interpreter.TensorHandle(np.matmul(up(a), up(b), dtype=np.float32)
+                                            .astype(d.data.dtype) + d.data, d.dtype.scalar)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._fastattn_bf16_fix = True
+    builder.create_dot = create_dot
+
+
+_patch_interpreter_bf16_dot()
+
+
+# ------------------------------------------------------------------ backends
+
+def backend_device(name):
+    """The device a backend's parity tests run on here."""
+    if name == "cuda":
+        return "cuda"
+    if name == "triton":
+        return "cpu" if _backend.interpreter_enabled() else "cuda"
+    return "cpu"
+
+
+def _testable_backends():
+    names = []
+    for name in ("triton", "cpu", "cuda", "torch"):
+        if _backend.unavailable_reason(name, backend_device(name)) is None:
+            names.append(name)
+    return names
+
+
+TESTABLE_BACKENDS = _testable_backends()
+
+
+@pytest.fixture(params=TESTABLE_BACKENDS)
+def backend(request):
+    """Runs the test once per backend available here, inside fastattn.use_backend(name).
+    Yields the backend name; use `backend_device(name)` for the tensors' device."""
+    with fastattn.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def device(backend):
+    return backend_device(backend)
+
+
+# ------------------------------------------------------------------ tolerances
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_2x(out, ref, pt, *, atol_floor=None, name="output"):
+    """The 2x rule for low precision (see module docstring); fp32/fp64 outputs get tight
+    absolute + relative bounds against `ref` instead."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if out.dtype in LOW_PRECISION:
+        floor = ATOL_FLOOR[out.dtype] if atol_floor is None else atol_floor
+        bound = 2 * max_err(pt, ref) + floor
+        err = max_err(out, ref)
+        assert err <= bound, f"{name}: max error {err:.3g} > 2 x {max_err(pt, ref):.3g} + {floor}"
+    else:
+        torch.testing.assert_close(out.double(), ref.double(),
+                                   atol=FP32_ATOL if atol_floor is None else atol_floor,
+                                   rtol=FP32_RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def upcast(*tensors):
+    """fp32 copies (detached, requiring grad where the original did) for the reference."""
+    out = []
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            out.append(t)
+            continue
+        c = t.detach().float()
+        out.append(c.requires_grad_(t.requires_grad))
+    return out
+
+
+def lowp_copies(*tensors):
+    out = []
+    for t in tensors:
+        if t is None or not t.is_floating_point():
+            out.append(t)
+            continue
+        out.append(t.detach().clone().requires_grad_(t.requires_grad))
+    return out

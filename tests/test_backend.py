@@ -1,0 +1,97 @@
+"""Backend selection: names, the env var, availability errors, auto fallback, dispatch log."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _backend
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="auto, triton, cuda, cpu, torch"):
+        with fastattn.use_backend("cudnn"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_backend_without_gpu_is_a_clear_runtime_error():
+    with pytest.raises(RuntimeError, match="backend 'cuda' is unavailable"):
+        with fastattn.use_backend("cuda"):
+            pass
+
+
+def test_torch_backend_is_used_when_asked():
+    x = torch.randn(3, 5)
+    with fastattn.use_backend("torch"), fastattn.record_dispatch() as calls:
+        fastattn.softmax(x)
+    assert calls == [("softmax", "torch")]
+
+
+def test_use_backend_nests_and_restores():
+    assert _backend.requested_backend() in _backend.BACKENDS
+    before = _backend.requested_backend()
+    with fastattn.use_backend("torch"):
+        with fastattn.use_backend("auto"):
+            assert _backend.requested_backend() == "auto"
+        assert _backend.requested_backend() == "torch"
+    assert _backend.requested_backend() == before
+
+
+def test_auto_on_cpu_prefers_the_cpu_kernels_when_built():
+    x = torch.randn(4, 8)
+    with fastattn.use_backend("auto"), fastattn.record_dispatch() as calls:
+        fastattn.softmax(x)
+    expected = "cpu" if "cpu" in fastattn.available_backends("cpu") else "torch"
+    assert calls == [("softmax", expected)]
+
+
+def test_auto_falls_back_to_torch_for_unsupported_cases():
+    # float64 is outside every kernel backend's contract; auto must still answer correctly.
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    with fastattn.use_backend("auto"), fastattn.record_dispatch() as calls:
+        out = fastattn.scaled_dot_product_attention(q, k, v)
+    assert calls == [("attention", "torch")]
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_explicit_backend_refuses_unsupported_case_instead_of_falling_back():
+    kernel_backends = [b for b in fastattn.available_backends("cpu") if b in ("cpu", "triton")]
+    if not kernel_backends:
+        pytest.skip("no kernel backend built here")
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    for name in kernel_backends:
+        with fastattn.use_backend(name):
+            with pytest.raises(RuntimeError, match="use backend 'auto'"):
+                fastattn.scaled_dot_product_attention(q, k, v)
+
+
+def test_env_var_selects_and_validates():
+    code = ("import fastattn, torch\n"
+            "from fastattn import _backend\n"
+            "print(_backend.requested_backend())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__('os').environ, "FASTATTN_BACKEND": "torch"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
+    bad = subprocess.run([sys.executable, "-c", code + "fastattn.softmax(torch.ones(2))\n"],
+                         capture_output=True, text=True,
+                         env={**__import__('os').environ, "FASTATTN_BACKEND": "nope"})
+    assert bad.returncode != 0 and "FASTATTN_BACKEND" in bad.stderr
+
+
+def test_triton_backend_runs_cpu_tensors_only_under_the_interpreter():
+    reason = _backend.unavailable_reason("triton", "cpu")
+    if _backend.interpreter_enabled():
+        assert reason is None
+    else:
+        assert "TRITON_INTERPRET=1" in reason
+
+
+def test_public_names_exist():
+    for name in ("MultiHeadAttention", "LayerNorm", "RMSNorm", "RotaryEmbedding",
+                 "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm",
+                 "apply_rotary", "patch", "use_backend", "build_info"):
+        assert hasattr(fastattn, name), name

@@ -1,0 +1,31 @@
+"""A non-editable install ships kernels/ as fastattn.kernels and no top-level `kernels`."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_non_editable_install_ships_fastattn_kernels(tmp_path):
+    target = tmp_path / "site"
+    env = {**os.environ, "FASTATTN_SKIP_EXTENSION": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--no-compile", "--target", str(target), ROOT],
+        capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert (target / "fastattn" / "kernels" / "__init__.py").is_file()
+    assert not (target / "kernels").exists(), "a top-level `kernels` package was installed"
+
+    # Import from the installed copy only (not the repository) and check the mapping.
+    probe = ("import importlib.util, sys\n"
+             "import fastattn, fastattn.kernels\n"
+             f"assert fastattn.__file__.startswith({str(target)!r}), fastattn.__file__\n"
+             "assert fastattn.kernels.__name__ == 'fastattn.kernels'\n"
+             "assert importlib.util.find_spec('kernels') is None\n"
+             "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "ok"
