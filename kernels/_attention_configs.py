@@ -119,3 +119,17 @@ def make_prune(kind, rows_arg, cols_arg):
         return sorted(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
 
     return prune
+
+
+MERGE_BLOCK_S = 16   # splits merged per step; one compiled merge kernel serves any count
+
+
+def decode_tiles(group, Sq, head_dim, interpret=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel.
+
+    Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64).
+    """
+    bm = min(64, max(16, triton.next_power_of_2(group * Sq)))
+    if interpreting() if interpret is None else interpret:
+        return bm, INTERP_DECODE_BLOCK_N, 4, 1
+    return bm, 64, 4, (3 if block_d_of(head_dim) <= 128 else 2)

@@ -101,26 +101,46 @@ def attn_decode_merge_kernel(
     H, Sq, D, num_splits,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (b, h, i): out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max)."""
+    """One program per (b, h, i): out = sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max).
+
+    Splits are read BLOCK_S at a time (first pass: max, second: weighted sum) so one compiled
+    variant serves any number of splits.
+    """
     pid = tl.program_id(0)
     i = pid % Sq
     bh = pid // Sq
     b = bh // H
     h = bh % H
-    offs_s = tl.arange(0, BLOCK_S)
+    offs_s0 = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < num_splits
-    prow = (bh.to(tl.int64) * num_splits + offs_s) * Sq + i           # (BLOCK_S,)
-    lse2 = tl.load(LPart + prow, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse2, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse2 - m_safe)                                        # (BLOCK_S,) 0 for empty
-    w_sum = tl.sum(w, 0)
-    o = tl.load(OPart + prow[:, None] * D + offs_d[None, :],
-                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)   # (BLOCK_S, BLOCK_D)
-    empty = w_sum == 0.0
-    out = tl.sum(o * w[:, None], 0) * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, w_sum))
-    lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, w_sum))) * 0.6931471805599453)
+    row0 = bh.to(tl.int64) * num_splits
+
+    m = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + offs_s0
+        lse2 = tl.load(LPart + (row0 + offs_s) * Sq + i, mask=offs_s < num_splits,
+                       other=float("-inf"))                            # (BLOCK_S,) log2 units
+        m = tl.maximum(m, lse2)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+
+    w_sum = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + offs_s0
+        prow = (row0 + offs_s) * Sq + i                                # (BLOCK_S,)
+        lse2 = tl.load(LPart + prow, mask=offs_s < num_splits, other=float("-inf"))
+        w = tl.exp2(lse2 - m_safe)                                     # 0 for empty splits
+        o = tl.load(OPart + prow[:, None] * D + offs_d[None, :],
+                    mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < D),
+                    other=0.0)                                         # (BLOCK_S, BLOCK_D)
+        w_sum += w
+        acc += tl.sum(o * w[:, None], 0)
+    total = tl.sum(w_sum, 0)
+    empty = total == 0.0
+    out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))
+    lse = tl.where(empty, float("-inf"),
+                   (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
     tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + i.to(tl.int64) * stride_om + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
     tl.store(Lse + bh.to(tl.int64) * Sq + i, lse)

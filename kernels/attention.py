@@ -21,6 +21,7 @@ import torch
 import triton
 
 from . import _attention_configs as cfg
+from ._attention_configs import MERGE_BLOCK_S, decode_tiles
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ._attention_common import dropout_mask_kernel
 from ._attention_decode import attn_decode_merge_kernel, attn_decode_split_kernel
@@ -254,15 +255,6 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
 
 # ----------------------------------------------------------------------------- decode
 
-def decode_tiles(group, Sq, head_dim):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel."""
-    bm = min(64, max(16, triton.next_power_of_2(group * Sq)))
-    if cfg.interpreting():
-        return bm, cfg.INTERP_DECODE_BLOCK_N, 4, 1
-    bd = cfg.block_d_of(head_dim)
-    return bm, 64, 4, (3 if bd <= 128 else 2)
-
-
 def _num_splits(c, bm, bn, device):
     n_blocks = triton.cdiv(c.Sk, bn)
     if cfg.interpreting():
@@ -282,7 +274,7 @@ def _decode(c, num_splits=None):
     bm, bn, warps, stages = decode_tiles(c.group, c.Sq, c.D)
     if num_splits is None:
         num_splits = _num_splits(c, bm, bn, c.q.device)
-    num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn)))
+    num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn), 1024))
     chunk = triton.cdiv(triton.cdiv(c.Sk, num_splits), bn) * bn       # BLOCK_N aligned
     num_splits = triton.cdiv(c.Sk, chunk)
     opart = torch.empty((c.B * c.H, num_splits, c.Sq, c.D), device=c.q.device, dtype=torch.float32)
@@ -295,7 +287,7 @@ def _decode(c, num_splits=None):
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **c.consts)
     attn_decode_merge_kernel[(c.B * c.H * c.Sq,)](
         opart, lpart, out, lse, *_strides3(out), c.H, c.Sq, c.D, num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=c.block_d, num_warps=4)
+        BLOCK_S=MERGE_BLOCK_S, BLOCK_D=c.block_d, num_warps=4)
     return out, lse
 
 

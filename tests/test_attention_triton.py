@@ -1,0 +1,338 @@
+"""Triton flash attention launchers against fastattn.reference.attention.
+
+Runs on CPU tensors with TRITON_INTERPRET=1 (or on a GPU). fp16/bf16 follow the 2x rule
+(ref = fp32 reference, pt = reference in the input dtype); fp32 is tight. Shapes are small and
+awkward (1, 7, 97, 129 rows; head dims 16, 40, 80, 128) so the file stays fast in the interpreter.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fastattn import reference
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from fastattn.kernels import attention as ta  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+FP32_ATOL = 2e-5
+FP32_RTOL = 2e-5
+
+
+@pytest.fixture(autouse=True)
+def bf16_round_to_nearest(monkeypatch):
+    """Interpreter fault: its fp32 -> bf16 cast truncates where a GPU rounds to nearest even.
+    Cast through torch while these tests run (harness fix; the kernels are unchanged)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(data.view(torch.int16).numpy().view(np.uint16),
+                                            tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def max_finite_error(name, out, ref):
+    """Max |out - ref| off the infinities, which (lse of empty rows) must agree exactly."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(out).any(), f"{name}: NaN"
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(out), inf), f"{name}: infinities differ from the reference"
+    assert torch.equal(out[inf], ref[inf]), f"{name}: infinities differ from the reference"
+    return _err(out.masked_fill(inf, 0), ref.masked_fill(inf, 0))
+
+
+def assert_close(name, out, ref, pt, dtype):
+    err = max_finite_error(name, out, ref)
+    ref64 = ref.masked_fill(torch.isinf(ref), 0).double()
+    if dtype == torch.float32:
+        bound = FP32_ATOL + FP32_RTOL * ref64.abs().max().item()
+    else:
+        pt64 = pt.masked_fill(torch.isinf(pt), 0).double()
+        bound = 2 * _err(pt64, ref64) + FLOOR[dtype]
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
+
+
+def make_inputs(B, H, Hkv, Sq, Sk, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Sq, D, generator=g)
+    k = torch.randn(B, Hkv, Sk, D, generator=g)
+    v = torch.randn(B, Hkv, Sk, D, generator=g)
+    do = torch.randn(B, H, Sq, D, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v, do)]
+
+
+def reference_grads(q, k, v, do, mask, dtype, **kw):
+    """(out, lse, dq, dk, dv, dmask) of the reference run in `dtype` (mask grad if float)."""
+    q, k, v, do = (t.detach().to(dtype).requires_grad_() for t in (q, k, v, do))
+    inputs = [q, k, v]
+    if mask is not None and mask.is_floating_point():
+        mask = mask.detach().to(dtype).requires_grad_()
+        inputs.append(mask)
+    out, lse = reference.attention(q, k, v, mask=mask, return_lse=True, **kw)
+    grads = torch.autograd.grad(out, inputs, do)
+    dmask = grads[3] if len(grads) > 3 else None
+    return out.detach(), lse.detach(), grads[0], grads[1], grads[2], dmask
+
+
+def run_case(B, H, Hkv, Sq, Sk, D, dtype, mask_fn=None, **kw):
+    q, k, v, do = make_inputs(B, H, Hkv, Sq, Sk, D, dtype)
+    mask = mask_fn(B, H, Sq, Sk) if mask_fn is not None else None
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)                  # the kernel's mask; the fp32 ref upcasts it exactly
+    kmask = mask
+    mask_grad = mask is not None and mask.is_floating_point()
+    kmask_full = kmask.expand(B, H, Sq, Sk) if kmask is not None else None
+
+    out, lse = ta.attention_forward(q, k, v, mask=kmask_full, **kw)
+    dq, dk, dv, dmask = ta.attention_backward(do, q, k, v, out, lse, mask=kmask_full,
+                                              mask_needs_grad=mask_grad, **kw)
+    ref = reference_grads(q, k, v, do, mask, torch.float32, **kw)
+    pt = reference_grads(q, k, v, do, mask, dtype, **kw) if dtype != torch.float32 else ref
+    mine = [out, lse, dq, dk, dv]
+    if mask_grad:
+        # the ops layer reduces dmask_full over broadcast dims; do the same here
+        red = dmask.sum(dim=[i for i in range(4) if mask.shape[i] == 1], keepdim=True)
+        mine.append(red)
+    for name, a, r, p in zip(["out", "lse", "dq", "dk", "dv", "dmask"], mine, ref, pt):
+        if name == "lse":
+            assert a.dtype == torch.float32
+            # lse is fp32 from the same inputs on both sides: tight
+            assert_close(name, a, r, r, torch.float32)
+        else:
+            assert a.dtype == (dtype if name != "dmask" else torch.float32)
+            assert_close(name, a, r, p, dtype)
+    return out, lse, dq, dk, dv
+
+
+def bcast_float_mask(B, H, Sq, Sk):
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(B, 1, Sq, Sk, generator=g)
+    m[:, :, :, ::5] = float("-inf")            # -inf entries count as masked
+    return m.to(DEVICE)
+
+
+def bool_mask_empty_rows(B, H, Sq, Sk):
+    g = torch.Generator().manual_seed(2)
+    m = torch.rand(B, H, Sq, Sk, generator=g) > 0.4
+    m[:, :, 2] = False                         # a fully masked row
+    return m.to(DEVICE)
+
+
+def row_mask(B, H, Sq, Sk):                    # (Sq, Sk) broadcast over B and H
+    g = torch.Generator().manual_seed(3)
+    return (torch.rand(1, 1, Sq, Sk, generator=g) > 0.3).to(DEVICE)
+
+
+# ----------------------------------------------------------------------------- parity
+
+CASES = [
+    # id, (B, H, Hkv, Sq, Sk, D), dtype, mask, keywords
+    ("tiny-fp32", (1, 1, 1, 1, 7, 16), torch.float32, None, {}),
+    ("fp16-causal-gqa-d40", (1, 4, 2, 97, 129, 40), torch.float16, None, dict(causal=True)),
+    ("bf16-causal-br-d80", (1, 2, 2, 129, 97, 80), torch.bfloat16, None,
+     dict(causal=True, alignment="bottom_right")),
+    ("fp32-window-kl-d128", (2, 2, 1, 7, 97, 128), torch.float32, None,
+     dict(window_left=20, window_right=3, alignment="bottom_right",
+          key_lengths=torch.tensor([60, 97]))),
+    ("fp16-floatmask-softcap", (2, 2, 2, 33, 47, 64), torch.float16, bcast_float_mask,
+     dict(softcap=2.0, scale=0.3)),
+    ("bf16-boolmask-mqa", (1, 3, 1, 20, 31, 16), torch.bfloat16, bool_mask_empty_rows, {}),
+    ("fp32-causal-empty-rows", (1, 2, 1, 40, 17, 40), torch.float32, row_mask,
+     dict(causal=True, alignment="bottom_right", softcap=3.0)),
+    ("fp16-window-causal-tl", (1, 2, 1, 97, 97, 16), torch.float16, None,
+     dict(causal=True, window_left=9)),
+]
+
+
+@pytest.mark.parametrize("shape, dtype, mask_fn, kw", [c[1:] for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_forward_backward_matches_reference(shape, dtype, mask_fn, kw):
+    kw = dict(kw)
+    if "key_lengths" in kw:
+        kw["key_lengths"] = kw["key_lengths"].to(DEVICE)
+    run_case(*shape, dtype, mask_fn=mask_fn, **kw)
+
+
+def test_fully_masked_rows_are_zero_with_zero_grads():
+    # batch 0 sees no key at all (key_lengths 0); bottom-right causal with Sq > Sk empties the
+    # first Sq - Sk rows of batch 1
+    B, H, Sq, Sk, D = 2, 2, 12, 5, 16
+    q, k, v, do = make_inputs(B, H, H, Sq, Sk, D, torch.float32)
+    kw = dict(causal=True, alignment="bottom_right",
+              key_lengths=torch.tensor([0, Sk], device=DEVICE))
+    out, lse = ta.attention_forward(q, k, v, **kw)
+    dq, dk, dv, _ = ta.attention_backward(do, q, k, v, out, lse, **kw)
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+    assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))
+    assert torch.all(dq[0] == 0) and torch.all(dk[0] == 0) and torch.all(dv[0] == 0)
+    empty = Sq - Sk
+    assert torch.all(out[1, :, :empty] == 0) and torch.all(torch.isneginf(lse[1, :, :empty]))
+    assert torch.all(dq[1, :, :empty] == 0)
+    assert torch.isfinite(lse[1, :, empty:]).all()
+
+
+def test_noncontiguous_inputs():
+    # (B, S, H, D) storage viewed as (B, H, S, D), and a last dim that is not contiguous
+    B, H, Sq, Sk, D = 1, 2, 19, 23, 16
+    q, k, v, do = make_inputs(B, H, H, Sq, Sk, D, torch.float32)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kt = torch.stack([k, torch.zeros_like(k)], dim=-1)[..., 0]   # last-dim stride 2
+    out, lse = ta.attention_forward(qt, kt, v, causal=True)
+    ref = reference.attention(q, k, v, causal=True)
+    assert_close("out", out, ref, ref, torch.float32)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+def test_backward_is_bitwise_deterministic():
+    B, H, Hkv, Sq, Sk, D = 1, 4, 2, 45, 70, 40
+    q, k, v, do = make_inputs(B, H, Hkv, Sq, Sk, D, torch.float16)
+    out, lse = ta.attention_forward(q, k, v, causal=True)
+    first = ta.attention_backward(do, q, k, v, out, lse, causal=True, deterministic=True)
+    second = ta.attention_backward(do, q, k, v, out, lse, causal=True, deterministic=False)
+    for a, b in zip(first[:3], second[:3]):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+def test_dropout_keep_mask_statistics_and_indexing():
+    p = 0.25
+    shape = (2, 3, 33, 70)
+    keep = ta.dropout_keep_mask(shape, p, seed=1234, offset=0, device=DEVICE)
+    assert keep.dtype == torch.bool and keep.shape == shape
+    n = keep.numel()
+    frac = keep.float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(frac - (1 - p)) < 5 * sigma
+    # keyed by the linear element index + offset: shifting the offset by Sk shifts rows by one
+    Sk = shape[-1]
+    shifted = ta.dropout_keep_mask(shape, p, seed=1234, offset=Sk, device=DEVICE)
+    assert torch.equal(shifted.flatten()[:-Sk], keep.flatten()[Sk:])
+    other = ta.dropout_keep_mask(shape, p, seed=1235, offset=0, device=DEVICE)
+    assert not torch.equal(other, keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dropout_forward_backward_match_reference_with_same_mask(dtype):
+    B, H, Hkv, Sq, Sk, D = 1, 2, 1, 37, 45, 40
+    p, seed, offset = 0.3, 77, 1000
+    q, k, v, do = make_inputs(B, H, Hkv, Sq, Sk, D, dtype)
+    kw = dict(causal=True, dropout_p=p, seed=seed, offset=offset)
+    out, lse = ta.attention_forward(q, k, v, **kw)
+    dq, dk, dv, _ = ta.attention_backward(do, q, k, v, out, lse, **kw)
+    keep = ta.dropout_keep_mask((B, H, Sq, Sk), p, seed, offset, device=DEVICE)
+    rkw = dict(causal=True, dropout_mask=keep, dropout_p=p)
+    ref = reference_grads(q, k, v, do, None, torch.float32, **rkw)
+    pt = reference_grads(q, k, v, do, None, dtype, **rkw) if dtype != torch.float32 else ref
+    for name, a, r, pp in zip(["out", "lse", "dq", "dk", "dv"], [out, lse, dq, dk, dv], ref, pt):
+        assert_close(name, a, r, r if name == "lse" else pp,
+                     torch.float32 if name == "lse" else dtype)
+    again, _ = ta.attention_forward(q, k, v, **kw)
+    assert torch.equal(again, out)
+
+
+# ----------------------------------------------------------------------------- decode
+
+@pytest.mark.parametrize("Sq, H, Hkv, dtype, kw", [
+    (1, 4, 1, torch.float32, {}),
+    (5, 4, 2, torch.float16, dict(causal=True, alignment="bottom_right", softcap=4.0)),
+    (16, 2, 2, torch.float32, dict(window_left=200, key_lengths=[700, 530])),
+], ids=["mqa-sq1", "gqa-causal-softcap-fp16", "sq16-window-kl"])
+def test_decode_matches_plain_path_and_reference(monkeypatch, Sq, H, Hkv, dtype, kw):
+    B, Sk, D = 2, 700, 40
+    kw = dict(kw)
+    if "key_lengths" in kw:
+        kw["key_lengths"] = torch.tensor(kw["key_lengths"], device=DEVICE)
+    q, k, v, _ = make_inputs(B, H, Hkv, Sq, Sk, D, dtype)
+    mask = (torch.rand(B, 1, Sq, Sk, generator=torch.Generator().manual_seed(5)) > 0.1)
+    mask = mask.to(DEVICE).expand(B, H, Sq, Sk)
+
+    calls = []
+    decode = ta._decode
+    monkeypatch.setattr(ta, "_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    out, lse = ta.attention_forward(q, k, v, mask=mask, **kw)
+    assert calls, "attention_forward did not route to the decode kernels"
+    monkeypatch.setattr(ta, "DECODE_MIN_SK", 10 ** 9)
+    plain_out, plain_lse = ta.attention_forward(q, k, v, mask=mask, **kw)
+    assert len(calls) == 1
+    split_out, split_lse = ta.attention_decode(q, k, v, mask=mask, num_splits=3, **kw)
+
+    ref_out, ref_lse = reference.attention(q.float(), k.float(), v.float(), mask=mask,
+                                           return_lse=True, **kw)
+    pt_out = reference.attention(q, k, v, mask=mask, **kw)
+    for o in (out, split_out):
+        assert_close("decode out", o, ref_out, pt_out, dtype)
+    # same result as the plain path (up to fp32 summation order)
+    assert _err(out.float(), plain_out.float()) <= (1e-5 if dtype == torch.float32 else 2e-3)
+    for l in (lse, split_lse, plain_lse):
+        assert_close("decode lse", l, ref_lse, ref_lse, torch.float32)
+
+
+def test_decode_rejects_dropout():
+    q, k, v, _ = make_inputs(1, 1, 1, 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ta.attention_decode(q, k, v, dropout_p=0.1)
+
+
+# ----------------------------------------------------------------------------- errors / capability
+
+def test_bad_input_names_the_argument():
+    q, k, v, _ = make_inputs(1, 4, 2, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="k"):
+        ta.attention_forward(q, k[:, :, :, :8], v)
+    with pytest.raises(ValueError, match="kv heads"):
+        ta.attention_forward(q, k[:, :1].expand(1, 3, 8, 16), v[:, :1].expand(1, 3, 8, 16))
+    with pytest.raises(ValueError, match="alignment"):
+        ta.attention_forward(q, k, v, alignment="middle")
+    with pytest.raises(ValueError, match="mask"):
+        ta.attention_forward(q, k, v, mask=torch.zeros(3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="key_lengths"):
+        ta.attention_forward(q, k, v, key_lengths=torch.tensor([1.5], device=DEVICE))
+    with pytest.raises(ValueError, match="dropout_p"):
+        ta.attention_forward(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="q"):
+        ta.attention_forward(q.double(), k.double(), v.double())
+
+
+def test_unsupported_reasons():
+    q, k, v, _ = make_inputs(1, 2, 2, 4, 4, 16, torch.float32)
+    assert ta.unsupported("attention_forward", q=q, k=k, v=v, dropout_p=0.1) is None
+    assert "dtype" in ta.unsupported("attention_forward", q=q.double(), k=k, v=v)
+    big = torch.zeros(1, 1, 2, 320, device=DEVICE)
+    assert "head dim" in ta.unsupported("attention_forward", q=big, k=big, v=big)
+    assert ta.unsupported("attention_decode", q=q, k=k, v=v, dropout_p=0.2) is not None
+
+
+def test_static_variants_cover_every_kernel():
+    import inspect
+    for arch in (80, 90):
+        variants = ta.static_variants(arch)
+        names = {s.name for s in variants}
+        assert {"attention_fwd", "attention_bwd_preprocess", "attention_bwd_dkdv",
+                "attention_bwd_dq", "attention_decode_split", "attention_decode_merge"} <= names
+        for s in variants:
+            params = list(inspect.signature(s.kernel.fn).parameters)
+            assert set(s.signature) == set(params), s.config
+            assert {n for n, t in s.signature.items() if t == "constexpr"} == set(s.constexprs)
