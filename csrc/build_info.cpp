@@ -1,0 +1,63 @@
+// fastattn::build_info() -> str: JSON describing how the extension was built.
+#include <torch/library.h>
+
+#include <string>
+
+#if FASTATTN_WITH_CUDA
+#include "cuda/launch.h"
+#endif
+
+#ifndef FASTATTN_CUDA_ARCHS
+#define FASTATTN_CUDA_ARCHS ""
+#endif
+
+namespace fastattn {
+namespace {
+
+std::string compiler() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
+std::string simd() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "baseline";
+#endif
+}
+
+std::string build_info() {
+  std::string json = "{";
+  json += std::string("\"cuda_compiled\": ") + (FASTATTN_WITH_CUDA ? "true" : "false");
+  json += std::string(", \"cuda_archs\": \"") + (FASTATTN_WITH_CUDA ? FASTATTN_CUDA_ARCHS : "") + "\"";
+  json += ", \"cpu_kernels\": true";
+  json += ", \"compiler\": \"" + compiler() + "\"";
+#if FASTATTN_WITH_CUDA
+  json += std::string(", \"nvcc\": \"") + cuda::nvcc_version() + "\"";
+#endif
+  json += ", \"cpu_simd\": \"" + simd() + "\"";
+#if defined(__SANITIZE_ADDRESS__)
+  json += ", \"asan\": true";
+#else
+  json += ", \"asan\": false";
+#endif
+  json += "}";
+  return json;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  // No tensor argument to dispatch on: registered as the catch-all kernel.
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace fastattn

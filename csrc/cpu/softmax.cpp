@@ -1,0 +1,124 @@
+// CPU softmax over the last dim (scale, bool/float mask, causal) and its backward.
+#include "cpu/vec.h"  // first: selects the SIMD width
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace fastattn::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Scores of one row into buf (fp32); returns the row max. Columns >= visible are not touched.
+template <typename T>
+float row_scores(const T* x, const void* mask, MaskKind kind, float* buf, int64_t visible,
+                 float scale) {
+  const fVec vscale(scale), vninf(kNegInf);
+  fVec vmax(kNegInf);
+  for (int64_t j = 0; j < visible; j += kF) {
+    const int64_t n = std::min<int64_t>(kF, visible - j);
+    fVec s = n == kF ? load_f(x + j) : load_f(x + j, n);
+    fVec add(0.f);
+    if (kind == MaskKind::kFloat) {
+      const T* m = static_cast<const T*>(mask) + j;
+      add = n == kF ? load_f(m) : load_f(m, n);
+    } else if (kind == MaskKind::kBool) {
+      const uint8_t* m = static_cast<const uint8_t*>(mask) + j;
+      __at_align__ float tmp[kF] = {};
+      for (int64_t i = 0; i < n; ++i) tmp[i] = m[i] ? 0.f : kNegInf;
+      add = fVec::loadu(tmp);
+    }
+    s = softmax_score(s, vscale, add);
+    s.store(buf + j, n);
+    vmax = at::vec::maximum(vmax, head(s, n, kNegInf));
+  }
+  return hmax(vmax);
+}
+
+template <typename T>
+void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, int64_t cols,
+                 int64_t visible, float scale) {
+  const float row_max = softmax_safe_max(row_scores(x, mask, kind, buf, visible, scale));
+  // exp in place, summed.
+  const fVec vmax(row_max);
+  fVec vsum(0.f);
+  int64_t j = 0;
+  for (; j + kF <= visible; j += kF) {
+    const fVec e = (fVec::loadu(buf + j) - vmax).exp_u20();
+    e.store(buf + j);
+    vsum = vsum + e;
+  }
+  float sum = hsum(vsum);
+  for (; j < visible; ++j) {
+    buf[j] = std::exp(buf[j] - row_max);
+    sum += buf[j];
+  }
+  const fVec vinv(softmax_safe_inv(sum));
+  for (j = 0; j < visible; j += kF) {
+    const int64_t n = std::min<int64_t>(kF, visible - j);
+    store_f(y + j, fVec::loadu(buf + j, n) * vinv, n);
+  }
+  for (j = visible; j < cols; ++j) y[j] = T(0.f);
+}
+
+template <typename T>
+void forward(const SoftmaxParams& p) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : p.cols);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* x = static_cast<const T*>(p.x) + row_offset(p.x_rows, r);
+      T* y = static_cast<T*>(p.y) + r * p.cols;
+      const void* mask = nullptr;
+      if (p.mask_kind == MaskKind::kFloat) {
+        mask = static_cast<const T*>(p.mask) + row_offset(p.mask_rows, r);
+      } else if (p.mask_kind == MaskKind::kBool) {
+        mask = static_cast<const uint8_t*>(p.mask) + row_offset(p.mask_rows, r);
+      }
+      float* buf = std::is_same_v<T, float> ? reinterpret_cast<float*>(y) : scratch.data();
+      softmax_row(x, mask, p.mask_kind, y, buf, p.cols,
+                  softmax_visible_cols(r, p.m, p.cols, p.causal), p.scale);
+    }
+  });
+}
+
+template <typename T>
+void backward(const SoftmaxBackwardParams& p) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
+  const fVec vscale(p.scale);
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* dy = static_cast<const T*>(p.dy) + row_offset(p.dy_rows, r);
+      const T* y = static_cast<const T*>(p.y) + row_offset(p.y_rows, r);
+      T* dx = static_cast<T*>(p.dx) + r * p.cols;
+      fVec vdot(0.f);
+      for (int64_t j = 0; j < p.cols; j += kF) {
+        const int64_t n = std::min<int64_t>(kF, p.cols - j);
+        vdot = n == kF ? at::vec::fmadd(load_f(dy + j), load_f(y + j), vdot)
+                       : at::vec::fmadd(load_f(dy + j, n), load_f(y + j, n), vdot);
+      }
+      const fVec dot(hsum(vdot));
+      for (int64_t j = 0; j < p.cols; j += kF) {
+        const int64_t n = std::min<int64_t>(kF, p.cols - j);
+        const fVec g = n == kF ? softmax_grad(load_f(y + j), load_f(dy + j), dot, vscale)
+                               : softmax_grad(load_f(y + j, n), load_f(dy + j, n), dot, vscale);
+        store_f(dx + j, g, n);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void softmax_forward(const SoftmaxParams& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { forward<decltype(t)>(p); });
+}
+
+void softmax_backward(const SoftmaxBackwardParams& p) {
+  dispatch_dtype(p.dtype, [&](auto t) { backward<decltype(t)>(p); });
+}
+
+}  // namespace fastattn::cpu

@@ -1,0 +1,106 @@
+// Torch-facing glue shared by csrc/*.cpp: argument checks that name the argument, tensor ->
+// params conversion, and running a kernel on the tensor's device (CPU kernel or CUDA launch on
+// the current stream). Not included by the kernels themselves.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/types.h"
+
+#if FASTATTN_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fastattn {
+
+inline DType dtype_of(const at::Tensor& t, const char* fn, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, fn, ": ", name, " must be float32, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* fn,
+                         const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), fn, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+inline void check_dtype(const at::Tensor& t, const at::Tensor& ref, const char* fn,
+                        const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), fn, ": ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* fn,
+                        const char* name) {
+  TORCH_CHECK(t.sizes() == expected, fn, ": ", name, " must have shape ", expected, ", got ",
+              t.sizes());
+}
+
+// Makes the last dim contiguous (stride 1) if it is not; a copy only in that case.
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
+// Rows of t (all dims but the last) as a RowIndexer, merging dims that are contiguous with
+// each other and dropping size-1 dims. t's last dim must be contiguous; t may be replaced by a
+// contiguous copy if its layout needs more than kMaxRowDims dims.
+inline RowIndexer rows_of(at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (size, stride), outermost first
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) == 1) continue;
+    if (!dims.empty() && dims.back().second == t.stride(d) * t.size(d)) {
+      dims.back() = {dims.back().first * t.size(d), t.stride(d)};
+    } else {
+      dims.emplace_back(t.size(d), t.stride(d));
+    }
+  }
+  if (static_cast<int>(dims.size()) > kMaxRowDims) {
+    t = t.contiguous();
+    dims.assign(1, {t.numel() / std::max<int64_t>(t.size(-1), 1), t.size(-1)});
+  }
+  RowIndexer r;
+  r.ndim = static_cast<int32_t>(dims.size());
+  for (int i = 0; i < r.ndim; ++i) {
+    r.sizes[i] = dims[i].first;
+    r.strides[i] = dims[i].second;
+  }
+  return r;
+}
+
+inline const float* opt_f32_ptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<float>() : nullptr;
+}
+
+// Runs cpu() for CPU tensors, or gpu(stream) for CUDA tensors (with t's device current).
+template <typename Cpu, typename Gpu>
+void run_on_device(const at::Tensor& t, const char* fn, Cpu&& cpu, Gpu&& gpu) {
+  if (t.is_cpu()) {
+    cpu();
+    return;
+  }
+#if FASTATTN_WITH_CUDA
+  if (t.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(t.device());
+    const cudaError_t err = gpu(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, fn, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+    return;
+  }
+#else
+  (void)gpu;
+#endif
+  TORCH_CHECK(false, fn, ": no kernel for device ", t.device());
+}
+
+}  // namespace fastattn

@@ -1,0 +1,104 @@
+// SIMD helpers for the CPU kernels: picks at::vec's widest implementation the compiler
+// targets and loads/stores fp32/fp16/bf16 rows as fp32 vectors.
+#pragma once
+
+// at::vec only uses AVX2/AVX-512 intrinsics when told so by CPU_CAPABILITY_* (ATen's own
+// build compiles one copy per capability). Derive it from what -march enabled; the namespace
+// name is ours so these inline functions never merge with libtorch's copies.
+#if defined(__at_align__)
+#error "csrc/cpu/vec.h must be included before any ATen vectorization header"
+#endif
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY fastattn_avx512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY fastattn_avx2
+#else
+#define CPU_CAPABILITY fastattn_default
+#endif
+#endif
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#include "common/types.h"
+
+namespace fastattn::cpu {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kF = fVec::size();
+
+inline void load_fp32(const at::BFloat16* p, fVec& out) { at::vec::load_fp32_from_bf16(p, out); }
+inline void load_fp32(const at::Half* p, fVec& out) { at::vec::load_fp32_from_fp16(p, out); }
+
+// kF elements of T as fp32.
+template <typename T>
+inline fVec load_f(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p);
+  } else {
+    fVec out;
+    load_fp32(p, out);
+    return out;
+  }
+}
+
+// n < kF elements of T as fp32, the rest of the lanes 0.
+template <typename T>
+inline fVec load_f(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fVec::loadu(p, n);
+  } else {
+    __at_align__ float buf[kF] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return fVec::loadu(buf);
+  }
+}
+
+// Stores the first n lanes of v (rounded to T).
+template <typename T>
+inline void store_f(T* p, const fVec& v, int64_t n = kF) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<T>(v, v).store(p, n);
+  }
+}
+
+// Lanes [0, n) of v, the rest `fill` (for reductions over a partial vector).
+inline fVec head(const fVec& v, int64_t n, float fill) {
+  if (n == kF) return v;
+  __at_align__ float buf[kF];
+  v.store(buf);
+  for (int64_t i = n; i < kF; ++i) buf[i] = fill;
+  return fVec::loadu(buf);
+}
+
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+}
+inline float hmax(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+}  // namespace fastattn::cpu
+
+namespace fastattn::cpu {
+
+// Calls f(T{}) with T the C++ element type of d.
+template <typename F>
+inline void dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(at::Half{}); break;
+    case DType::kBFloat16: f(at::BFloat16{}); break;
+  }
+}
+
+}  // namespace fastattn::cpu

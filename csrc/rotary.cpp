@@ -1,0 +1,142 @@
+// fastattn::rotary_forward (functional, out= and in-place variants): checks, CPU and CUDA
+// registration.
+#include <ATen/MemoryOverlap.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+#include "cpu/tensor_args.h"
+#if FASTATTN_WITH_CUDA
+#include "cuda/launch.h"
+#endif
+
+namespace fastattn {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+void rotary_run(const char* fn, const at::Tensor& x, const at::Tensor& cos_in,
+                const at::Tensor& sin_in, bool interleaved, const OptTensor& offsets_in,
+                bool conjugate, const at::Tensor& out) {
+  RotaryParams p;
+  p.dtype = dtype_of(x, fn, "x");
+  TORCH_CHECK(x.dim() == 4, fn, ": x must be 4-D (batch, seq, heads, head_dim), got shape ",
+              x.sizes());
+  check_device(out, x, fn, "out", "x");
+  check_dtype(out, x, fn, "out", "x");
+  check_shape(out, x.sizes(), fn, "out");
+  TORCH_CHECK(cos_in.dim() == 2, fn, ": cos must be 2-D (s_cache, rot_dim / 2), got shape ",
+              cos_in.sizes());
+  check_shape(sin_in, cos_in.sizes(), fn, "sin (the shape of cos)");
+  check_device(cos_in, x, fn, "cos", "x");
+  check_device(sin_in, x, fn, "sin", "x");
+  TORCH_CHECK(at::isFloatingType(cos_in.scalar_type()) && at::isFloatingType(sin_in.scalar_type()),
+              fn, ": cos and sin must be floating point, got ", cos_in.scalar_type(), " and ",
+              sin_in.scalar_type());
+  const int64_t batch = x.size(0), seqlen = x.size(1), head_dim = x.size(3);
+  const int64_t rot_dim = 2 * cos_in.size(1), s_cache = cos_in.size(0);
+  TORCH_CHECK(rot_dim <= head_dim, fn, ": cos/sin rotate ", rot_dim,
+              " features (2 * cos.shape[1]) but x's head_dim is ", head_dim);
+  at::Tensor offsets;
+  if (offsets_in.has_value() && offsets_in->defined()) {
+    offsets = *offsets_in;
+    check_device(offsets, x, fn, "offsets", "x");
+    TORCH_CHECK(offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong, fn,
+                ": offsets must be int32 or int64, got ", offsets.scalar_type());
+    check_shape(offsets, {batch}, fn, "offsets");
+    offsets = offsets.to(at::kLong).contiguous();
+  }
+  if (x.numel() == 0) return;
+  // Positions must lie in the cache; checked where it costs no device sync.
+  if (!offsets.defined()) {
+    TORCH_CHECK(seqlen <= s_cache, fn, ": seq length ", seqlen, " exceeds the cos/sin cache (",
+                s_cache, " positions)");
+  } else if (offsets.is_cpu()) {
+    const int64_t lo = offsets.min().item<int64_t>(), hi = offsets.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi + seqlen <= s_cache, fn, ": offsets + positions must lie in [0, ",
+                s_cache, "), got offsets in [", lo, ", ", hi, "] with seq length ", seqlen);
+  }
+  at::Tensor cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
+  p.x = x.data_ptr();
+  p.out = out.data_ptr();
+  p.cos = cos.data_ptr<float>();
+  p.sin = sin.data_ptr<float>();
+  p.offsets = offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr;
+  p.batch = batch;
+  p.seqlen = seqlen;
+  p.heads = x.size(2);
+  p.head_dim = head_dim;
+  p.rot_dim = rot_dim;
+  p.s_cache = s_cache;
+  for (int d = 0; d < 4; ++d) {
+    p.x_strides[d] = x.stride(d);
+    p.out_strides[d] = out.stride(d);
+  }
+  p.interleaved = interleaved;
+  p.conjugate = conjugate;
+  run_on_device(
+      x, fn, [&] { cpu::rotary_forward(p); },
+      [&](auto stream) {
+#if FASTATTN_WITH_CUDA
+        return cuda::rotary::launch(p, stream);
+#endif
+      });
+}
+
+at::Tensor rotary_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                          bool interleaved, const OptTensor& offsets, bool conjugate) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  rotary_run("fastattn.rotary_forward", x, cos, sin, interleaved, offsets, conjugate, out);
+  return out;
+}
+
+void rotary_forward_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                        bool interleaved, const OptTensor& offsets, bool conjugate,
+                        const at::Tensor& out) {
+  constexpr const char* fn = "fastattn.rotary_forward_out";
+  // A partial overlap would let one row's writes feed another row's reads.
+  if (out.defined() && x.defined() && out.numel() > 0) {
+    TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, fn,
+                ": out must not overlap itself (an expanded tensor?)");
+    const auto overlap = at::get_overlap_status(x, out);
+    TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, fn,
+                ": out must not share memory with x; use rotary_forward_inplace");
+  }
+  rotary_run(fn, x, cos, sin, interleaved, offsets, conjugate, out);
+}
+
+void rotary_forward_inplace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                            bool interleaved, const OptTensor& offsets, bool conjugate) {
+  constexpr const char* fn = "fastattn.rotary_forward_inplace";
+  if (x.defined() && x.numel() > 0) {
+    TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, fn,
+                ": x must not overlap itself (an expanded tensor?)");
+  }
+  rotary_run(fn, x, cos, sin, interleaved, offsets, conjugate, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  m.def("rotary_forward(Tensor x, Tensor cos, Tensor sin, bool interleaved, Tensor? offsets,"
+        " bool conjugate) -> Tensor");
+  m.def("rotary_forward_out(Tensor x, Tensor cos, Tensor sin, bool interleaved, Tensor? offsets,"
+        " bool conjugate, Tensor(a!) out) -> ()");
+  m.def("rotary_forward_inplace(Tensor(a!) x, Tensor cos, Tensor sin, bool interleaved,"
+        " Tensor? offsets, bool conjugate) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("rotary_forward", &rotary_forward);
+  m.impl("rotary_forward_out", &rotary_forward_out);
+  m.impl("rotary_forward_inplace", &rotary_forward_inplace);
+}
+
+#if FASTATTN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+  m.impl("rotary_forward", &rotary_forward);
+  m.impl("rotary_forward_out", &rotary_forward_out);
+  m.impl("rotary_forward_inplace", &rotary_forward_inplace);
+}
+#endif
+
+}  // namespace fastattn
