@@ -61,12 +61,13 @@ def unavailable_reason(name, device_type=None):
             import triton  # noqa: F401
         except ImportError:
             return "triton is not installed"
-        if device_type == "cpu" and not interpreter_enabled():
-            return "the triton backend runs CPU tensors only with TRITON_INTERPRET=1"
-        if device_type is None and not interpreter_enabled():
-            import torch
-            if not torch.cuda.is_available():
-                return "the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)"
+        if device_type == "cpu":
+            if not interpreter_enabled():
+                return "the triton backend runs CPU tensors only with TRITON_INTERPRET=1"
+            return None
+        import torch
+        if not torch.cuda.is_available() and (device_type == "cuda" or not interpreter_enabled()):
+            return "the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tensors)"
         return None
     if not _ext.extension_loaded():
         return "the extension fastattn._C is not built; " + _ext.BUILD_HINT

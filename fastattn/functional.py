@@ -33,10 +33,13 @@ def _attention_window(window):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False, *,
+                                 is_causal=False, *, scale=None, enable_gqa=False,
                                  window=None, softcap=0.0, causal_alignment="top_left",
                                  key_lengths=None, return_lse=False, deterministic=False):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention on fused kernels.
+
+    Same signature as PyTorch's (whose native schema makes `scale` and `enable_gqa`
+    keyword-only).
 
     query (B, H, Sq, D) or (H, Sq, D); key, value (B, Hkv, Sk, D). With enable_gqa=True, Hkv may
     divide H (grouped-query / multi-query attention, without repeating K/V in memory).
