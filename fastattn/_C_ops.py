@@ -1,0 +1,244 @@
+"""The `cpu` and `cuda` backends: docs/backend-contract.md over torch.ops.fastattn.* of the
+compiled extension fastattn._C.
+
+Imports cleanly without the extension (every function then raises, and unsupported() says why).
+Also registers fake (meta) implementations of the C++ ops so torch.compile can trace them.
+"""
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.fastattn.*)
+    _IMPORT_ERROR = None
+except ImportError as exc:  # not built: the ops layer falls back to another backend
+    _IMPORT_ERROR = str(exc)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_OPS = {
+    "attention": ("attention_forward", "attention_backward"),
+    "softmax": ("softmax_forward", "softmax_backward"),
+    "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
+    "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
+    "rotary": ("rotary_forward", "rotary_forward_out", "rotary_forward_inplace"),
+}
+
+
+def _has_op(name):
+    return _IMPORT_ERROR is None and hasattr(torch.ops.fastattn, name)
+
+
+def _ops():
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"fastattn._C is not available ({_IMPORT_ERROR})")
+    return torch.ops.fastattn
+
+
+def _cuda_compiled():
+    if not _has_op("build_info"):
+        return False
+    import json
+    return bool(json.loads(torch.ops.fastattn.build_info()).get("cuda_compiled", False))
+
+
+def unsupported(op, **case):
+    """Why this backend cannot run `op` for `case` (keywords as the ops layer passes them), or
+    None when it can."""
+    if _IMPORT_ERROR is not None:
+        return f"fastattn._C is not built ({_IMPORT_ERROR})"
+    if op == "rotary_qk":
+        op = "rotary"
+    names = _KERNEL_OPS.get(op)
+    if names is None:
+        return f"no {op} kernel in fastattn._C"
+    if not all(_has_op(n) for n in names):
+        return f"fastattn._C was built without the {op} kernels"
+    dtype = case.get("dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        return f"dtype {dtype} (kernels take float32, float16 and bfloat16)"
+    device = case.get("device")
+    if device not in (None, "cpu", "cuda"):
+        return f"no kernels for device {device}"
+    if device == "cuda":
+        if op == "attention":
+            return "no CUDA attention kernel in fastattn._C (use the triton backend)"
+        if not _cuda_compiled():
+            return "fastattn._C was built without CUDA kernels"
+    if op == "attention" and case.get("dropout_p", 0.0) > 0:
+        return "dropout"
+    return None
+
+
+# ------------------------------------------------------------------ attention
+
+def _attention_args(mask, scale, causal, alignment, window_left, window_right, softcap,
+                    key_lengths):
+    return (mask, float(scale), bool(causal), alignment == "bottom_right", int(window_left),
+            int(window_right), float(softcap), key_lengths)
+
+
+def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, window_right,
+                      softcap, key_lengths, dropout_p, seed, offset):
+    if dropout_p > 0:
+        raise NotImplementedError("fastattn._C attention has no dropout (use triton or torch)")
+    return _ops().attention_forward(q, k, v, *_attention_args(
+        mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths))
+
+
+def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignment, window_left,
+                       window_right, softcap, key_lengths, dropout_p, seed, offset,
+                       deterministic, mask_needs_grad):
+    if dropout_p > 0:
+        raise NotImplementedError("fastattn._C attention has no dropout (use triton or torch)")
+    # The CPU backward uses no atomics: it is deterministic whatever `deterministic` says.
+    dq, dk, dv, dmask = _ops().attention_backward(dout, q, k, v, out, lse, *_attention_args(
+        mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
+        bool(mask_needs_grad))
+    return dq, dk, dv, (dmask if mask_needs_grad else None)
+
+
+# ------------------------------------------------------------------ softmax
+
+def softmax_forward(x, *, scale, mask, causal):
+    return _ops().softmax_forward(x, 1.0 if scale is None else float(scale), mask, bool(causal))
+
+
+def softmax_backward(dy, y, *, scale):
+    return _ops().softmax_backward(dy, y, 1.0 if scale is None else float(scale))
+
+
+# ------------------------------------------------------------------ layer norm / rms norm
+
+def layer_norm_forward(x, weight, bias, eps, residual):
+    y, mean, rstd, h = _ops().layer_norm_forward(x, weight, bias, float(eps), residual)
+    return y, mean, rstd, (h if residual is not None else None)
+
+
+def layer_norm_backward(dy, h, weight, bias, mean, rstd, dh_extra):
+    dx, dw, db = _ops().layer_norm_backward(dy, h, weight, bias, mean, rstd, dh_extra)
+    return dx, (dw if weight is not None else None), (db if bias is not None else None)
+
+
+def rms_norm_forward(x, weight, eps, residual):
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    y, rstd, h = _ops().rms_norm_forward(x, weight, float(eps), residual)
+    return y, rstd, (h if residual is not None else None)
+
+
+def rms_norm_backward(dy, h, weight, rstd, dh_extra):
+    dx, dw = _ops().rms_norm_backward(dy, h, weight, rstd, dh_extra)
+    return dx, (dw if weight is not None else None)
+
+
+# ------------------------------------------------------------------ rotary
+
+def _same_view(a, b):
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out=None):
+    ops = _ops()
+    if out is None:
+        return ops.rotary_forward(x, cos, sin, bool(interleaved), offsets, bool(conjugate))
+    if _same_view(out, x):
+        ops.rotary_forward_inplace(x, cos, sin, bool(interleaved), offsets, bool(conjugate))
+    else:
+        ops.rotary_forward_out(x, cos, sin, bool(interleaved), offsets, bool(conjugate), out)
+    return out
+
+
+def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out=None,
+                      k_out=None):
+    # Two launches of the same kernel (q and k differ in head count and strides).
+    q_out = rotary_forward(q, cos, sin, interleaved=interleaved, offsets=offsets,
+                           conjugate=conjugate, out=q_out)
+    k_out = rotary_forward(k, cos, sin, interleaved=interleaved, offsets=offsets,
+                           conjugate=conjugate, out=k_out)
+    return q_out, k_out
+
+
+# ------------------------------------------------------------------ fake implementations
+
+def _empty(ref, shape, dtype=None):
+    return ref.new_empty(shape, dtype=dtype if dtype is not None else ref.dtype)
+
+
+def _fake_softmax_forward(x, scale, mask, causal):
+    return _empty(x, x.shape)
+
+
+def _fake_softmax_backward(dy, y, scale):
+    return _empty(y, y.shape)
+
+
+def _fake_layer_norm_forward(x, weight, bias, eps, residual):
+    rows, cols = x.shape
+    h = _empty(x, (rows, cols) if residual is not None else (0,))
+    return (_empty(x, (rows, cols)), _empty(x, (rows,), torch.float32),
+            _empty(x, (rows,), torch.float32), h)
+
+
+def _fake_layer_norm_backward(dy, h, weight, bias, mean, rstd, dh_extra):
+    dw = _empty(h, h.shape[1:], weight.dtype) if weight is not None else _empty(h, (0,))
+    db = _empty(h, h.shape[1:], bias.dtype) if bias is not None else _empty(h, (0,))
+    return _empty(h, h.shape), dw, db
+
+
+def _fake_rms_norm_forward(x, weight, eps, residual):
+    rows, cols = x.shape
+    h = _empty(x, (rows, cols) if residual is not None else (0,))
+    return _empty(x, (rows, cols)), _empty(x, (rows,), torch.float32), h
+
+
+def _fake_rms_norm_backward(dy, h, weight, rstd, dh_extra):
+    dw = _empty(h, h.shape[1:], weight.dtype) if weight is not None else _empty(h, (0,))
+    return _empty(h, h.shape), dw
+
+
+def _fake_rotary_forward(x, cos, sin, interleaved, offsets, conjugate):
+    return _empty(x, x.shape)
+
+
+def _fake_rotary_forward_out(x, cos, sin, interleaved, offsets, conjugate, out):
+    return None
+
+
+def _fake_rotary_forward_inplace(x, cos, sin, interleaved, offsets, conjugate):
+    return None
+
+
+def _fake_attention_forward(q, k, v, mask, scale, causal, bottom_right, window_left,
+                            window_right, softcap, key_lengths):
+    b, h, sq, d = q.shape
+    return _empty(q, (b, h, sq, d)), _empty(q, (b, h, sq), torch.float32)
+
+
+def _fake_attention_backward(dout, q, k, v, out, lse, mask, scale, causal, bottom_right,
+                             window_left, window_right, softcap, key_lengths, mask_needs_grad):
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    dmask = _empty(q, (b, h, sq, sk) if mask_needs_grad else (0,), torch.float32)
+    return (_empty(q, (b, h, sq, d)), _empty(q, (b, hkv, sk, d)), _empty(q, (b, hkv, sk, d)),
+            dmask)
+
+
+def _register_fakes():
+    for name, fn in {
+        "softmax_forward": _fake_softmax_forward,
+        "softmax_backward": _fake_softmax_backward,
+        "layer_norm_forward": _fake_layer_norm_forward,
+        "layer_norm_backward": _fake_layer_norm_backward,
+        "rms_norm_forward": _fake_rms_norm_forward,
+        "rms_norm_backward": _fake_rms_norm_backward,
+        "rotary_forward": _fake_rotary_forward,
+        "rotary_forward_out": _fake_rotary_forward_out,
+        "rotary_forward_inplace": _fake_rotary_forward_inplace,
+        "attention_forward": _fake_attention_forward,
+        "attention_backward": _fake_attention_backward,
+    }.items():
+        if _has_op(name):
+            torch.library.register_fake(f"fastattn::{name}", fn)
+
+
+_register_fakes()
