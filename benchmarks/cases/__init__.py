@@ -1,0 +1,24 @@
+"""The benchmark cases of every op, for the pytest microbenchmarks, the CLI and the gate."""
+
+from . import attention, mha, norms, rotary, softmax
+
+OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha")
+
+
+def default_backends(device_type):
+    """The fastattn backends worth timing on a device: the compiled kernels, never the torch
+    reference (that is the thing being replaced) nor the Triton interpreter on CPU."""
+    return ["cpu"] if device_type == "cpu" else ["triton", "cuda"]
+
+
+def build_cases(device_type, quick=False, ops=OPS, backends=None):
+    backends = backends or default_backends(device_type)
+    out = []
+    for op in ops:
+        if op in ("layer_norm", "rms_norm"):
+            out += norms.cases(op, device_type, quick, backends)
+        elif op in OPS:
+            out += globals()[op].cases(device_type, quick, backends)
+        else:
+            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+    return out
