@@ -99,6 +99,8 @@ def attn_bwd_dkdv_kernel(
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
         mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        # Transposed tiles (keys x queries): every MMA has M = BLOCK_N, so Hopper can use
+        # wgmma whenever BLOCK_N >= 64 even with a small BLOCK_M.
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0                                # (BLOCK_M,)
             m_ok = (offs_m[:, None] < Sq) & d_ok
@@ -107,24 +109,26 @@ def attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
                          mask=m_ok, other=0.0)                        # (BLOCK_M, BLOCK_D)
             lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)     # (BLOCK_M, BLOCK_N)
-            s2, t = scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len,
-                           shift, window_left, window_right, sm_scale, softcap,
-                           IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
-            p = tl.exp2(s2 - lse2[:, None])                           # (BLOCK_M, BLOCK_N)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)    # (BLOCK_M, BLOCK_N)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_M)
+            s2_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], mask_base, stride_mm,
+                               stride_mn, Sq, kv_len, shift, window_left, window_right,
+                               sm_scale, softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND,
+                               HAS_SOFTCAP)
+            p_t = tl.exp2(s2_t - lse2[None, :])                       # (BLOCK_N, BLOCK_M)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if HAS_DROPOUT:
-                keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+                keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[None, :],
+                                    offs_n[:, None], dropout_p)       # (BLOCK_N, BLOCK_M)
                 inv_keep = 1.0 / (1.0 - dropout_p)
-                p_drop = tl.where(keep, p * inv_keep, 0.0)
-                dp = tl.where(keep, dp * inv_keep, 0.0)
+                pd_t = tl.where(keep, p_t * inv_keep, 0.0)
+                dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
             else:
-                p_drop = p
-            dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])                            # d(score after softcap)
+                pd_t = p_t
+            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_D)
+            ds_t = p_t * (dp_t - delta[None, :])                      # d(score after softcap)
             if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PREC)
+                ds_t = ds_t * (1.0 - t_t * t_t)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)     # (BLOCK_N, BLOCK_D)
 
     dk = dk * sm_scale
     st_ok = (offs_n[:, None] < Sk) & d_ok
@@ -191,13 +195,14 @@ def attn_bwd_dq_kernel(
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
-        s2, t = scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
-                       window_left, window_right, sm_scale, softcap,
+        s2, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, Sq,
+                       kv_len, shift, window_left, window_right, sm_scale, softcap,
                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
         p = tl.exp2(s2 - lse2[:, None])                               # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)        # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+            keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[:, None], offs_n[None, :],
+                                dropout_p)                            # (BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])                                # (BLOCK_M, BLOCK_N)
         if MASK_GRAD:

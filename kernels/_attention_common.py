@@ -71,13 +71,14 @@ def q_range(col_lo, col_hi, Sq, shift, window_left, window_right,
 
 
 @triton.jit
-def scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
+def scores(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
            window_left, window_right, sm_scale, softcap,
            IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
            MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Raw dot products -> (s2, t).
+    """Raw dot products -> (s2, t), for either tile orientation.
 
-    qk: (BLOCK_M, BLOCK_N) fp32 q.k; offs_m: (BLOCK_M,) query rows; offs_n: (BLOCK_N,) keys.
+    qk: fp32 q.k tile; rows / cols: query / key indices as 2-D tensors that broadcast to qk's
+    shape ((BLOCK_M, 1) and (1, BLOCK_N), or transposed for a (BLOCK_N, BLOCK_M) tile).
     s2: scores in log2 units, -inf where the key is invisible. t: tanh(s/softcap) for the
     softcap gradient (qk itself when there is no softcap; unused then).
     """
@@ -87,18 +88,16 @@ def scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shif
     else:
         t = qk
         s2 = qk * (sm_scale * 1.4426950408889634)
-    # (1, BLOCK_N) -> broadcast to (BLOCK_M, BLOCK_N) by the row conditions
-    vis = offs_n[None, :] < kv_len
+    vis = cols < kv_len
     if IS_CAUSAL:
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift)
+        vis = vis & (cols <= rows + shift)
     if HAS_WL:
-        vis = vis & (offs_n[None, :] >= offs_m[:, None] + (shift - window_left))
+        vis = vis & (cols >= rows + (shift - window_left))
     if HAS_WR:
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + (shift + window_right))
+        vis = vis & (cols <= rows + (shift + window_right))
     if MASK_KIND != 0:
-        m_ptrs = (mask_base + offs_m[:, None].to(tl.int64) * stride_mm
-                  + offs_n[None, :].to(tl.int64) * stride_mn)    # (BLOCK_M, BLOCK_N)
-        in_bounds = (offs_m[:, None] < Sq) & (offs_n[None, :] < kv_len)
+        m_ptrs = mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn
+        in_bounds = (rows < Sq) & (cols < kv_len)
         if MASK_KIND == 1:
             vis = vis & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
         else:
@@ -109,13 +108,13 @@ def scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shif
 
 
 @triton.jit
-def dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p):
-    """(BLOCK_M, BLOCK_N) keep-mask from philox keyed by (seed, offset + linear index).
+def dropout_keep(seed, rng_offset, bh, Sq, Sk, rows, cols, dropout_p):
+    """Keep-mask from philox keyed by (seed, offset + linear index), shaped like rows x cols.
 
+    rows / cols: 2-D query / key index tensors (either orientation, as in `scores`).
     Linear index ((b*H + h)*Sq + i)*Sk + j in int64, so the backward regenerates it exactly.
     """
-    row = bh.to(tl.int64) * Sq + offs_m.to(tl.int64)                     # (BLOCK_M,)
-    idx = row[:, None] * Sk + offs_n[None, :].to(tl.int64) + rng_offset   # (BLOCK_M, BLOCK_N)
+    idx = (bh.to(tl.int64) * Sq + rows.to(tl.int64)) * Sk + cols.to(tl.int64) + rng_offset
     return tl.rand(seed, idx) >= dropout_p
 
 
@@ -128,7 +127,8 @@ def dropout_mask_kernel(Out, seed, rng_offset, Sq, Sk, dropout_p,
     bh = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+    keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[:, None], offs_n[None, :],
+                        dropout_p)                                     # (BLOCK_M, BLOCK_N)
     ptrs = (Out + (bh.to(tl.int64) * Sq + offs_m[:, None].to(tl.int64)) * Sk
             + offs_n[None, :])
     ok = (offs_m[:, None] < Sq) & (offs_n[None, :] < Sk)

@@ -72,8 +72,8 @@ def attn_decode_split_kernel(
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         # scores() indexes the mask as base + row * stride_mm; give it row offsets with stride 1
-        s2, _t = scores(qk, offs_i, offs_n, mask_base + m_row[:, None] - offs_i[:, None], 1,
-                        stride_mn, Sq, kv_len, shift, window_left, window_right, sm_scale,
+        s2, _t = scores(qk, offs_i[:, None], offs_n[None, :],
+                        mask_base + m_row[:, None] - offs_i[:, None], 1, stride_mn, Sq, kv_len, shift, window_left, window_right, sm_scale,
                         softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -59,8 +59,8 @@ def attn_fwd_kernel(
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=n_ok & d_ok, other=0.0)                      # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
-        s2, _t = scores(qk, offs_m, offs_n, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
-                        window_left, window_right, sm_scale, softcap,
+        s2, _t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
+                        Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
                         IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
@@ -70,7 +70,8 @@ def attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m, offs_n, dropout_p)
+            keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[:, None], offs_n[None, :],
+                                dropout_p)                            # (BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         # masked V rows are zeroed so garbage past key_lengths cannot give 0 * NaN
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],

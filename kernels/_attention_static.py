@@ -21,6 +21,7 @@ HEAD_DIMS = [(16, True), (32, True), (64, True), (128, True), (256, True),
              (64, False), (128, False), (256, False)]
 
 _FP32_PTRS = {"Lse", "Delta", "OPart", "LPart", "DMask"}
+_PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Mask", "KeyLens"}
 _FLOATS = {"sm_scale", "softcap", "dropout_p"}
 
 
@@ -31,7 +32,7 @@ def _signature(kernel, dtype, constexprs):
             sig[name] = "constexpr"
         elif name in _FP32_PTRS:
             sig[name] = "*fp32"
-        elif name[0].isupper():                    # tensors (dummy Mask/KeyLens share q's type)
+        elif name in _PTRS:                        # dummy Mask/KeyLens share q's type
             sig[name] = "*" + dtype
         elif name in _FLOATS:
             sig[name] = "fp32"

@@ -326,30 +326,47 @@ def dropout_keep_mask(shape, dropout_p, seed, offset=0, device="cpu"):
 
 # ----------------------------------------------------------------------------- capability
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def unsupported(op, **case):
-    """Reason this backend cannot run the case, or None. Dropout is supported."""
+    """Reason this backend cannot run the case, or None. Dropout is supported.
+
+    Reads the ops layer's keys (dtype, device, head_dim, v_head_dim, dropout_p) and any tensor
+    argument passed by name (q, k, v, dout, out, mask).
+    """
     if not str(op).startswith("attention"):
         return f"op {op!r} is not an attention op"
-    tensors = [case.get(n) for n in ("q", "k", "v", "dout", "out")]
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    for t in tensors:
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            return f"dtype {t.dtype}"
-        if t.device.type == "cpu" and not cfg.interpreting():
-            return "cpu tensors need TRITON_INTERPRET=1"
-        if t.device.type not in ("cpu", "cuda"):
-            return f"device {t.device.type}"
-        if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) < (8, 0):
+    dtypes = [case.get("dtype")]
+    devices = [case.get("device")]
+    head_dim, v_head_dim = case.get("head_dim"), case.get("v_head_dim")
+    for name in ("q", "k", "v", "dout", "out"):
+        t = case.get(name)
+        if isinstance(t, torch.Tensor):
+            dtypes.append(t.dtype)
+            devices.append(t.device)
+    if isinstance(case.get("q"), torch.Tensor):
+        head_dim = case["q"].shape[-1]
+    if isinstance(case.get("v"), torch.Tensor):
+        v_head_dim = case["v"].shape[-1]
+    for dtype in dtypes:
+        if dtype is not None and dtype not in _DTYPES:
+            return f"dtype {dtype}"
+    for device in devices:
+        if device is None:
+            continue
+        device = torch.device(device)
+        if device.type == "cpu" and not cfg.interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"device {device.type}"
+        if device.type == "cuda" and torch.cuda.is_available() \
+                and torch.cuda.get_device_capability(device) < (8, 0):
             return "needs compute capability 8.0 or newer"
-    q = case.get("q")
-    if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[-1] > MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
-    v = case.get("v")
-    if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and v.shape[-1] != q.shape[-1]:
-        return "v head dim differs from q/k"
-    mask = case.get("mask")
-    if isinstance(mask, torch.Tensor) and mask.dtype == torch.float64:
-        return "float64 mask"
+    if head_dim is not None and not 1 <= int(head_dim) <= MAX_HEAD_DIM:
+        return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"
+    if v_head_dim is not None and head_dim is not None and int(v_head_dim) != int(head_dim):
+        return "v head dim differs from q/k head dim"
     if op == "attention_decode" and float(case.get("dropout_p", 0.0) or 0.0) > 0:
         return "dropout on the decode path"
     return None

@@ -323,6 +323,14 @@ def test_unsupported_reasons():
     big = torch.zeros(1, 1, 2, 320, device=DEVICE)
     assert "head dim" in ta.unsupported("attention_forward", q=big, k=big, v=big)
     assert ta.unsupported("attention_decode", q=q, k=k, v=v, dropout_p=0.2) is not None
+    # the ops layer's description of a call
+    case = dict(dtype=torch.float16, head_dim=80, v_head_dim=80, q_len=7, k_len=9, mask="float",
+                mask_needs_grad=True, causal=True, alignment="bottom_right", window=True,
+                softcap=1.0, key_lengths=True, dropout_p=0.1, gqa=True, deterministic=True,
+                device=DEVICE)
+    assert ta.unsupported("attention", **case) is None
+    assert "v head dim" in ta.unsupported("attention", **dict(case, v_head_dim=64))
+    assert "dtype" in ta.unsupported("attention", **dict(case, dtype=torch.float64))
 
 
 def test_static_variants_cover_every_kernel():
