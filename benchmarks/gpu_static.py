@@ -220,7 +220,12 @@ def cuda_records(archs=(80, 90), only=None, so_path=None):
     so_path = so_path or extension_path()
     if so_path is None:
         return []
-    usage = _resource_usage(_run([_tool("cuobjdump"), "--dump-resource-usage", so_path]))
+    try:
+        usage = _resource_usage(_run([_tool("cuobjdump"), "--dump-resource-usage", so_path]))
+    except RuntimeError as e:
+        if "does not contain device code" in str(e):     # a CPU-only build
+            return []
+        raise
     sass = _sass_functions(_run([_tool("cuobjdump"), "-sass", so_path]))
     keys = sorted(k for k in usage if k[0] in archs)
     names = _demangle([f for _, f in keys])

@@ -1,7 +1,7 @@
 """LayerNorm and RMSNorm over the last dim of x (M, N), forward and backward, as Triton kernels.
 
 Statistics in fp32; optional fused residual add (h = x + residual is normalised and returned).
-Rows up to BLOCK_N (8192) are processed as (BLOCK_M, BLOCK_N) tiles in one pass; longer rows
+Rows up to 8192 (backward: 4096) are processed as (BLOCK_M, BLOCK_N) tiles in one pass; longer rows
 loop over BLOCK_N chunks. The backward writes dX and fp32 partial sums of dW/dB for each
 program's group of rows into a (programs, N) buffer that a torch sum reduces (no atomics,
 deterministic).
@@ -15,10 +15,13 @@ import triton.language as tl
 
 from .static_variant import StaticVariant
 
-# (BLOCK_N, BLOCK_M, num_warps) for rows that fit in one tile, smallest first.
-TILES = ((128, 16, 4), (512, 4, 4), (2048, 1, 4), (8192, 1, 16))
-LOOP_BLOCK, LOOP_WARPS = 4096, 8          # rows longer than the last tile: forward, backward stats
-DX_BLOCK, DX_WARPS = 2048, 4              # long rows: backward dX / partial-sum chunk
+# (BLOCK_N, BLOCK_M, num_warps) for rows that fit in one tile, smallest first. The backward
+# holds more per element (dy, h, two accumulators), so its tiles are smaller; these sizes keep
+# every variant free of register spills (python -m benchmarks.gpu_static --only layer_norm).
+FWD_TILES = ((128, 16, 4), (512, 4, 4), (2048, 1, 4), (8192, 1, 16))
+BWD_TILES = ((128, 4, 4), (512, 2, 4), (2048, 1, 8), (4096, 1, 16))
+LOOP_BLOCK, LOOP_WARPS = 4096, 16         # longer rows: forward and backward-stats chunk
+DX_BLOCK, DX_WARPS = 2048, 8              # longer rows: backward dX / partial-sum chunk
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -236,9 +239,9 @@ def _norm_bwd_dx_kernel(
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _tile(n):
+def _tile(n, tiles):
     """(BLOCK_N, BLOCK_M, num_warps, loop) for rows of length n."""
-    for block_n, block_m, warps in TILES:
+    for block_n, block_m, warps in tiles:
         if n <= block_n:
             return block_n, block_m, warps, False
     return LOOP_BLOCK, 1, LOOP_WARPS, True
@@ -290,7 +293,7 @@ def _forward(x, weight, bias, eps, residual, rms):
         h = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y, mean, rstd, h
-    block_n, block_m, warps, loop = _tile(n)
+    block_n, block_m, warps, loop = _tile(n, FWD_TILES)
     r, hh = (residual, h) if residual is not None else (x, y)
     _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         x, r, w, b, y, hh, mean if not rms else rstd, rstd, m, n, float(eps),
@@ -330,7 +333,7 @@ def _backward(dy, h, weight, bias, mean, rstd, dh_extra, rms):
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     if mean is None or rms:
         mean = rstd
-    block_n, block_m, warps, loop = _tile(n)
+    block_n, block_m, warps, loop = _tile(n, BWD_TILES)
     rows_per_prog = 0
     groups = 0
     if m > 0 and n > 0:
@@ -413,14 +416,14 @@ def static_variants(arch):
     """Every configuration the launchers can pick: dtype x norm x residual/dh x tile."""
     del arch  # the same configurations on sm_80 and sm_90
     out = []
-    tiles = [(bn, bm, w, False) for bn, bm, w in TILES] + [(LOOP_BLOCK, 1, LOOP_WARPS, True)]
+    fwd_tiles = [(bn, bm, w, False) for bn, bm, w in FWD_TILES] + [(LOOP_BLOCK, 1, LOOP_WARPS,
+                                                                     True)]
     for dtype in _DTYPES:
         t = _TL_NAME[dtype]
         for rms in (False, True):
             norm = "rms" if rms else "ln"
             for extra in (False, True):     # HAS_RES in the forward, HAS_DH in the backward
-                for bn, bm, warps, loop in tiles:
-                    tag = f"{'loop' if loop else 'tile'} BM={bm} BN={bn} w={warps}"
+                for bn, bm, warps, loop in fwd_tiles:
                     sig = {"x_ptr": f"*{t}", "r_ptr": f"*{t}", "w_ptr": "*fp32",
                            "b_ptr": "*fp32", "y_ptr": f"*{t}", "h_ptr": f"*{t}",
                            "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "M": "i32", "N": "i32",
@@ -429,17 +432,18 @@ def static_variants(arch):
                     consts = {"RMS": rms, "HAS_RES": extra, "BLOCK_M": bm, "BLOCK_N": bn,
                               "LOOP": loop}
                     sig.update({k: "constexpr" for k in consts})
-                    out.append(StaticVariant(_norm_fwd_kernel, f"{norm}_fwd",
-                                             f"{t} res={int(extra)} {tag}", sig, consts,
-                                             num_warps=warps))
-                    if loop:
-                        continue
+                    out.append(StaticVariant(
+                        _norm_fwd_kernel, f"{norm}_fwd", f"{t} res={int(extra)} "
+                        f"{'loop' if loop else 'tile'} BM={bm} BN={bn} w={warps}", sig, consts,
+                        num_warps=warps))
+                for bn, bm, warps in BWD_TILES:
                     sig = _bwd_signature(t, ("dw_part_ptr", "db_part_ptr"))
                     consts = {"RMS": rms, "HAS_DH": extra, "BLOCK_M": bm, "BLOCK_N": bn}
                     sig.update({k: "constexpr" for k in consts})
-                    out.append(StaticVariant(_norm_bwd_kernel, f"{norm}_bwd",
-                                             f"{t} dh={int(extra)} {tag}", sig, consts,
-                                             num_warps=warps))
+                    out.append(StaticVariant(
+                        _norm_bwd_kernel, f"{norm}_bwd",
+                        f"{t} dh={int(extra)} tile BM={bm} BN={bn} w={warps}", sig, consts,
+                        num_warps=warps))
                 sig = _bwd_signature(t, ("c1_ptr", "c2_ptr", "dw_part_ptr", "db_part_ptr"))
                 consts = {"RMS": rms, "HAS_DH": extra, "BLOCK_N": DX_BLOCK}
                 sig.update({k: "constexpr" for k in consts})
