@@ -1,0 +1,163 @@
+"""The normalised attention probabilities P = exp(s - lse) as a custom op with autograd.
+
+Serves `need_weights=True` of MultiHeadAttention from the fused attention's log-sum-exp: the
+attention output comes from `fastattn::attention`, and this op writes P (B, H, Sq, Sk) in one
+pass over the scores, without a softmax. Visibility follows docs/backend-contract.md; P is 0
+on invisible keys and on rows whose lse is -inf (no visible key).
+
+Backends: `triton` (kernels/attention_weights.py) and `torch` (a matmul and an exp in fp32).
+There is no C++ kernel for this op, so the `cpu`/`cuda` backends run the torch version and
+the dispatch log says "torch". The backward is the softmax backward, written with torch ops.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _backend, reference
+
+
+def _alignment(bottom_right):
+    return "bottom_right" if bottom_right else "top_left"
+
+
+def _repeat_kv(k, heads):
+    return k if k.shape[1] == heads else k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
+def _raw_scores(q, k, scale):
+    """fp32 (B, H, Sq, Sk) q k^T * scale (fp64 stays fp64)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    kf = _repeat_kv(k, q.shape[1]).to(acc)
+    return torch.matmul(q.to(acc), kf.transpose(-2, -1)).mul_(scale)
+
+
+def _visible(q, k, mask, key_lengths, causal, bottom_right, window_left, window_right):
+    """Bool visibility broadcastable to (B, H, Sq, Sk), or None when every key is visible."""
+    b, _, sq, _ = q.shape
+    sk = k.shape[2]
+    vis = None
+    if causal or window_left >= 0 or window_right >= 0:
+        vis = reference.attention_visibility(sq, sk, causal=causal,
+                                             alignment=_alignment(bottom_right),
+                                             window_left=window_left, window_right=window_right,
+                                             device=q.device)                    # (Sq, Sk)
+    if key_lengths is not None:
+        keys = torch.arange(sk, device=q.device).view(1, 1, 1, sk)
+        kl = keys < key_lengths.to(q.device).view(b, 1, 1, 1)                    # (B, 1, 1, Sk)
+        vis = kl if vis is None else vis & kl
+    if mask is not None and mask.dtype == torch.bool:
+        vis = mask if vis is None else vis & mask
+    return vis
+
+
+def torch_attention_weights(q, k, lse, mask, key_lengths, scale, causal, bottom_right,
+                            window_left, window_right, softcap):
+    """The torch backend of the op (fp32 math, result in q's dtype)."""
+    s = _raw_scores(q, k, scale)
+    if softcap > 0:
+        s = torch.tanh(s.div_(softcap)).mul_(softcap)
+    if mask is not None and mask.dtype != torch.bool:
+        s = s.add_(mask)
+    lse_ = lse.to(s.dtype).unsqueeze(-1)
+    empty = torch.isneginf(lse_)
+    p = s.sub_(torch.where(empty, 0.0, lse_)).exp_()
+    vis = _visible(q, k, mask, key_lengths, causal, bottom_right, window_left, window_right)
+    hidden = empty if vis is None else ~vis | empty
+    # masked_fill, not a multiply: invisible scores may overflow exp to inf (inf * 0 = NaN)
+    return p.masked_fill_(hidden, 0.0).to(q.dtype)
+
+
+@torch.library.custom_op("fastattn::attention_weights", mutates_args=())
+def attention_weights_op(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor],
+                         key_lengths: Optional[Tensor], scale: float, causal: bool,
+                         bottom_right: bool, window_left: int, window_right: int,
+                         softcap: float, backend: str) -> Tensor:
+    """P (B, H, Sq, Sk) in q's dtype; q (B, H, Sq, D), k (B, Hkv, Sk, D), lse (B, H, Sq)."""
+    if backend == "triton":
+        from ..kernels.attention_weights import attention_weights_forward
+        return attention_weights_forward(
+            q, k, lse, mask=mask, key_lengths=key_lengths, scale=scale, causal=causal,
+            alignment=_alignment(bottom_right), window_left=window_left,
+            window_right=window_right, softcap=softcap)
+    return torch_attention_weights(q, k, lse, mask, key_lengths, scale, causal, bottom_right,
+                                   window_left, window_right, softcap)
+
+
+@attention_weights_op.register_fake
+def _(q, k, lse, mask, key_lengths, scale, causal, bottom_right, window_left, window_right,
+      softcap, backend):
+    b, h, sq, _ = q.shape
+    return q.new_empty(b, h, sq, k.shape[2])
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, lse, mask, key_lengths, scale, causal, bottom_right, window_left, window_right,
+     softcap, backend) = inputs
+    ctx.save_for_backward(q, k, output)
+    ctx.scale, ctx.softcap = scale, softcap
+    ctx.mask_dtype = None if mask is None else mask.dtype
+
+
+def _backward(ctx, dp):
+    # Softmax backward: dS = P * (dP - rowsum(dP * P)); dq = dS k * scale, dk = dS^T q * scale.
+    q, k, p = ctx.saved_tensors
+    acc = torch.promote_types(q.dtype, torch.float32)
+    pf, dpf = p.to(acc), dp.to(acc)
+    ds = pf * (dpf - (dpf * pf).sum(-1, keepdim=True))                    # (B, H, Sq, Sk)
+    dmask = None
+    if ctx.mask_dtype is not None and ctx.mask_dtype != torch.bool and ctx.needs_input_grad[3]:
+        dmask = ds.to(ctx.mask_dtype)
+    if ctx.softcap > 0:
+        t = torch.tanh(_raw_scores(q, k, ctx.scale) / ctx.softcap)
+        ds = ds * (1 - t * t)
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    kf = _repeat_kv(k, h).to(acc)
+    dq = torch.matmul(ds, kf) * ctx.scale
+    dk = (torch.matmul(ds.transpose(-2, -1), q.to(acc)) * ctx.scale)
+    dk = dk.view(b, hkv, h // hkv, sk, d).sum(2)
+    return (dq.to(q.dtype), dk.to(k.dtype), None, dmask, None, None, None, None, None, None,
+            None, None)
+
+
+torch.library.register_autograd("fastattn::attention_weights", _backward,
+                                setup_context=_setup_context)
+
+
+def select_backend(device_type):
+    """Backend of the weights op for the requested fastattn backend; logs the dispatch.
+
+    triton when asked for (or auto on CUDA); otherwise the torch version, labelled "torch"
+    because no C++ kernel exists for this op.
+    """
+    requested = _backend.requested_backend()
+    name = "torch"
+    if requested == "triton" or (requested == "auto" and device_type == "cuda"):
+        reason = _backend.unavailable_reason("triton", device_type)
+        if reason is None:
+            name = "triton"
+        elif requested == "triton":
+            raise RuntimeError(f"fastattn backend 'triton' cannot run attention_weights on "
+                               f"{device_type} tensors: {reason}")
+    for log in _backend._dispatch_logs.get():
+        log.append(("attention_weights", name))
+    return name
+
+
+def attention_weights(q, k, lse, *, mask=None, key_lengths=None, scale, causal=False,
+                      alignment="top_left", window_left=-1, window_right=-1, softcap=0.0,
+                      backend=None):
+    """Attention probabilities exp(s - lse) (B, H, Sq, Sk) for the lse of fastattn attention.
+
+    Arguments as the attention contract (mask expanded to (B, H, Sq, Sk), bool True = may
+    attend, or float added). Differentiable w.r.t. q, k (and a float mask).
+    """
+    if alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+    if backend is None:
+        backend = select_backend(q.device.type)
+    return attention_weights_op(q, k, lse, mask, key_lengths, float(scale), bool(causal),
+                                alignment == "bottom_right", int(window_left),
+                                int(window_right), float(softcap), backend)

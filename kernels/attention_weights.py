@@ -1,0 +1,155 @@
+"""Triton kernel for the attention probabilities P = exp(s - lse) (need_weights=True).
+
+Given the log-sum-exp saved by the attention forward, each probability is one exp of its
+score: no max or sum pass. One program per (b*h, query block) loops over the visible key
+blocks; masks, causal/window rules, key_lengths and softcap follow the attention contract
+(docs/backend-contract.md), so P matches the softmax the attention used. The visibility
+rules are written out here (not shared with the attention kernels, which change often).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores2(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
+             window_left, window_right, sm_scale, softcap,
+             IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+             MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """Scores in log2 units, -inf on invisible keys. rows (BLOCK_M, 1), cols (1, BLOCK_N)."""
+    if HAS_SOFTCAP:
+        x = qk * (sm_scale / softcap)
+        e = tl.exp2(x * (2.0 * LOG2E))
+        s2 = (1.0 - 2.0 / (e + 1.0)) * (softcap * LOG2E)       # softcap * tanh(x), no NaN
+    else:
+        s2 = qk * (sm_scale * LOG2E)
+    vis = cols < kv_len
+    if IS_CAUSAL:
+        vis = vis & (cols <= rows + shift)
+    if HAS_WL:
+        vis = vis & (cols >= rows + (shift - window_left))
+    if HAS_WR:
+        vis = vis & (cols <= rows + (shift + window_right))
+    if MASK_KIND != 0:
+        m_ptrs = mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn
+        in_bounds = (rows < Sq) & (cols < kv_len)
+        if MASK_KIND == 1:
+            vis = vis & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
+        else:
+            s2 = s2 + tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    return tl.where(vis, s2, float("-inf"))
+
+
+@triton.jit
+def attn_weights_kernel(
+    Q, K, Lse, P, Mask, KeyLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_pb, stride_ph, stride_pm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    H, Sq, Sk, D, group, shift, window_left, window_right, sm_scale, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    bh = pid // num_m
+    b = bh // H
+    h = bh % H
+    hk = h // group                                                   # GQA kv head
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                  # (BLOCK_M,)
+    offs_d = tl.arange(0, BLOCK_D)                                    # (BLOCK_D,)
+    m_ok = offs_m < Sq
+    d_ok = offs_d[None, :] < D                                        # (1, BLOCK_D)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok, other=0.0)                 # (BLOCK_M, BLOCK_D)
+    lse = tl.load(Lse + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("-inf"))
+    empty = lse == float("-inf")                                      # rows with no visible key
+    lse2 = tl.where(empty, 0.0, lse * LOG2E)             # log2 units, like s2
+
+    kv_len = Sk
+    if HAS_KL:
+        kv_len = tl.maximum(tl.minimum(tl.load(KeyLens + b).to(tl.int32), Sk), 0)
+    # [lo, hi): the key range any row of this block can see
+    row_lo = pid_m * BLOCK_M
+    row_hi = tl.minimum(row_lo + BLOCK_M, Sq)
+    lo = 0
+    hi = kv_len
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, row_hi + shift)
+    if HAS_WR:
+        hi = tl.minimum(hi, row_hi + shift + window_right)
+    if HAS_WL:
+        lo = (tl.maximum(row_lo + shift - window_left, 0) // BLOCK_N) * BLOCK_N
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    p_base = P + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    offs_n0 = tl.arange(0, BLOCK_N)
+    # key blocks outside [lo, hi) are invisible: P was zero-filled by the launcher
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0                                    # (BLOCK_N,)
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                    mask=(offs_n[:, None] < kv_len) & d_ok, other=0.0)   # (BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
+        s2 = _scores2(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
+                      Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
+                      IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+        p = tl.where(empty[:, None], 0.0, tl.exp2(s2 - lse2[:, None]))
+        tl.store(p_base + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :],
+                 p.to(P.dtype.element_ty), mask=m_ok[:, None] & (offs_n[None, :] < Sk))
+
+
+def _interpreting():
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, causal=False,
+                              alignment="top_left", window_left=-1, window_right=-1,
+                              softcap=0.0):
+    """P (B, H, Sq, Sk) in q's dtype. q (B, H, Sq, D), k (B, Hkv, Sk, D) any strides;
+    lse (B, H, Sq) fp32; mask None or expanded to (B, H, Sq, Sk) (bool True = may attend, or
+    float added); key_lengths int (B,) or None."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    assert H % Hkv == 0 and k.shape[-1] == D and lse.shape == (B, H, Sq)
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    p = torch.zeros((B, H, Sq, Sk), device=q.device, dtype=q.dtype)
+    if p.numel() == 0:
+        return p
+    mask_kind, mask_arg, mask_strides = 0, q, (0, 0, 0, 0)
+    if mask is not None:
+        mask = mask.expand(B, H, Sq, Sk)
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask_arg = mask.view(torch.uint8) if mask_kind == 1 else mask
+        mask_strides = tuple(mask.stride())
+    kl = q if key_lengths is None else key_lengths.to(device=q.device,
+                                                     dtype=torch.int32).contiguous()
+    interp = _interpreting()
+    bm, bn = (16, 16) if interp else (64, 64)
+    block_d = max(16, triton.next_power_of_2(D))
+    fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    shift = Sk - Sq if alignment == "bottom_right" else 0
+    grid = (triton.cdiv(Sq, bm) * B * H,)
+    attn_weights_kernel[grid](
+        q, k, lse, p, mask_arg, kl,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        p.stride(0), p.stride(1), p.stride(2), *mask_strides,
+        H, Sq, Sk, D, H // Hkv, shift, int(window_left), int(window_right), float(scale),
+        float(softcap),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, IS_CAUSAL=bool(causal),
+        HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, MASK_KIND=mask_kind,
+        HAS_KL=key_lengths is not None, HAS_SOFTCAP=softcap > 0,
+        DOT_PREC=fp32_prec if q.dtype == torch.float32 else "tf32",
+        num_warps=4)
+    return p
