@@ -13,6 +13,8 @@ import contextvars
 import importlib
 import os
 
+import torch
+
 from . import _ext
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
@@ -122,23 +124,28 @@ def backend_module(name, op):
 
 
 def select(op, device_type, **case):
-    """Return (backend name, module implementing the contract) for `op` on `device_type`.
+    """Return the name of the backend that runs `op` on `device_type` tensors.
 
     `case` describes the call for the modules' unsupported() checks (dtype, dropout_p, ...).
+    Under torch.compile the choice is made once at trace time and baked into the graph.
     """
+    return _select(op, device_type, tuple(sorted(case.items())))
+
+
+@torch.compiler.assume_constant_result
+def _select(op, device_type, case_items):
+    case = dict(case_items)
     requested = requested_backend()
     candidates = AUTO_ORDER.get(device_type, ("torch",)) if requested == "auto" else (requested,)
     reasons = []
     for name in candidates:
         reason = unavailable_reason(name, device_type)
-        module = None
         if reason is None:
-            module = backend_module(name, op)
-            reason = module.unsupported(op, **case)
+            reason = backend_module(name, op).unsupported(op, **case)
         if reason is None:
             for log in _dispatch_logs.get():
                 log.append((op, name))
-            return name, module
+            return name
         reasons.append(f"{name}: {reason}")
     raise RuntimeError(f"fastattn backend {requested!r} cannot run {op} on {device_type} "
                        f"tensors ({'; '.join(reasons)}); use backend 'auto' to fall back to torch")

@@ -120,7 +120,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     mask_needs_grad = (mask is not None and mask.is_floating_point() and mask.requires_grad
                        and torch.is_grad_enabled())
-    backend, _ = _backend.select(
+    backend = _backend.select(
         "attention", query.device.type, dtype=query.dtype, head_dim=d,
         v_head_dim=value.shape[-1], q_len=sq, k_len=sk, mask=_checks.mask_kind(mask),
         mask_needs_grad=mask_needs_grad, causal=bool(is_causal), alignment=causal_alignment,
@@ -163,7 +163,7 @@ def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
             raise ValueError(f"mask must be bool or floating, got {mask.dtype}")
         mask = _checks.broadcast_to("mask", mask, x.shape)
         mask = mask if last else mask.movedim(dim, -1)
-    backend, _ = _backend.select("softmax", x.device.type, dtype=x.dtype, n=xt.shape[-1],
+    backend = _backend.select("softmax", x.device.type, dtype=x.dtype, n=xt.shape[-1],
                                  mask=_checks.mask_kind(mask), causal=bool(causal),
                                  device=x.device.type)
     y = _softmax_ops.softmax_op(xt, mask, scale, bool(causal), backend)
@@ -208,7 +208,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
     (output, input + residual).
     """
     x2, w, b, r2, n = _norm_rows("layer_norm", input, normalized_shape, weight, bias, residual)
-    backend, _ = _backend.select(
+    backend = _backend.select(
         "layer_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
         weight=w is not None, bias=b is not None,
         weight_dtype=None if w is None else w.dtype, device=input.device.type)
@@ -225,7 +225,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     """
     x2, w, _, r2, n = _norm_rows("rms_norm", input, normalized_shape, weight, None, residual)
     eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
-    backend, _ = _backend.select(
+    backend = _backend.select(
         "rms_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
         weight=w is not None, bias=False, weight_dtype=None if w is None else w.dtype,
         device=input.device.type)
@@ -288,7 +288,7 @@ def _check_rotary_tables(x4, cos, sin, offsets):
 
 
 def _rotary_backend(x4, rot, interleaved, offsets, inplace):
-    name, _ = _backend.select("rotary", x4.device.type, dtype=x4.dtype, head_dim=x4.shape[-1],
+    name = _backend.select("rotary", x4.device.type, dtype=x4.dtype, head_dim=x4.shape[-1],
                               rot_dim=rot, interleaved=bool(interleaved),
                               offsets=offsets is not None, inplace=inplace,
                               device=x4.device.type)
