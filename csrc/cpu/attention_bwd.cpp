@@ -115,9 +115,9 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
             for (int64_t r = 0; r < nq; ++r) {
               float* s = pbuf + r * kBlockK;
               const float l = lse[i0 + r];
-              tile::finish_scores(p, b, h, i0 + r, j0, nk, s, tbuf + r * kBlockK);
-              if (l == tile::kNegInf) std::fill_n(s, nk, 0.f);
-              else tile::exp_row(s, nk, l);
+              const tile::Row row =
+                  tile::finish_scores(p, b, h, i0 + r, j0, nk, s, tbuf + r * kBlockK);
+              tile::probs(s, nk, row, l);
             }
             // dV += P^T dO
             tile::gemm(true, false, nk, D, nq, 1.f, pbuf, kBlockK, dot, ldo, 1.f, dv_acc, D);

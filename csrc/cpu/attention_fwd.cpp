@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <memory>
+#include <vector>
 
 namespace fastattn::cpu {
 namespace {
@@ -13,8 +14,12 @@ namespace {
 // Block sizes. Small query blocks keep the wasted half of diagonal causal tiles small (it is
 // BQ / Sq of the work); large key blocks keep the GEMMs efficient, and one block spans the
 // whole key range for Sk <= kBlockK, so no rescaling of the accumulator happens then.
-constexpr int64_t kBlockQ = 32;
-constexpr int64_t kBlockK = 512;
+#ifndef FA_BQ
+#define FA_BQ 64
+#define FA_BK 512
+#endif
+constexpr int64_t kBlockQ = FA_BQ;
+constexpr int64_t kBlockK = FA_BK;
 
 template <typename T>
 void forward_impl(const AttentionParams& p) {
@@ -24,16 +29,29 @@ void forward_impl(const AttentionParams& p) {
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
 
+  const int64_t nkb = (p.Sk + kBlockK - 1) / kBlockK;
+  // Each thread keeps K^T (and fp32 V for low precision) of the head it is working on, one
+  // (D, BK) panel per key block, built on first use: the tasks of one thread are consecutive
+  // query blocks of the same head, so each panel is built about once per head and thread.
+  // With K^T as a plain row-major operand MKL runs its no-copy kernel instead of packing K
+  // for every query block. Heads too long to cache get one rebuilt panel.
+  const bool cache_all = nkb * kBlockK * D <= (int64_t{1} << 24);
+  const int64_t nslots = cache_all ? nkb : 1;
+  // fp32 V is read in place unless its row stride is too large for BLAS's 32-bit ld.
+  const bool v_direct = std::is_same_v<T, float> && p.v_ss <= (int64_t{1} << 30);
+
   at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: converted q/k/v tiles (low precision only), scores, accumulator.
-    const int64_t n_scratch = kBlockQ * kBlockK + kBlockQ * D + (kBlockQ + 2 * kBlockK) * D;
+    // Per-thread scratch: scores, accumulator, converted q, K^T / V panels.
+    const int64_t n_scratch = kBlockQ * kBlockK + 2 * kBlockQ * D + 2 * nslots * kBlockK * D;
     std::unique_ptr<float[]> scratch(new float[n_scratch]);
     float* sbuf = scratch.get();             // (BQ, BK) scores, then probabilities
     float* acc = sbuf + kBlockQ * kBlockK;   // (BQ, D) unnormalised output
-    float* qs = acc + kBlockQ * D;           // conversion scratch
-    float* ks = qs + kBlockQ * D;
-    float* vs = ks + kBlockK * D;
+    float* qs = acc + kBlockQ * D;           // (BQ, D) converted q
+    float* kpanels = qs + kBlockQ * D;       // nslots x (D, BK) K^T
+    float* vpanels = kpanels + nslots * kBlockK * D;  // nslots x (BK, D) fp32 V
     float row_max[kBlockQ], row_sum[kBlockQ];
+    std::vector<char> ready(nslots, 0);
+    int64_t cached_head = -1;
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.H, b = bh / p.H;
@@ -41,6 +59,10 @@ void forward_impl(const AttentionParams& p) {
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
       const int64_t klo = tile::visible_keys(p, b, i0).lo;
       const int64_t khi = tile::visible_keys(p, b, i0 + nq - 1).hi;
+      if (b * p.Hkv + hk != cached_head) {
+        cached_head = b * p.Hkv + hk;
+        std::fill(ready.begin(), ready.end(), 0);
+      }
 
       std::fill(acc, acc + nq * D, 0.f);
       std::fill(row_max, row_max + nq, tile::kNegInf);
@@ -50,24 +72,43 @@ void forward_impl(const AttentionParams& p) {
       const float* qt = khi > klo
           ? tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D, p.q_ss, qs, ldq)
           : nullptr;
-      for (int64_t j0 = klo; j0 < khi; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, khi - j0);
-        int64_t ldk = 0, ldv = 0;
-        const float* kt = tile::as_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D,
-                                       p.k_ss, ks, ldk);
-        const float* vt = tile::as_f32(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss, nk, D,
-                                       p.v_ss, vs, ldv);
+      for (int64_t j0 = klo; j0 < khi;) {
+        const int64_t kb = j0 / kBlockK, kb0 = kb * kBlockK;
+        const int64_t nk = std::min((kb + 1) * kBlockK, khi) - j0;
+        const int64_t slot = cache_all ? kb : 0;
+        float* kpanel = kpanels + slot * kBlockK * D;
+        float* vpanel = vpanels + slot * kBlockK * D;
+        if (!cache_all || !ready[slot]) {
+          const int64_t nkb_rows = std::min(kBlockK, p.Sk - kb0);
+          tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + kb0 * p.k_ss, nkb_rows, D, p.k_ss,
+                              kpanel, kBlockK);
+          if (!v_direct) {
+            const T* vsrc = v + b * p.v_sb + hk * p.v_sh + kb0 * p.v_ss;
+            if constexpr (std::is_same_v<T, float>) {
+              for (int64_t r = 0; r < nkb_rows; ++r)
+                std::copy_n(vsrc + r * p.v_ss, D, vpanel + r * D);
+            } else {
+              int64_t ld = 0;
+              tile::as_f32(vsrc, nkb_rows, D, p.v_ss, vpanel, ld);
+            }
+          }
+          ready[slot] = 1;
+        }
+        const float* kt = kpanel + (j0 - kb0);  // (D, nk), ld BK
+        int64_t ldv = D;
+        const float* vt = vpanel + (j0 - kb0) * D;
+        if (v_direct) {
+          vt = reinterpret_cast<const float*>(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss);
+          ldv = p.v_ss;
+        }
         // S = scale * Q K^T  (nq, nk)
-        tile::gemm(false, true, nq, nk, D, p.scale, qt, ldq, kt, ldk, 0.f, sbuf, kBlockK);
+        tile::gemm(false, false, nq, nk, D, p.scale, qt, ldq, kt, kBlockK, 0.f, sbuf, kBlockK);
         for (int64_t r = 0; r < nq; ++r) {
           float* s = sbuf + r * kBlockK;
-          const float mx = tile::finish_scores(p, b, h, i0 + r, j0, nk, s);
-          const float m_new = std::max(row_max[r], mx);
-          if (m_new == tile::kNegInf) {  // nothing visible yet in this row
-            std::fill(s, s + nk, 0.f);
-            continue;
-          }
-          const float sum = tile::exp_row(s, nk, m_new);
+          const tile::Row row = tile::finish_scores(p, b, h, i0 + r, j0, nk, s);
+          const float m_new = std::max(row_max[r], row.max);
+          const float sum = tile::probs(s, nk, row, m_new);
+          if (m_new == tile::kNegInf) continue;  // nothing visible yet in this row
           if (row_max[r] != m_new && row_sum[r] > 0.f) {
             const float corr = std::exp(row_max[r] - m_new);
             row_sum[r] *= corr;
@@ -79,6 +120,7 @@ void forward_impl(const AttentionParams& p) {
         }
         // acc += P V  (nq, D)
         tile::gemm(false, false, nq, D, nk, 1.f, sbuf, kBlockK, vt, ldv, 1.f, acc, D);
+        j0 += nk;
       }
 
       for (int64_t r = 0; r < nq; ++r) {

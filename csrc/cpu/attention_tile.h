@@ -77,6 +77,22 @@ inline const float* as_f32(const T* src, int64_t rows, int64_t cols, int64_t str
   }
 }
 
+// dst (cols, rows) with ld `ldd` = the transpose of the (rows, cols) tile src, as fp32.
+// Blocked so both sides stay in cache lines.
+template <typename T>
+inline void transpose_f32(const T* src, int64_t rows, int64_t cols, int64_t stride, float* dst,
+                          int64_t ldd) {
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+    const int64_t r1 = std::min(rows, r0 + kB);
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t c1 = std::min(cols, c0 + kB);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ldd + r] = static_cast<float>(src[r * stride + c]);
+    }
+  }
+}
+
 // dst[0:n) = src[0:n) * mul, converted to T.
 template <typename T>
 inline void store_row(const float* src, float mul, T* dst, int64_t n) {
@@ -126,21 +142,26 @@ inline void add_mask_row(float* s, const M* m, int64_t stride, int64_t a, int64_
   }
 }
 
-// Turns the scaled scores s[0:n) of query i against keys j0..j0+n into logits: softcap, float
-// mask, then -inf for keys that are not visible. With softcap, `tanh_out` (if given) receives
-// tanh(s / softcap) for the backward's chain rule. Returns the row max (-inf if none visible).
-inline float finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
-                           int64_t j0, int64_t n, float* s, float* tanh_out = nullptr) {
+// Visible part [a, e) of a row of scores and the max logit in it.
+struct Row {
+  float max;
+  int64_t a, e;
+};
+
+// Turns the scaled scores s[a:e) of query i against keys j0 + [a, e) into logits: softcap,
+// float mask, -inf where a bool mask hides the key. [a, e) is the structurally visible part of
+// keys j0..j0+n; entries outside it are left untouched (probs() zeroes them). With softcap,
+// `tanh_out` (if given) receives tanh(s / softcap) for the backward's chain rule, 0 outside.
+inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
+                         int64_t j0, int64_t n, float* s, float* tanh_out = nullptr) {
   const Interval iv = visible_keys(p, b, i);
   const int64_t a = std::clamp<int64_t>(iv.lo - j0, 0, n);
   const int64_t e = std::clamp<int64_t>(iv.hi - j0, a, n);
-  std::fill(s, s + a, kNegInf);
-  std::fill(s + e, s + n, kNegInf);
   if (tanh_out) {  // defined everywhere, so 0 * (1 - t^2) stays 0 for hidden keys
     std::fill(tanh_out, tanh_out + a, 0.f);
     std::fill(tanh_out + e, tanh_out + n, 0.f);
   }
-  if (a == e) return kNegInf;
+  if (a == e) return {kNegInf, a, e};
   if (p.softcap > 0.f) {
     const Vec inv(1.f / p.softcap), cap(p.softcap);
     int64_t j = a;
@@ -169,25 +190,35 @@ inline float finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64
       default: break;
     }
   }
-  return at::vec::reduce_all<float>(
+  const float mx = at::vec::reduce_all<float>(
       [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, s + a, e - a);
+  return {mx, a, e};
 }
 
-// s[0:n) = exp(s - m) in place (m finite; -inf entries become 0). Returns the sum.
-inline float exp_row(float* s, int64_t n, float m) {
+// Probabilities of a finished row in place: s[a:e) = exp(s - m), 0 elsewhere in [0, n) and
+// everywhere when m = -inf (nothing visible). Returns their sum.
+inline float probs(float* s, int64_t n, const Row& row, float m) {
+  if (m == kNegInf) {
+    std::fill(s, s + n, 0.f);
+    return 0.f;
+  }
+  std::fill(s, s + row.a, 0.f);
+  std::fill(s + row.e, s + n, 0.f);
+  float* x = s + row.a;
+  const int64_t len = row.e - row.a;
   const Vec vm(m);
   Vec acc(0.f);
   int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec x = (Vec::loadu(s + j) - vm).exp_u20();
-    x.store(s + j);
-    acc = acc + x;
+  for (; j + Vec::size() <= len; j += Vec::size()) {
+    Vec y = (Vec::loadu(x + j) - vm).exp_u20();
+    y.store(x + j);
+    acc = acc + y;
   }
   float sum = at::vec::vec_reduce_all<float>(
-      [](const Vec& x, const Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) {
-    s[j] = std::exp(s[j] - m);
-    sum += s[j];
+      [](const Vec& u, const Vec& w) { return u + w; }, acc);
+  for (; j < len; ++j) {
+    x[j] = std::exp(x[j] - m);
+    sum += x[j];
   }
   return sum;
 }
