@@ -1,26 +1,8 @@
-"""Drop-in modules (placeholders until the modules issue lands: they refuse to construct)."""
+"""Drop-in modules on fastattn's kernels and patch(model), which installs them."""
 
+from .attention import MultiHeadAttention
+from .norms import LayerNorm, RMSNorm
+from .patch import patch
+from .rotary import RotaryEmbedding
 
-class _NotYet:
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError(f"fastattn.{type(self).__name__} is not implemented yet")
-
-
-class MultiHeadAttention(_NotYet):
-    pass
-
-
-class LayerNorm(_NotYet):
-    pass
-
-
-class RMSNorm(_NotYet):
-    pass
-
-
-class RotaryEmbedding(_NotYet):
-    pass
-
-
-def patch(model, *, attention=True, norms=True):
-    raise NotImplementedError("fastattn.patch is not implemented yet")
+__all__ = ["MultiHeadAttention", "LayerNorm", "RMSNorm", "RotaryEmbedding", "patch"]

@@ -126,11 +126,12 @@ torch.library.register_autograd("fastattn::attention_weights", _backward,
                                 setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
 def select_backend(device_type):
     """Backend of the weights op for the requested fastattn backend; logs the dispatch.
 
     triton when asked for (or auto on CUDA); otherwise the torch version, labelled "torch"
-    because no C++ kernel exists for this op.
+    because no C++ kernel exists for this op. A trace-time constant under torch.compile.
     """
     requested = _backend.requested_backend()
     name = "torch"
