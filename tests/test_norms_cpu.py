@@ -169,3 +169,29 @@ def test_backward_is_deterministic():
     for _ in range(3):
         again = _C_ops.rms_norm_backward(dy, h, w, rstd, None)
         assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_large_outputs(device, dtype, kind):
+    # >= 4 MiB outputs take the CPU kernels' non-temporal store path; 1029: rows misaligned.
+    rows, cols = (1100 if dtype == torch.float32 else 2100), 1029
+    x, w, b, r = _inputs(rows, cols, dtype, device, affine=True, residual=True, seed=3)
+    if kind == "rms_norm":
+        b = None
+    y, mean, rstd, h = _forward(kind, x, w, b, r, 1e-5)
+    ref_y, _ = _ref_forward(kind, h.float(), w.float(), b.float() if b is not None else None,
+                            None, 1e-5)
+    pt_y, _ = _ref_forward(kind, x, w, b, r, 1e-5)
+    assert_close_2x(y, ref_y, pt_y)
+    dy = torch.randn_like(x)
+    if kind == "layer_norm":
+        dx, dw, db = _C_ops.layer_norm_backward(dy, h, w, b, mean, rstd, None)
+    else:
+        (dx, dw), db = _C_ops.rms_norm_backward(dy, h, w, rstd, None), None
+    ref = _ref_grads(kind, h, w, b, dy, None, 1e-5, torch.float32)
+    pt = _ref_grads(kind, h, w, b, dy, None, 1e-5, dtype)
+    assert_close_2x(dx, ref[0], pt[0], name="dx")
+    floor = None if dtype != torch.float32 else 1e-5 * rows
+    assert_close_2x(dw, ref[1], pt[1], name="dweight", atol_floor=floor)

@@ -118,3 +118,20 @@ def test_backward_strided(device):
     dx = _C_ops.softmax_backward(dy, y, scale=2.0)
     ref = 2.0 * y * (dy - (dy * y).sum(-1, keepdim=True))
     torch.testing.assert_close(dx, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", [1024, 1029])
+def test_large_outputs(device, dtype, cols):
+    # >= 4 MiB outputs take the CPU kernels' non-temporal store path (1029: rows misaligned).
+    rows = 1100 if dtype == torch.float32 else 2100
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(rows, cols, generator=gen).to(device=device, dtype=dtype)
+    y = _check_forward(x, scale=0.5, mask=None, causal=True)
+    dy = torch.randn(rows, cols, generator=gen).to(device=device, dtype=dtype)
+    dx = _C_ops.softmax_backward(dy, y, scale=0.5)
+    yd, dyd = y.double(), dy.double()
+    ref = 0.5 * yd * (dyd - (dyd * yd).sum(-1, keepdim=True))
+    pt = 0.5 * y * (dy - (dy * y).sum(-1, keepdim=True))
+    assert_close_2x(dx, ref.float(), pt, name="dx")

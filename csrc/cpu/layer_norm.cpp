@@ -52,6 +52,7 @@ void row_stats(const T* h, int64_t cols, float eps, bool rms, float& mean, float
 template <typename T>
 void forward(const NormParams& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
+  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* h = static_cast<const T*>(p.x) + r * p.x_stride;
@@ -74,9 +75,11 @@ void forward(const NormParams& p) {
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
         const fVec xhat = norm_xhat(ld(h, j, n), vmean, vrstd);
-        store_f(y + j, norm_affine(xhat, ld_or(p.weight, j, n, 1.f), ld_or(p.bias, j, n, 0.f)), n);
+        const fVec out = norm_affine(xhat, ld_or(p.weight, j, n, 1.f), ld_or(p.bias, j, n, 0.f));
+        stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
       }
     }
+    stream_fence();
   });
 }
 
@@ -85,6 +88,7 @@ void backward(const NormBackwardParams& p) {
   const int64_t chunks = p.partial_rows;
   const int64_t per_chunk = (p.rows + chunks - 1) / chunks;
   const float inv_cols = 1.f / static_cast<float>(p.cols);
+  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
   // One fixed row range per chunk so the dweight/dbias sums do not depend on scheduling.
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
     for (int64_t c = cbegin; c < cend; ++c) {
@@ -117,10 +121,11 @@ void backward(const NormBackwardParams& p) {
           const fVec g = ld(dy, j, n) * ld_or(p.weight, j, n, 1.f);
           fVec d = norm_dx(g, xhat, vrstd, mean_g, mean_gx);
           if (extra) d = d + ld(extra, j, n);
-          store_f(dx + j, d, n);
+          stream ? store_stream(dx + j, d, n) : store_f(dx + j, d, n);
         }
       }
     }
+    stream_fence();
   });
 }
 

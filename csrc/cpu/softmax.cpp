@@ -40,7 +40,7 @@ float row_scores(const T* x, const void* mask, MaskKind kind, float* buf, int64_
 
 template <typename T>
 void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, int64_t cols,
-                 int64_t visible, float scale) {
+                 int64_t visible, float scale, bool stream) {
   const float row_max = softmax_safe_max(row_scores(x, mask, kind, buf, visible, scale));
   // exp in place, summed.
   const fVec vmax(row_max);
@@ -59,7 +59,8 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
   const fVec vinv(softmax_safe_inv(sum));
   for (j = 0; j < visible; j += kF) {
     const int64_t n = std::min<int64_t>(kF, visible - j);
-    store_f(y + j, fVec::loadu(buf + j, n) * vinv, n);
+    const fVec out = fVec::loadu(buf + j, n) * vinv;
+    stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
   }
   for (j = visible; j < cols; ++j) y[j] = T(0.f);
 }
@@ -67,8 +68,11 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
 template <typename T>
 void forward(const SoftmaxParams& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
+  // Large outputs are streamed past the cache, so the scores need their own scratch row.
+  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool scratch_in_y = std::is_same_v<T, float> && !stream;
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : p.cols);
+    std::vector<float> scratch(scratch_in_y ? 0 : p.cols);
     for (int64_t r = begin; r < end; ++r) {
       const T* x = static_cast<const T*>(p.x) + row_offset(p.x_rows, r);
       T* y = static_cast<T*>(p.y) + r * p.cols;
@@ -78,10 +82,11 @@ void forward(const SoftmaxParams& p) {
       } else if (p.mask_kind == MaskKind::kBool) {
         mask = static_cast<const uint8_t*>(p.mask) + row_offset(p.mask_rows, r);
       }
-      float* buf = std::is_same_v<T, float> ? reinterpret_cast<float*>(y) : scratch.data();
+      float* buf = scratch_in_y ? reinterpret_cast<float*>(y) : scratch.data();
       softmax_row(x, mask, p.mask_kind, y, buf, p.cols,
-                  softmax_visible_cols(r, p.m, p.cols, p.causal), p.scale);
+                  softmax_visible_cols(r, p.m, p.cols, p.causal), p.scale, stream);
     }
+    stream_fence();
   });
 }
 
@@ -89,6 +94,7 @@ template <typename T>
 void backward(const SoftmaxBackwardParams& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
   const fVec vscale(p.scale);
+  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* dy = static_cast<const T*>(p.dy) + row_offset(p.dy_rows, r);
@@ -105,9 +111,10 @@ void backward(const SoftmaxBackwardParams& p) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
         const fVec g = n == kF ? softmax_grad(load_f(y + j), load_f(dy + j), dot, vscale)
                                : softmax_grad(load_f(y + j, n), load_f(dy + j, n), dot, vscale);
-        store_f(dx + j, g, n);
+        stream ? store_stream(dx + j, g, n) : store_f(dx + j, g, n);
       }
     }
+    stream_fence();
   });
 }
 
