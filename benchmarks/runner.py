@@ -32,8 +32,8 @@ def base_record(case, device_type):
     return {"op": case.op, "case": case.id, "variant": case.variant, "shape": case.shape,
             "shape_str": case.shape_str, "dtype": case.dtype_name, "direction": case.direction,
             "backend": case.backend, "baseline": case.baseline, "device": device_type,
-            "bound": case.bound, "flops": case.flops, "bytes": case.bytes, "status": "ok",
-            "error": None}
+            "bound": case.bound, "flops": float(case.flops), "bytes": float(case.bytes),
+            "status": "ok", "error": None}
 
 
 def _rates(record, case, limits):

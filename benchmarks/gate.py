@@ -1,0 +1,185 @@
+"""Microbenchmark regression gate (what `make bench-ci` runs).
+
+    python -m benchmarks.gate [--update-baseline] [--baseline PATH] [--json PATH]
+                              [--threads N] [--slowdown K]
+
+Times a fixed set of CPU cases (fastattn against PyTorch, interleaved in this process, median
+of rounds), and compares each speedup (PyTorch time / fastattn time) with
+benchmarks/baseline.json. Exit 1 when any speedup is more than 20% below its baseline, or a
+case cannot run (missing backend or kernel, or a result that disagrees with PyTorch). A case
+absent from the baseline is reported as new and does not fail. A case below the threshold is
+measured once more and fails only if the second measurement is below it too (one noisy round
+on a shared machine is not a regression; a real one is slow both times).
+
+--slowdown K runs every fastattn callable K times per call: a deliberately slower kernel, to
+show that the gate fails (it refuses to write a baseline).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import machine, runner
+from .cases import build_cases
+
+BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baseline.json")
+TOLERANCE = 0.20
+ROUNDS = 9
+MIN_ROUND_MS = 40.0
+
+# Fixed CPU cases, each tens of milliseconds per call so a median of 9 rounds is stable.
+GATE_CASES = (
+    "attention/causal/B=4,H=8,S=512,D=64/fp32/fwd/cpu",
+    "attention/full/B=4,H=8,S=512,D=64/fp32/fwd/cpu",
+    "attention/causal/B=4,H=8,S=512,D=64/fp32/fwd+bwd/cpu",
+    "softmax/M=4096,N=1024/fp32/fwd/cpu",
+    "softmax/M=4096,N=1024/fp32/fwd+bwd/cpu",
+    "layer_norm/M=4096,N=1024/fp32/fwd/cpu",
+    "layer_norm/M=4096,N=1024/fp32/fwd+bwd/cpu",
+    "rms_norm/M=4096,N=1024/fp32/fwd/cpu",
+    "rms_norm/M=4096,N=1024/fp32/fwd+bwd/cpu",
+    "rotary/B=4,H=8,S=2048,D=64/fp32/fwd+bwd/cpu",
+    "mha/causal/B=4,L=512,E=512,H=8/fp32/fwd+bwd/cpu",
+)
+
+
+def gate_cases():
+    by_id = {c.id: c for c in build_cases("cpu", quick=False)}
+    missing = [i for i in GATE_CASES if i not in by_id]
+    if missing:
+        raise RuntimeError(f"gate cases not defined in benchmarks/cases: {missing}")
+    return [by_id[i] for i in GATE_CASES]
+
+
+def measure(cases, slowdown=1, rounds=ROUNDS, min_round_ms=MIN_ROUND_MS, progress=True):
+    records = []
+    for i, case in enumerate(cases):
+        if progress:
+            print(f"[{i + 1}/{len(cases)}] {case.id}", file=sys.stderr, flush=True)
+        records.append(runner.run_case(case, "cpu", rounds, min_round_ms,
+                                       measure_memory=False, slowdown=slowdown))
+    return records
+
+
+def verdict(record, baseline_cases, tolerance=TOLERANCE):
+    """(status, failed): ok / SLOWER / NEW / UNAVAILABLE / MISMATCH."""
+    if record["status"] == "unavailable":
+        return "UNAVAILABLE", True
+    if record["status"] != "ok":
+        return record["status"].upper(), True
+    base = baseline_cases.get(record["case"])
+    if base is None:
+        return "NEW", False
+    if record["speedup"] < (1.0 - tolerance) * base["speedup"]:
+        return "SLOWER", True
+    return "ok", False
+
+
+def compare(records, baseline_cases, tolerance=TOLERANCE, remeasure=None):
+    """Rows for the table and whether the gate fails. remeasure(record) -> record gives a
+    below-threshold case its second measurement."""
+    rows, failed = [], False
+    for rec in records:
+        status, bad = verdict(rec, baseline_cases, tolerance)
+        if status == "SLOWER" and remeasure is not None:
+            second = remeasure(rec)
+            if second["status"] == "ok" and second["speedup"] > rec["speedup"]:
+                rec = second
+            status, bad = verdict(rec, baseline_cases, tolerance)
+        rows.append((rec, baseline_cases.get(rec["case"]), status))
+        failed |= bad
+    return rows, failed
+
+
+def format_table(rows, tolerance=TOLERANCE):
+    head = f"{'case':52} {'fastattn ms':>11} {'torch ms':>9} {'speedup':>8} {'baseline':>8} " \
+           f"{'min ok':>7}  status"
+    lines = [head, "-" * len(head)]
+    for rec, base, status in rows:
+        if rec["status"] == "unavailable":
+            lines.append(f"{rec['case'][:52]:52} {'':>11} {'':>9} {'':>8} "
+                         f"{(base or {}).get('speedup', float('nan')):8.2f} {'':>7}  "
+                         f"{status}: {rec['error']}")
+            continue
+        b = base["speedup"] if base else None
+        lo = f"{(1 - tolerance) * b:7.2f}" if b else f"{'-':>7}"
+        line = (f"{rec['case'][:52]:52} {rec['fastattn_ms']:11.3f} {rec['torch_ms']:9.3f} "
+                f"{rec['speedup']:7.2f}x {b if b else float('nan'):8.2f} {lo}  {status}")
+        if rec["status"] != "ok":
+            line += f": {rec['error']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def load_baseline(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("cases", {})
+
+
+def write_baseline(path, records, info):
+    bad = [r["case"] for r in records if r["status"] != "ok"]
+    if bad:
+        raise RuntimeError(f"refusing to write a baseline with cases that did not run: {bad}")
+    doc = {"machine": info, "tolerance": TOLERANCE, "rounds": ROUNDS,
+           "command": "make bench-baseline  (python -m benchmarks.gate --update-baseline)",
+           "cases": {r["case"]: {"speedup": round(r["speedup"], 4),
+                                 "fastattn_ms": round(r["fastattn_ms"], 4),
+                                 "torch_ms": round(r["torch_ms"], 4)} for r in records}}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gate",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--update-baseline", action="store_true",
+                    help="measure and write the baseline instead of comparing")
+    ap.add_argument("--baseline", default=BASELINE, help="baseline JSON (default: %(default)s)")
+    ap.add_argument("--json", metavar="PATH", help="also write the measured records here")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--slowdown", type=int, default=1,
+                    help="run each fastattn callable K times (demonstrates a failing gate)")
+    args = ap.parse_args(argv)
+    if args.update_baseline and args.slowdown != 1:
+        ap.error("--slowdown is for showing the gate fail; it cannot write a baseline")
+    torch.set_num_threads(args.threads)
+    info = machine.describe("cpu")
+    cases = gate_cases()
+    records = measure(cases, slowdown=args.slowdown)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": records}, f, indent=1)
+    if args.update_baseline:
+        write_baseline(args.baseline, records, info)
+        rows, _ = compare(records, {})
+        print(format_table(rows))
+        print(f"\nwrote baseline {args.baseline}")
+        return 0
+    by_id = {c.id: c for c in cases}
+
+    def remeasure(rec):
+        print(f"re-measuring {rec['case']} (below threshold)", file=sys.stderr, flush=True)
+        return runner.run_case(by_id[rec["case"]], "cpu", ROUNDS, MIN_ROUND_MS,
+                               measure_memory=False, slowdown=args.slowdown)
+
+    baseline = load_baseline(args.baseline)
+    rows, failed = compare(records, baseline, remeasure=remeasure)
+    print(format_table(rows))
+    if not baseline:
+        print(f"\nno baseline at {args.baseline}: every case is new "
+              "(write one with `make bench-baseline` on the CI machine type)")
+    print(f"\ngate {'FAILED' if failed else 'passed'}: {sum(1 for r in rows if r[2] == 'ok')} ok, "
+          f"{sum(1 for r in rows if r[2] == 'NEW')} new, "
+          f"{sum(1 for r in rows if r[2] not in ('ok', 'NEW'))} failing "
+          f"(threshold: speedup >= {1 - TOLERANCE:.0%} of baseline)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The benchmark machinery: the gate fails on a slower kernel, on a missing kernel and on a
+wrong result, does not fail on a case new to the baseline, and the CLI's JSON follows the
+schema in benchmarks/README.md."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import gate, runner
+from benchmarks.cases import common, softmax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cheap_case():
+    # The compiled kernel when built, else the torch backend: the gate machinery is the same.
+    from fastattn import available_backends
+    backend = "cpu" if "cpu" in available_backends("cpu") else "torch"
+    return softmax._case(1024, 1024, torch.float32, "fwd", backend)
+
+
+@pytest.fixture
+def one_thread():
+    # One thread: on a loaded 2-core machine a 2-thread parallel region can stall for
+    # milliseconds waiting for a descheduled worker, which swamps a ~1 ms case.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _measure(case, slowdown=1):
+    # Many short interleaved rounds: each fastattn/PyTorch pair is timed close together.
+    return gate.measure([case], slowdown=slowdown, rounds=15, min_round_ms=5.0,
+                        progress=False)[0]
+
+
+def test_gate_fails_on_injected_slowdown(one_thread):
+    case = _cheap_case()
+    base = _measure(case)
+    assert base["status"] == "ok", base
+    baseline = {case.id: {"speedup": base["speedup"]}}
+    # Running the fastattn callable 8x per call cuts its speedup ~8x, so the gate must fail
+    # even when machine noise moves either measurement by 2x (seen on a shared 2-core box).
+    slow = _measure(case, slowdown=8)
+    assert slow["fastattn_ms"] > 3 * base["fastattn_ms"], (slow, base)
+    rows, failed = gate.compare([slow], baseline, remeasure=lambda r: _measure(case, 8))
+    assert failed and rows[0][2] == "SLOWER", gate.format_table(rows)
+
+
+def test_gate_threshold():
+    rec = {"case": "c", "status": "ok", "error": None, "speedup": 2.0, "fastattn_ms": 1.0,
+           "torch_ms": 2.0}
+    baseline = {"c": {"speedup": 2.0}}
+    for speedup, fails in ((2.0, False), (3.0, False), (1.7, False), (1.59, True), (0.5, True)):
+        rows, failed = gate.compare([dict(rec, speedup=speedup)], baseline)
+        assert failed is fails, (speedup, gate.format_table(rows))
+    # A below-threshold case that is fine when measured again passes; slow twice fails.
+    _, failed = gate.compare([dict(rec, speedup=1.0)], baseline,
+                             remeasure=lambda r: dict(r, speedup=1.9))
+    assert not failed
+    _, failed = gate.compare([dict(rec, speedup=1.0)], baseline,
+                             remeasure=lambda r: dict(r, speedup=1.2))
+    assert failed
+
+
+def test_gate_fails_on_missing_kernel_but_not_on_new_case():
+    def build(device):
+        raise NotImplementedError("kernel not written")
+    missing = common.Case(op="softmax", shape={"M": 1, "N": 1}, dtype=torch.float32,
+                          direction="fwd", backend="torch", baseline="torch.softmax",
+                          build=build)
+    rec = runner.run_case(missing, "cpu", rounds=1, min_round_ms=0, measure_memory=False)
+    assert rec["status"] == "unavailable" and "kernel not written" in rec["error"]
+    _, failed = gate.compare([rec], {missing.id: {"speedup": 1.0}})
+    assert failed
+    _, failed = gate.compare([rec], {})            # missing from the baseline: still a failure
+    assert failed
+
+    new = dict(rec, status="ok", error=None, speedup=1.0, fastattn_ms=1.0, torch_ms=1.0)
+    rows, failed = gate.compare([new], {})
+    assert not failed and rows[0][2] == "NEW"
+    rows, failed = gate.compare([dict(new, status="mismatch", error="wrong")], {})
+    assert failed and rows[0][2] == "MISMATCH"
+
+
+def test_gate_cases_resolve():
+    assert [c.id for c in gate.gate_cases()] == list(gate.GATE_CASES)
+
+
+RECORD_KEYS = {"op": str, "case": str, "variant": str, "shape": dict, "shape_str": str,
+               "dtype": str, "direction": str, "backend": str, "baseline": str, "device": str,
+               "bound": str, "flops": float, "bytes": float, "status": str}
+TIMED_KEYS = ("fastattn_ms", "torch_ms", "speedup", "fastattn_rate", "torch_rate",
+              "max_abs_diff")
+
+
+def test_cli_json_schema(tmp_path):
+    out = tmp_path / "softmax.json"
+    res = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", "softmax",
+                          "--rounds", "3", "--json", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode in (0, 1), res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"machine", "limits", "results"}
+    for key in ("cpu", "threads", "gpu", "torch", "triton", "commit", "fastattn_build"):
+        assert key in doc["machine"], key
+    assert doc["machine"]["threads"] == 2
+    assert doc["limits"]["copy_gbs"] > 0 and doc["limits"]["matmul_gflops"]["fp32"] > 0
+    results = doc["results"]
+    assert {(r["op"], r["direction"]) for r in results} == {("softmax", "fwd"),
+                                                            ("softmax", "fwd+bwd")}
+    for r in results:
+        for key, typ in RECORD_KEYS.items():
+            assert isinstance(r[key], typ), (key, r[key])
+        assert r["status"] in ("ok", "unavailable", "mismatch")
+        if r["status"] == "unavailable":
+            assert r["error"]
+            continue
+        for key in TIMED_KEYS:
+            assert isinstance(r[key], float) and r[key] >= 0, (key, r[key])
+        assert r["fastattn_ms"] == statistics.median(r["fastattn_ms_rounds"])
+        assert r["torch_ms"] == statistics.median(r["torch_ms_rounds"])
+        ratios = [p / f for f, p in zip(r["fastattn_ms_rounds"], r["torch_ms_rounds"])]
+        assert min(ratios) <= r["speedup"] <= max(ratios)
+        assert r["rate_unit"] == "GB/s"
+        assert r["fastattn_rate"] == pytest.approx(r["bytes"] / r["fastattn_ms"] / 1e6)
+        if r["direction"] == "fwd+bwd":
+            assert r["peak_mem_torch"] is None or r["peak_mem_torch"] > 0
