@@ -30,10 +30,12 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     """out (B, H, Sq, Dv), lse (B, H, Sq) fp32. `deterministic` is used by the backward only."""
     seed, offset = rng.tolist() if rng is not None else (0, 0)
     impl = _backend.backend_module(backend, "attention")
-    return impl.attention_forward(
+    out, lse = impl.attention_forward(
         q, k, v, mask=mask, scale=scale, causal=causal, alignment=_alignment(bottom_right),
         window_left=window_left, window_right=window_right, softcap=softcap,
         key_lengths=key_lengths, dropout_p=dropout_p, seed=seed, offset=offset)
+    # Outputs are contiguous whatever the backend, as the fake implementation promises.
+    return out.contiguous(), lse.contiguous()
 
 
 @attention_op.register_fake
@@ -62,7 +64,7 @@ def attention_grad_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         deterministic=deterministic, mask_needs_grad=mask_needs_grad)
     if dmask is None:
         dmask = q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dmask
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
 
 @attention_grad_op.register_fake
@@ -70,7 +72,7 @@ def _(dout, q, k, v, out, lse, mask, key_lengths, rng, scale, causal, bottom_rig
       window_right, softcap, dropout_p, deterministic, mask_needs_grad, backend):
     dmask = (q.new_empty(mask.shape, dtype=torch.float32) if mask_needs_grad
              else q.new_empty(0, dtype=torch.float32))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):

@@ -12,23 +12,23 @@ from .. import _backend
 def softmax_op(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
                backend: str) -> Tensor:
     impl = _backend.backend_module(backend, "softmax")
-    return impl.softmax_forward(x, scale=scale, mask=mask, causal=causal)
+    return impl.softmax_forward(x, scale=scale, mask=mask, causal=causal).contiguous()
 
 
 @softmax_op.register_fake
 def _(x, mask, scale, causal, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fastattn::softmax_grad", mutates_args=())
 def softmax_grad_op(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
     impl = _backend.backend_module(backend, "softmax")
-    return impl.softmax_backward(dy, y, scale=scale)
+    return impl.softmax_backward(dy, y, scale=scale).contiguous()
 
 
 @softmax_grad_op.register_fake
 def _(dy, y, scale, backend):
-    return torch.empty_like(y)
+    return y.new_empty(y.shape)
 
 
 def _setup_context(ctx, inputs, output):
