@@ -62,15 +62,20 @@ def _as_float(attend, dtype):
 
 
 def prepare(attn_mask, key_padding_mask, is_causal, *, batch, heads, q_len, k_len, n_extra,
-            dtype, device):
+            dtype, device, need_weights):
     """-> (mask, key_lengths, causal) for the attention op.
 
     attn_mask: None, (L, S) or (N*H, L, S) in MHA convention; key_padding_mask: None or
     (N, S); both already shape-checked. n_extra: always-visible keys appended after the S
     keys. mask: None or a tensor broadcastable to (N, H, L, S + n_extra), True = may attend
     or float (in `dtype`) added. causal is top-left.
+    need_weights: PyTorch gives is_causal two meanings (see MultiHeadAttention); it matters
+    only when keys are appended.
     """
     compiling = torch.compiler.is_compiling()
+    if is_causal and key_padding_mask is None and not need_weights:
+        # PyTorch's SDPA path: top-left causal over all keys, appended ones included
+        return None, None, True
     causal = False
     if is_causal:
         # PyTorch's is_causal: a hint that attn_mask is the causal mask; trust it

@@ -38,9 +38,10 @@ class MultiHeadAttention(nn.MultiheadAttention):
     - A query whose keys are all masked gets attention output 0 (before out_proj, so the
       output row equals out_proj.bias) and weights 0; PyTorch returns NaN there.
     - is_causal=True is trusted as PyTorch documents it (attn_mask is the top-left causal
-      mask, so its contents are not read); it still requires attn_mask. Keys added by
-      add_bias_kv / add_zero_attn are visible to every query in every path (PyTorch's
-      need_weights=False causal path hides them).
+      mask, so its contents are not read); it still requires attn_mask. As in PyTorch, keys
+      appended by add_bias_kv / add_zero_attn are then hidden by the causal rule when
+      need_weights=False and there is no key_padding_mask (PyTorch's SDPA path), and visible
+      to every query otherwise (its mask path).
     - Dropout draws its mask from the attention kernels' counter-based RNG, not from
       torch's dropout, so the dropped positions differ from PyTorch's for a given seed.
 
@@ -248,7 +249,8 @@ class MultiHeadAttention(nn.MultiheadAttention):
         k, v, n_extra = self._append_keys(k, v)
         mask, key_lengths, causal = _masks.prepare(
             attn_mask, key_padding_mask, is_causal, batch=n, heads=self.num_heads,
-            q_len=q_len, k_len=k_len, n_extra=n_extra, dtype=q.dtype, device=q.device)
+            q_len=q_len, k_len=k_len, n_extra=n_extra, dtype=q.dtype, device=q.device,
+            need_weights=need_weights)
         dropout_p = float(self.dropout) if self.training else 0.0
         out, lse, backend, rng = self._attend(q, k, v, mask, key_lengths, causal, dropout_p)
 
