@@ -59,6 +59,7 @@ void forward_impl(const AttentionParams& p) {
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
       const int64_t klo = tile::visible_keys(p, b, i0).lo;
       const int64_t khi = tile::visible_keys(p, b, i0 + nq - 1).hi;
+      const int64_t half = nq / 2, khi_top = tile::visible_keys(p, b, i0 + half - 1).hi;
       if (b * p.Hkv + hk != cached_head) {
         cached_head = b * p.Hkv + hk;
         std::fill(ready.begin(), ready.end(), 0);
@@ -101,8 +102,14 @@ void forward_impl(const AttentionParams& p) {
           vt = reinterpret_cast<const float*>(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss);
           ldv = p.v_ss;
         }
-        // S = scale * Q K^T  (nq, nk)
-        tile::gemm(false, false, nq, nk, D, p.scale, qt, ldq, kt, kBlockK, 0.f, sbuf, kBlockK);
+        // S = scale * Q K^T  (nq, nk). The top half of the rows sees no key at or past
+        // khi_top (causal diagonal), so columns [split, nk) are computed for the bottom half
+        // only: half of the diagonal tile's waste is skipped. Top rows never read them.
+        const int64_t split = std::clamp<int64_t>(khi_top - j0, 0, nk);
+        tile::gemm(false, false, nq, split, D, p.scale, qt, ldq, kt, kBlockK, 0.f, sbuf,
+                   kBlockK);
+        tile::gemm(false, false, nq - half, nk - split, D, p.scale, qt + half * ldq, ldq,
+                   kt + split, kBlockK, 0.f, sbuf + half * kBlockK + split, kBlockK);
         for (int64_t r = 0; r < nq; ++r) {
           float* s = sbuf + r * kBlockK;
           const tile::Row row = tile::finish_scores(p, b, h, i0 + r, j0, nk, s);
@@ -118,8 +125,10 @@ void forward_impl(const AttentionParams& p) {
           row_sum[r] += sum;
           row_max[r] = m_new;
         }
-        // acc += P V  (nq, D)
-        tile::gemm(false, false, nq, D, nk, 1.f, sbuf, kBlockK, vt, ldv, 1.f, acc, D);
+        // acc += P V  (nq, D), with the same split (top rows' P is 0 past `split`).
+        tile::gemm(false, false, nq, D, split, 1.f, sbuf, kBlockK, vt, ldv, 1.f, acc, D);
+        tile::gemm(false, false, nq - half, D, nk - split, 1.f, sbuf + half * kBlockK + split,
+                   kBlockK, vt + split * ldv, ldv, 1.f, acc + half * D, D);
         j0 += nk;
       }
 

@@ -33,6 +33,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
                  const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
                  float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
   const char opa = tb ? 'T' : 'N', opb = ta ? 'T' : 'N';
   // BLAS wants ld >= rows of the stored matrix even when that dim is 1.
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
@@ -214,13 +215,13 @@ inline float probs(float* s, int64_t n, const Row& row, float m) {
     y.store(x + j);
     acc = acc + y;
   }
-  float sum = at::vec::vec_reduce_all<float>(
-      [](const Vec& u, const Vec& w) { return u + w; }, acc);
-  for (; j < len; ++j) {
-    x[j] = std::exp(x[j] - m);
-    sum += x[j];
+  if (j < len) {  // masked tail: causal rows end anywhere, and scalar expf is slow
+    const int64_t rest = len - j;
+    Vec y = (Vec::loadu(x + j, rest) - vm).exp_u20();
+    y.store(x + j, rest);
+    acc = acc + Vec::set(Vec(0.f), y, rest);
   }
-  return sum;
+  return at::vec::vec_reduce_all<float>([](const Vec& u, const Vec& w) { return u + w; }, acc);
 }
 
 }  // namespace fastattn::cpu::tile
