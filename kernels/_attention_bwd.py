@@ -8,7 +8,8 @@ backward is bitwise deterministic.
 import triton
 import triton.language as tl
 
-from ._attention_common import dropout_keep, kv_len_of, kv_range, q_range, scores
+from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, q_range,
+                                row_aligned, scores)
 
 
 @triton.jit
@@ -17,7 +18,7 @@ def attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     H, Sq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO * O (fp32)."""
     num_m = tl.cdiv(Sq, BLOCK_M)
@@ -29,10 +30,12 @@ def attn_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)               # (BLOCK_M, BLOCK_D)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :], mask=ok, other=0.0)
+    o = tl.load(row_aligned(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                            + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :],
+                            ALIGNED), mask=ok, other=0.0)
+    do = tl.load(row_aligned(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                             + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
+                             ALIGNED), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)           # (BLOCK_M,)
     tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
 
@@ -60,7 +63,7 @@ def attn_bwd_dkdv_kernel(
     H, Hkv, Sq, Sk, D, group, shift, window_left, window_right,
     sm_scale, softcap, dropout_p, seed, rng_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+    EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -73,15 +76,15 @@ def attn_bwd_dkdv_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D
-    if EVEN_D:
-        d_ok = offs_d[None, :] < BLOCK_D
+    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
     n_ok = (offs_n[:, None] < kv_len) & d_ok                          # (BLOCK_N, BLOCK_D)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=n_ok, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=n_ok, other=0.0)
+    k = tl.load(row_aligned(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                            + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+                            ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
+    v = tl.load(row_aligned(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                            + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+                            ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
 
     col_lo = pid_n * BLOCK_N
     col_hi = tl.minimum(col_lo + BLOCK_N, kv_len)
@@ -104,9 +107,11 @@ def attn_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0                                # (BLOCK_M,)
             m_ok = (offs_m[:, None] < Sq) & d_ok
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+            q = tl.load(row_aligned(q_base + offs_m[:, None].to(tl.int64) * stride_qm
+                                    + offs_d[None, :], ALIGNED),
                         mask=m_ok, other=0.0)                         # (BLOCK_M, BLOCK_D)
-            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
+            do = tl.load(row_aligned(do_base + offs_m[:, None].to(tl.int64) * stride_dom
+                                     + offs_d[None, :], ALIGNED),
                          mask=m_ok, other=0.0)                        # (BLOCK_M, BLOCK_D)
             lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_M)
@@ -132,11 +137,11 @@ def attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     st_ok = (offs_n[:, None] < Sk) & d_ok
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
+    tl.store(row_aligned(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+                         + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], ALIGNED),
              dk.to(DK.dtype.element_ty), mask=st_ok)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :],
+    tl.store(row_aligned(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+                         + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], ALIGNED),
              dv.to(DV.dtype.element_ty), mask=st_ok)
 
 
@@ -152,7 +157,7 @@ def attn_bwd_dq_kernel(
     H, Sq, Sk, D, group, shift, window_left, window_right,
     sm_scale, softcap, dropout_p, seed, rng_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
+    EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -167,14 +172,14 @@ def attn_bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < D
-    if EVEN_D:
-        d_ok = offs_d[None, :] < BLOCK_D
+    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
     m_ok = (offs_m[:, None] < Sq) & d_ok                              # (BLOCK_M, BLOCK_D)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], mask=m_ok, other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :], mask=m_ok, other=0.0)
+    q = tl.load(row_aligned(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                            + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+                            ALIGNED), mask=m_ok, other=0.0)           # (BLOCK_M, BLOCK_D)
+    do = tl.load(row_aligned(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                             + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
+                             ALIGNED), mask=m_ok, other=0.0)          # (BLOCK_M, BLOCK_D)
     lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
 
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
@@ -190,9 +195,11 @@ def attn_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = (offs_n[:, None] < kv_len) & d_ok
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+        k = tl.load(row_aligned(k_base + offs_n[:, None].to(tl.int64) * stride_kn
+                                + offs_d[None, :], ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
+        v = tl.load(row_aligned(v_base + offs_n[:, None].to(tl.int64) * stride_vn
+                                + offs_d[None, :], ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         s2, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, Sq,
@@ -214,6 +221,6 @@ def attn_bwd_dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-             + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
+    tl.store(row_aligned(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+                         + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], ALIGNED),
              dq.to(DQ.dtype.element_ty), mask=m_ok)

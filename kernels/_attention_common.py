@@ -24,6 +24,27 @@ def tanh_approx_free(x):
 
 
 @triton.jit
+def row_aligned(ptrs, ALIGNED: tl.constexpr):
+    """Tell the compiler every row of a (rows, BLOCK_D) pointer tile starts on 16 bytes.
+
+    The launcher sets ALIGNED only when base pointers, strides and D make that true. It lets
+    loads vectorise and pipeline (cp.async / TMA-free) exactly as Triton's own specialisation
+    would, and makes an offline compile (no runtime arguments) see the same code.
+    """
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [16, 16])
+    return ptrs
+
+
+@triton.jit
+def head_mask(offs_d, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """(1, BLOCK_D) mask of real head-dim columns (all true when D == BLOCK_D)."""
+    if EVEN_D:
+        return offs_d[None, :] < BLOCK_D
+    return offs_d[None, :] < D
+
+
+@triton.jit
 def kv_len_of(KeyLens, b, Sk, HAS_KL: tl.constexpr):
     """Number of keys batch `b` may attend to (Sk without key_lengths)."""
     kv_len = Sk

@@ -1,8 +1,8 @@
-"""Tile configurations for the attention kernels: candidates, per-arch pruning, interpreter picks.
+"""Tile configurations for the attention kernels: the tile table, per-arch pruning, interpreter picks.
 
-On a GPU the launchers autotune over the candidates that survive `prune` for the device (shared
-memory limit, register budget; every survivor was compiled for sm_80 and sm_90 with 0 spills).
-Under TRITON_INTERPRET=1 nothing is autotuned: one small config keeps the interpreter fast.
+On a GPU the launchers autotune over the table's tiles that survive `prune` for the device and
+call (shared-memory limit of the arch, row alignment, sequence lengths). Under TRITON_INTERPRET=1
+nothing is autotuned: one small config keeps the interpreter fast.
 """
 
 import os
@@ -12,21 +12,32 @@ import triton
 # bytes of shared memory per block (opt-in maximum)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
-FWD_CANDIDATES = [
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
-    (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2),
-]
-# dK/dV: BLOCK_N keys stay resident, BLOCK_M query rows stream
-DKDV_CANDIDATES = [
-    (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 4, 2), (32, 64, 4, 1), (16, 64, 4, 1),
-    (16, 32, 4, 1),
-]
-# dQ: BLOCK_M queries stay resident, BLOCK_N keys stream
-DQ_CANDIDATES = [
-    (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1), (64, 16, 4, 1),
-    (32, 16, 4, 1),
-]
+# Tiles the autotuner may pick: (kind, element bytes, BLOCK_D) -> [(BLOCK_M, BLOCK_N, num_warps,
+# num_stages), ...], largest first. Every entry was compiled for sm_80 and sm_90 (aligned rows)
+# with 0 spills; `valid_configs` then drops what does not fit the arch's shared memory.
+# dK/dV tiles are keys x queries (BLOCK_N keys resident), so its MMAs have M = BLOCK_N.
+# fp32 runs IEEE dots on CUDA cores (no tensor cores), hence its small tiles.
+_SMALL_D = (16, 32, 64)
+TABLE = {}
+for _bd in _SMALL_D:
+    TABLE[("fwd", 2, _bd)] = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+    TABLE[("dkdv", 2, _bd)] = [(32, 128, 8, 2), (64, 64, 4, 2)]
+    TABLE[("dq", 2, _bd)] = [(128, 64, 8, 2), (64, 64, 4, 2)]
+    TABLE[("fwd", 4, _bd)] = [(64, 32, 4, 2), (32, 16, 4, 1)]
+    TABLE[("dkdv", 4, _bd)] = [(32, 64, 8, 1), (16, 32, 4, 1)]
+    TABLE[("dq", 4, _bd)] = [(64, 16, 4, 1), (32, 16, 4, 1)]
+TABLE[("fwd", 2, 128)] = [(128, 64, 8, 3), (64, 64, 4, 3)]
+TABLE[("dkdv", 2, 128)] = [(32, 128, 8, 2), (32, 64, 8, 2)]
+TABLE[("dq", 2, 128)] = [(128, 64, 8, 2), (64, 64, 4, 2)]
+TABLE[("fwd", 2, 256)] = [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)]
+TABLE[("dkdv", 2, 256)] = [(32, 32, 4, 1), (16, 32, 4, 1)]
+TABLE[("dq", 2, 256)] = [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 1)]
+TABLE[("fwd", 4, 128)] = [(32, 16, 8, 1), (16, 16, 4, 1)]
+TABLE[("dkdv", 4, 128)] = [(32, 64, 8, 1), (16, 32, 4, 1)]
+TABLE[("dq", 4, 128)] = [(64, 32, 8, 1), (32, 16, 4, 1)]
+TABLE[("fwd", 4, 256)] = [(16, 16, 4, 1)]
+TABLE[("dkdv", 4, 256)] = [(16, 16, 4, 1)]
+TABLE[("dq", 4, 256)] = [(16, 16, 4, 1)]
 
 # fixed picks for the interpreter: BLOCK_M != BLOCK_N so tile-edge logic is exercised
 INTERP_FWD = (32, 16, 4, 1)
@@ -54,41 +65,33 @@ def smem_estimate(kind, bm, bn, bd, elem, stages):
     raise ValueError(f"kind: unknown kernel kind {kind!r}")
 
 
-def regs_estimate(kind, bm, bn, bd, warps):
-    """fp32 accumulator values per thread; the budget below keeps every survivor spill-free."""
-    threads = 32 * warps
-    if kind == "fwd":
-        return (bm * bd + 2 * bm * bn) // threads
-    if kind == "dkdv":
-        return (2 * bn * bd + 3 * bm * bn) // threads
-    return (bm * bd + 3 * bm * bn) // threads
+def valid_configs(kind, arch, block_d, elem, aligned=True):
+    """The table's tiles that fit `arch`'s shared memory for this head-dim block and element size.
 
-
-REGS_BUDGET = 128
-
-
-def candidates(kind):
-    return {"fwd": FWD_CANDIDATES, "dkdv": DKDV_CANDIDATES, "dq": DQ_CANDIDATES}[kind]
-
-
-def valid_configs(kind, arch, block_d, elem):
-    """Candidates that fit `arch` for this head-dim block and element size."""
+    Rows that are not 16-byte aligned cannot be vectorised, which costs registers: only the
+    smallest tile is kept for them.
+    """
     limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
-    out = []
-    for bm, bn, warps, stages in candidates(kind):
-        if smem_estimate(kind, bm, bn, block_d, elem, stages) > limit:
-            continue
-        if regs_estimate(kind, bm, bn, block_d, warps) > REGS_BUDGET:
-            continue
-        if arch >= 90 and (warps % 4 != 0):
-            continue
-        out.append((bm, bn, warps, stages))
-    return out
+    out = [c for c in TABLE[(kind, elem, block_d)]
+           if smem_estimate(kind, c[0], c[1], block_d, elem, c[3]) <= limit]
+    if not out:
+        raise ValueError(f"block_d: no {kind} tile fits sm_{arch} for BLOCK_D={block_d}")
+    return out if aligned else out[-1:]
+
+
+def all_configs(kind):
+    """Every tile of `kind` in the table (the autotuner's config list; pruned per call)."""
+    seen = []
+    for (k, _, _), tiles in TABLE.items():
+        for t in tiles:
+            if k == kind and t not in seen:
+                seen.append(t)
+    return seen
 
 
 def autotune_configs(kind):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in candidates(kind)]
+            for bm, bn, w, s in all_configs(kind)]
 
 
 def device_arch(tensor):
@@ -104,9 +107,7 @@ def make_prune(kind, rows_arg, cols_arg):
     def prune(configs, nargs, **kwargs):
         q = nargs["Q"]
         arch = device_arch(q)
-        elem = q.element_size()
-        block_d = kwargs["BLOCK_D"]
-        ok = set(valid_configs(kind, arch, block_d, elem))
+        ok = set(valid_configs(kind, arch, kwargs["BLOCK_D"], q.element_size(), kwargs["ALIGNED"]))
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ok]
         rows = nargs[rows_arg]

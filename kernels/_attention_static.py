@@ -1,9 +1,10 @@
 """The attention configurations the launchers/autotuners may pick, for the GPU static report.
 
-Axes: dtype (fp16/bf16/fp32) x head-dim block (16..256; EVEN_D False stands for the padded
-head dims 40, 80, 96, 112, 160, 192) x tile (every config `valid_configs` keeps on the arch)
-x causal. Feature flags other than causal (mask, window, softcap, dropout, key_lengths) add a
-few ALU ops and are listed off (they do not change the tiles).
+Axes: dtype (fp16/bf16/fp32 IEEE/fp32 TF32) x head-dim block (16..256; "padded" is EVEN_D
+False: head dims 40, 80, 96, 112, 160, 192) x tile (every tile `valid_configs` keeps on the arch)
+x causal. Rows are 16-byte aligned (ALIGNED) in all of these; "unaligned" variants (head dim
+not a multiple of 16 bytes, odd strides) get only the smallest tile. Feature flags other than
+causal (mask, window, softcap, dropout, key_lengths) add a few ALU ops and are listed off.
 """
 
 import inspect
@@ -15,10 +16,13 @@ from ._attention_decode import attn_decode_merge_kernel, attn_decode_split_kerne
 from ._attention_fwd import attn_fwd_kernel
 from .static_variant import StaticVariant
 
-DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
-# (BLOCK_D, EVEN_D): powers of two exactly, and padded representatives
-HEAD_DIMS = [(16, True), (32, True), (64, True), (128, True), (256, True),
-             (64, False), (128, False), (256, False)]
+# label -> (signature dtype, element bytes, dot input precision)
+DTYPES = {"fp16": ("fp16", 2, "tf32"), "bf16": ("bf16", 2, "tf32"),
+          "fp32": ("fp32", 4, "ieee"), "tf32": ("fp32", 4, "tf32")}
+# (BLOCK_D, EVEN_D, ALIGNED): powers of two exactly, padded representatives, unaligned
+HEAD_DIMS = [(16, True, True), (32, True, True), (64, True, True), (128, True, True),
+             (256, True, True), (64, False, True), (128, False, True), (256, False, True),
+             (64, False, False), (128, False, False), (256, False, False)]
 
 _FP32_PTRS = {"Lse", "Delta", "OPart", "LPart", "DMask"}
 _PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Mask", "KeyLens"}
@@ -41,48 +45,49 @@ def _signature(kernel, dtype, constexprs):
     return sig
 
 
-def _flags(block_d, even_d, causal, dtype):
-    return dict(BLOCK_D=block_d, EVEN_D=even_d, IS_CAUSAL=causal, HAS_WL=False, HAS_WR=False,
-                MASK_KIND=0, HAS_KL=False, HAS_SOFTCAP=False,
-                DOT_PREC="ieee" if dtype == "fp32" else "tf32")
+def _flags(block_d, even_d, aligned, causal, prec):
+    return dict(BLOCK_D=block_d, EVEN_D=even_d, ALIGNED=aligned, IS_CAUSAL=causal, HAS_WL=False,
+                HAS_WR=False, MASK_KIND=0, HAS_KL=False, HAS_SOFTCAP=False, DOT_PREC=prec)
 
 
-def _variant(kernel, name, dtype, label, constexprs, warps, stages):
-    return StaticVariant(kernel=kernel, name=name, config=f"{dtype} {label} w={warps} s={stages}",
-                         signature=_signature(kernel, dtype, constexprs), constexprs=constexprs,
-                         num_warps=warps, num_stages=stages)
+def _variant(kernel, name, label, sig_dtype, config, constexprs, warps, stages):
+    return StaticVariant(kernel=kernel, name=name, config=f"{label} {config} w={warps} s={stages}",
+                         signature=_signature(kernel, sig_dtype, constexprs),
+                         constexprs=constexprs, num_warps=warps, num_stages=stages)
+
+
+_KERNELS = (("fwd", "attention_fwd", attn_fwd_kernel, dict(HAS_DROPOUT=False)),
+            ("dkdv", "attention_bwd_dkdv", attn_bwd_dkdv_kernel, dict(HAS_DROPOUT=False)),
+            ("dq", "attention_bwd_dq", attn_bwd_dq_kernel, dict(HAS_DROPOUT=False, MASK_GRAD=False)))
 
 
 def static_variants(arch):
     out = []
-    for dtype, elem in DTYPES.items():
-        for block_d, even_d in HEAD_DIMS:
-            dlabel = f"d={block_d}" + ("" if even_d else " padded")
+    for label, (sig_dtype, elem, prec) in DTYPES.items():
+        for block_d, even_d, aligned in HEAD_DIMS:
+            dlabel = f"d={block_d}" + ("" if even_d else " padded") + ("" if aligned else " unaligned")
             for causal in (False, True):
-                flags = _flags(block_d, even_d, causal, dtype)
+                flags = _flags(block_d, even_d, aligned, causal, prec)
                 clabel = dlabel + (" causal" if causal else "")
-                for kind, kernel, extra in (("fwd", attn_fwd_kernel, dict(HAS_DROPOUT=False)),
-                                            ("dkdv", attn_bwd_dkdv_kernel, dict(HAS_DROPOUT=False)),
-                                            ("dq", attn_bwd_dq_kernel,
-                                             dict(HAS_DROPOUT=False, MASK_GRAD=False))):
-                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem):
+                for kind, name, kernel, extra in _KERNELS:
+                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem, aligned):
                         consts = dict(flags, **extra, BLOCK_M=bm, BLOCK_N=bn)
-                        name = {"fwd": "attention_fwd", "dkdv": "attention_bwd_dkdv",
-                                "dq": "attention_bwd_dq"}[kind]
-                        out.append(_variant(kernel, name, dtype, f"{clabel} BM={bm} BN={bn}",
-                                            consts, w, s))
+                        out.append(_variant(kernel, name, label, sig_dtype,
+                                            f"{clabel} BM={bm} BN={bn}", consts, w, s))
                 # decode: BLOCK_M follows group * Sq (16, 32 or 64), fixed BLOCK_N
                 for bm in (16, 32, 64):
                     bm_, bn, w, s = _decode_tiles(bm, block_d)
                     consts = dict(flags, BLOCK_M=bm_, BLOCK_N=bn)
-                    out.append(_variant(attn_decode_split_kernel, "attention_decode_split", dtype,
-                                        f"{clabel} BM={bm_} BN={bn}", consts, w, s))
-            if even_d:
-                out.append(_variant(attn_bwd_preprocess_kernel, "attention_bwd_preprocess",
-                                    dtype, f"d={block_d} BM=64",
-                                    dict(BLOCK_M=64, BLOCK_D=block_d), 4, 3))
-                out.append(_variant(attn_decode_merge_kernel, "attention_decode_merge",
-                                    dtype, f"d={block_d} BS={MERGE_BLOCK_S}",
+                    out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
+                                        sig_dtype, f"{clabel} BM={bm_} BN={bn}", consts, w, s))
+            if even_d and label != "tf32":     # no dots below: one variant per storage dtype
+                for al in (True, False):
+                    out.append(_variant(attn_bwd_preprocess_kernel, "attention_bwd_preprocess",
+                                        label, sig_dtype,
+                                        f"d={block_d} BM=64" + ("" if al else " unaligned"),
+                                        dict(BLOCK_M=64, BLOCK_D=block_d, ALIGNED=al), 4, 3))
+                out.append(_variant(attn_decode_merge_kernel, "attention_decode_merge", label,
+                                    sig_dtype, f"d={block_d} BS={MERGE_BLOCK_S}",
                                     dict(BLOCK_S=MERGE_BLOCK_S, BLOCK_D=block_d), 4, 3))
     return out
 

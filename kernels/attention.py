@@ -75,6 +75,18 @@ def _last_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _rows_aligned(*tensors):
+    """True when every row of every tensor starts on 16 bytes (base pointer and the strides of
+    all non-trivial dims), so the kernels may promise the compiler aligned rows."""
+    for t in tensors:
+        if t.data_ptr() % 16:
+            return False
+        for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
+            if size > 1 and (stride * t.element_size()) % 16:
+                return False
+    return True
+
+
 def _dot_precision(dtype):
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -154,8 +166,11 @@ class _Case:
             self.key_lengths = key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
 
         self.block_d = cfg.block_d_of(D)
+        # outputs are allocated contiguous, so their rows are aligned iff D * itemsize is
+        self.aligned = (D * q.element_size()) % 16 == 0 and _rows_aligned(self.q, self.k, self.v)
         self.consts = dict(
-            BLOCK_D=self.block_d, EVEN_D=(D == self.block_d), IS_CAUSAL=self.causal,
+            BLOCK_D=self.block_d, EVEN_D=(D == self.block_d), ALIGNED=self.aligned,
+            IS_CAUSAL=self.causal,
             HAS_WL=self.wl >= 0, HAS_WR=self.wr >= 0, MASK_KIND=self.mask_kind,
             HAS_KL=self.has_kl, HAS_SOFTCAP=self.softcap > 0,
             DOT_PREC=_dot_precision(q.dtype),
@@ -231,12 +246,13 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
 
     delta = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
+    aligned = c.aligned and _rows_aligned(dout, out)
     pre_bm = 16 if cfg.interpreting() else 64
     attn_bwd_preprocess_kernel[(triton.cdiv(c.Sq, pre_bm) * c.B * c.H,)](
         out, dout, delta, *_strides3(out), *_strides3(dout), c.H, c.Sq, c.D,
-        BLOCK_M=pre_bm, BLOCK_D=c.block_d)
+        BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=aligned)
 
-    consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
+    consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0, ALIGNED=aligned)
     args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
             *_strides3(dk), *_strides3(dv), *c.mask_strides, c.H, c.Hkv, *c.scalars()]
