@@ -51,12 +51,13 @@ def time_pair(fastattn_fn, torch_fn, device_type="cpu", rounds=7, min_round_ms=5
     fa_ms, pt_ms = [], []
     timer = "perf_counter-interleaved"
     if device_type == "cuda":
-        graphs = True
+        # Graphs only if both sides can be captured, so both are timed the same way.
+        graphs = all(_cuda_ms(fn, True)[1] == "do_bench_cudagraph"
+                     for fn in (fastattn_fn, torch_fn))
         for r in range(rounds):
             order = ((fastattn_fn, fa_ms), (torch_fn, pt_ms))
             for fn, sink in (order if r % 2 == 0 else order[::-1]):
                 ms, timer = _cuda_ms(fn, graphs)
-                graphs = graphs and timer == "do_bench_cudagraph"
                 sink.append(ms)
     else:
         n_fa, n_pt = _calibrate(fastattn_fn, min_round_ms), _calibrate(torch_fn, min_round_ms)
