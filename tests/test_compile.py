@@ -1,0 +1,111 @@
+"""torch.compile(fullgraph=True) on CPU: a block built from fastattn's modules and each public
+function trace without graph breaks and give the eager result (forward and backward)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastattn
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on fastattn modules (rotary + GQA attention)."""
+
+    def __init__(self, e=32, h=4):
+        super().__init__()
+        self.norm1 = fastattn.LayerNorm(e)
+        self.attn = fastattn.MultiHeadAttention(e, h, batch_first=True, rotary=True,
+                                                num_kv_heads=2)
+        self.norm2 = fastattn.RMSNorm(e)
+        self.mlp = nn.Linear(e, e)
+
+    def forward(self, x, mask, kpm):
+        h = self.norm1(x)
+        a, w = self.attn(h, h, h, attn_mask=mask, key_padding_mask=kpm, is_causal=True)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), w
+
+
+def eager_and_compiled(fn, *inputs):
+    """Outputs and input gradients of fn eagerly and compiled with fullgraph=True."""
+    results = []
+    for f in (fn, torch.compile(fn, fullgraph=True, backend="aot_eager")):
+        xs = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+              else t for t in inputs]
+        out = f(*xs)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum()
+                   for o in outs if o is not None)
+        leaves = [t for t in xs if isinstance(t, torch.Tensor) and t.requires_grad]
+        grads = torch.autograd.grad(loss, leaves) if leaves else ()
+        results.append((outs, grads))
+    return results
+
+
+def assert_same(results):
+    (eo, eg), (co, cg) = results
+    for a, b in zip(co + cg, eo + eg):
+        if a is None:
+            assert b is None
+            continue
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("with_kpm", [False, True])
+def test_block_compiles_fullgraph(with_kpm):
+    torch.manual_seed(0)
+    block = Block()
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    mask = nn.Transformer.generate_square_subsequent_mask(12)
+    kpm = None
+    if with_kpm:
+        kpm = torch.zeros(2, 12, dtype=torch.bool)
+        kpm[1, 9:] = True
+    eager = block(x, mask, kpm)
+    compiled = torch.compile(block, fullgraph=True)
+    got = compiled(x, mask, kpm)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+    # backward through the compiled graph, parameters included
+    ge = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(),
+                             [x] + list(block.parameters()))
+    gc = torch.autograd.grad(got[0].sum() + got[1].square().sum(),
+                             [x] + list(block.parameters()))
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=RTOL)
+
+
+def test_mha_drop_in_compiles_need_weights_false():
+    torch.manual_seed(0)
+    m = fastattn.MultiHeadAttention(32, 4)
+    x = torch.randn(10, 2, 32)
+    mask = torch.randn(10, 10)
+    f = lambda q: m(q, q, q, attn_mask=mask, need_weights=False)[0]     # noqa: E731
+    assert_same(eager_and_compiled(f, x.requires_grad_()))
+
+
+def test_public_functions_compile_fullgraph():
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 9, 16, requires_grad=True)
+    k = torch.randn(1, 2, 9, 16, requires_grad=True)
+    v = torch.randn(1, 2, 9, 16, requires_grad=True)
+    assert_same(eager_and_compiled(
+        lambda a, b, c: fastattn.scaled_dot_product_attention(a, b, c, is_causal=True),
+        q, k, v))
+    x = torch.randn(4, 33, requires_grad=True)
+    assert_same(eager_and_compiled(lambda t: fastattn.softmax(t, dim=-1), x))
+    w, b = torch.randn(33, requires_grad=True), torch.randn(33, requires_grad=True)
+    assert_same(eager_and_compiled(lambda t, ww, bb: fastattn.layer_norm(t, (33,), ww, bb),
+                                   x, w, b))
+    assert_same(eager_and_compiled(lambda t, ww: fastattn.rms_norm(t, (33,), ww), x, w))
+    cos, sin = fastattn.rotary_cache(9, 16)
+    assert_same(eager_and_compiled(lambda t: fastattn.apply_rotary(t, cos, sin), q))
