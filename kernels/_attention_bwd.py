@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, q_range,
-                                row_aligned, scores)
+                                tile, scores)
 
 
 @triton.jit
@@ -30,12 +30,10 @@ def attn_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)               # (BLOCK_M, BLOCK_D)
-    o = tl.load(row_aligned(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                            + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :],
-                            ALIGNED), mask=ok, other=0.0)
-    do = tl.load(row_aligned(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                             + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
-                             ALIGNED), mask=ok, other=0.0)
+    o = tl.load(tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                            + offs_m[:, None].to(tl.int64) * stride_om, offs_d, ALIGNED), mask=ok, other=0.0)
+    do = tl.load(tile(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                             + offs_m[:, None].to(tl.int64) * stride_dom, offs_d, ALIGNED), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)           # (BLOCK_M,)
     tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
 
@@ -79,12 +77,10 @@ def attn_bwd_dkdv_kernel(
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
     n_ok = (offs_n[:, None] < kv_len) & d_ok                          # (BLOCK_N, BLOCK_D)
-    k = tl.load(row_aligned(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                            + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                            ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
-    v = tl.load(row_aligned(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                            + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-                            ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
+    k = tl.load(tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+                            + offs_n[:, None].to(tl.int64) * stride_kn, offs_d, ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
+    v = tl.load(tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+                            + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
 
     col_lo = pid_n * BLOCK_N
     col_hi = tl.minimum(col_lo + BLOCK_N, kv_len)
@@ -107,11 +103,9 @@ def attn_bwd_dkdv_kernel(
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0                                # (BLOCK_M,)
             m_ok = (offs_m[:, None] < Sq) & d_ok
-            q = tl.load(row_aligned(q_base + offs_m[:, None].to(tl.int64) * stride_qm
-                                    + offs_d[None, :], ALIGNED),
+            q = tl.load(tile(q_base + offs_m[:, None].to(tl.int64) * stride_qm, offs_d, ALIGNED),
                         mask=m_ok, other=0.0)                         # (BLOCK_M, BLOCK_D)
-            do = tl.load(row_aligned(do_base + offs_m[:, None].to(tl.int64) * stride_dom
-                                     + offs_d[None, :], ALIGNED),
+            do = tl.load(tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom, offs_d, ALIGNED),
                          mask=m_ok, other=0.0)                        # (BLOCK_M, BLOCK_D)
             lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_M)
@@ -137,11 +131,11 @@ def attn_bwd_dkdv_kernel(
 
     dk = dk * sm_scale
     st_ok = (offs_n[:, None] < Sk) & d_ok
-    tl.store(row_aligned(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-                         + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], ALIGNED),
+    tl.store(tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+                         + offs_n[:, None].to(tl.int64) * stride_dkn, offs_d, ALIGNED),
              dk.to(DK.dtype.element_ty), mask=st_ok)
-    tl.store(row_aligned(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-                         + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], ALIGNED),
+    tl.store(tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+                         + offs_n[:, None].to(tl.int64) * stride_dvn, offs_d, ALIGNED),
              dv.to(DV.dtype.element_ty), mask=st_ok)
 
 
@@ -174,12 +168,10 @@ def attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
     m_ok = (offs_m[:, None] < Sq) & d_ok                              # (BLOCK_M, BLOCK_D)
-    q = tl.load(row_aligned(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                            + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                            ALIGNED), mask=m_ok, other=0.0)           # (BLOCK_M, BLOCK_D)
-    do = tl.load(row_aligned(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                             + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
-                             ALIGNED), mask=m_ok, other=0.0)          # (BLOCK_M, BLOCK_D)
+    q = tl.load(tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                            + offs_m[:, None].to(tl.int64) * stride_qm, offs_d, ALIGNED), mask=m_ok, other=0.0)           # (BLOCK_M, BLOCK_D)
+    do = tl.load(tile(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                             + offs_m[:, None].to(tl.int64) * stride_dom, offs_d, ALIGNED), mask=m_ok, other=0.0)          # (BLOCK_M, BLOCK_D)
     lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
 
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
@@ -195,11 +187,9 @@ def attn_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = (offs_n[:, None] < kv_len) & d_ok
-        k = tl.load(row_aligned(k_base + offs_n[:, None].to(tl.int64) * stride_kn
-                                + offs_d[None, :], ALIGNED),
+        k = tl.load(tile(k_base + offs_n[:, None].to(tl.int64) * stride_kn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
-        v = tl.load(row_aligned(v_base + offs_n[:, None].to(tl.int64) * stride_vn
-                                + offs_d[None, :], ALIGNED),
+        v = tl.load(tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         s2, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, Sq,
@@ -221,6 +211,6 @@ def attn_bwd_dq_kernel(
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
     dq = dq * sm_scale
-    tl.store(row_aligned(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-                         + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], ALIGNED),
+    tl.store(tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+                         + offs_m[:, None].to(tl.int64) * stride_dqm, offs_d, ALIGNED),
              dq.to(DQ.dtype.element_ty), mask=m_ok)

@@ -24,13 +24,15 @@ def tanh_approx_free(x):
 
 
 @triton.jit
-def row_aligned(ptrs, ALIGNED: tl.constexpr):
-    """Tell the compiler every row of a (rows, BLOCK_D) pointer tile starts on 16 bytes.
+def tile(row_ptrs, offs_d, ALIGNED: tl.constexpr):
+    """(rows, 1) row-start pointers + (BLOCK_D,) columns -> (rows, BLOCK_D) pointer tile.
 
-    The launcher sets ALIGNED only when base pointers, strides and D make that true. It lets
-    loads vectorise and pipeline (cp.async / TMA-free) exactly as Triton's own specialisation
-    would, and makes an offline compile (no runtime arguments) see the same code.
+    With ALIGNED (set by the launcher only when base pointers, strides and D make it true) the
+    compiler is told every row starts on 16 bytes, so loads vectorise and pipeline as under
+    Triton's own argument specialisation, and an offline compile sees the same code. The hint
+    must sit on an op created here: a hint on a function argument is silently dropped.
     """
+    ptrs = row_ptrs + offs_d[None, :]
     if ALIGNED:
         ptrs = tl.multiple_of(ptrs, [16, 16])
     return ptrs

@@ -8,7 +8,7 @@ group's queries fill the MMA tile and K/V are read once per group. Stage 2 merge
 import triton
 import triton.language as tl
 
-from ._attention_common import head_mask, kv_len_of, kv_range, row_aligned, scores
+from ._attention_common import head_mask, kv_len_of, kv_range, tile, scores
 
 
 @triton.jit
@@ -43,9 +43,8 @@ def attn_decode_split_kernel(
     h = hk * group + g                                                # (BLOCK_M,) query head
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
-    q = tl.load(row_aligned(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh
-                            + offs_i[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                            ALIGNED),
+    q = tl.load(tile(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh
+                            + offs_i[:, None].to(tl.int64) * stride_qm, offs_d, ALIGNED),
                 mask=r_ok[:, None] & d_ok, other=0.0)                 # (BLOCK_M, BLOCK_D)
 
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
@@ -67,8 +66,7 @@ def attn_decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = (offs_n[:, None] < kv_len) & d_ok
-        k = tl.load(row_aligned(k_base + offs_n[:, None].to(tl.int64) * stride_kn
-                                + offs_d[None, :], ALIGNED),
+        k = tl.load(tile(k_base + offs_n[:, None].to(tl.int64) * stride_kn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         # scores() indexes the mask as base + row * stride_mm; give it row offsets with stride 1
@@ -80,8 +78,7 @@ def attn_decode_split_kernel(
         p = tl.exp2(s2 - m_safe[:, None])                             # (BLOCK_M, BLOCK_N)
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(row_aligned(v_base + offs_n[:, None].to(tl.int64) * stride_vn
-                                + offs_d[None, :], ALIGNED),
+        v = tl.load(tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
@@ -91,7 +88,7 @@ def attn_decode_split_kernel(
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     # partials: (B*H, num_splits, Sq, D) and (B*H, num_splits, Sq), lse in log2 units
     prow = ((b * H + h).to(tl.int64) * num_splits + split) * Sq + offs_i   # (BLOCK_M,)
-    tl.store(row_aligned(OPart + prow[:, None] * D + offs_d[None, :], ALIGNED), out, mask=r_ok[:, None] & d_ok)
+    tl.store(tile(OPart + prow[:, None] * D, offs_d, ALIGNED), out, mask=r_ok[:, None] & d_ok)
     tl.store(LPart + prow, lse2, mask=r_ok)
 
 

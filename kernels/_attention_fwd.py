@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from ._attention_common import dropout_keep, head_mask, kv_len_of, kv_range, row_aligned, scores
+from ._attention_common import dropout_keep, head_mask, kv_len_of, kv_range, tile, scores
 
 
 @triton.jit
@@ -34,9 +34,10 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)                                    # (BLOCK_D,)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
 
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
-    q = tl.load(row_aligned(q_ptrs, ALIGNED), mask=(offs_m[:, None] < Sq) & d_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+    q_rows = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm)                  # (BLOCK_M, 1)
+    q = tl.load(tile(q_rows, offs_d, ALIGNED), mask=(offs_m[:, None] < Sq) & d_ok,
+                other=0.0)                                            # (BLOCK_M, BLOCK_D)
 
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
     lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq), kv_len, shift,
@@ -54,8 +55,7 @@ def attn_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n[:, None] < kv_len                               # (BLOCK_N, 1)
-        k = tl.load(row_aligned(k_base + offs_n[:, None].to(tl.int64) * stride_kn
-                                + offs_d[None, :], ALIGNED),
+        k = tl.load(tile(k_base + offs_n[:, None].to(tl.int64) * stride_kn, offs_d, ALIGNED),
                     mask=n_ok & d_ok, other=0.0)                      # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         s2, _t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
@@ -73,8 +73,7 @@ def attn_fwd_kernel(
                                 dropout_p)                            # (BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         # masked V rows are zeroed so garbage past key_lengths cannot give 0 * NaN
-        v = tl.load(row_aligned(v_base + offs_n[:, None].to(tl.int64) * stride_vn
-                                + offs_d[None, :], ALIGNED),
+        v = tl.load(tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED),
                     mask=n_ok & d_ok, other=0.0)                      # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -87,7 +86,8 @@ def attn_fwd_kernel(
     lse = tl.where(empty, float("-inf"),
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)   # natural log
 
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :])
-    tl.store(row_aligned(o_ptrs, ALIGNED), out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < Sq) & d_ok)
+    o_rows = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om)                  # (BLOCK_M, 1)
+    tl.store(tile(o_rows, offs_d, ALIGNED), out.to(Out.dtype.element_ty),
+             mask=(offs_m[:, None] < Sq) & d_ok)
     tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
