@@ -6,8 +6,8 @@ built CUDA extension (fastattn/_C*.so) the same way.
 
 Record: {"source": "triton"|"cuda", "kernel", "config", "arch": "sm_80"|"sm_90", "registers",
 "shared_bytes", "spill_stores", "spill_loads", "mma": {"HMMA": n, "HGMMA": n}} plus
-"local_bytes" (cuobjdump's LOCAL: per-thread local memory, > 0 when ptxas spilled).
-Spills are counted as STL / LDL instructions in the SASS.
+"stack_bytes" / "local_bytes" (cuobjdump's STACK and LOCAL: per-thread stack frame and local
+memory, > 0 when ptxas spilled). Spills are counted as STL / LDL instructions in the SASS.
 """
 
 import argparse
@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KERNEL_MODULES = ("softmax", "layer_norm", "rotary", "attention")
+KERNEL_MODULES = ("softmax", "layer_norm", "rotary", "attention")   # reported first, if present
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}   # max dynamic shared memory per block
 MMA_OPS = ("HMMA", "HGMMA")
 
@@ -63,13 +63,19 @@ def _kernels_package():
 
 
 def kernel_modules():
-    """{name: module} for every kernels module that exists (attention may not yet)."""
-    _kernels_package()
+    """{name: module} for every public kernels module with static_variants() (a module that
+    does not exist yet, e.g. attention, is simply absent)."""
+    import pkgutil
+    pkg = _kernels_package()
+    names = [n for n in KERNEL_MODULES if importlib.util.find_spec(f"fastattn.kernels.{n}")]
+    names += sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                    if not m.name.startswith("_") and m.name not in KERNEL_MODULES
+                    and m.name != "static_variant")
     mods = {}
-    for name in KERNEL_MODULES:
-        if importlib.util.find_spec(f"fastattn.kernels.{name}") is None:
-            continue
-        mods[name] = importlib.import_module(f"fastattn.kernels.{name}")
+    for name in names:
+        mod = importlib.import_module(f"fastattn.kernels.{name}")
+        if hasattr(mod, "static_variants"):
+            mods[name] = mod
     return mods
 
 
@@ -121,7 +127,7 @@ def _sass_functions(text):
     return {k: "\n".join(v) for k, v in out.items()}
 
 
-def _cubin_record(cubin, dynamic_shared):
+def _cubin_record(cubin, dynamic_shared, name):
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
@@ -130,12 +136,14 @@ def _cubin_record(cubin, dynamic_shared):
         sass = _run([_tool("cuobjdump"), "-sass", path])
     finally:
         os.unlink(path)
-    (vals,) = usage.values()    # a Triton cubin holds exactly one kernel
+    by_name = {func: vals for (_, func), vals in usage.items()}
+    vals = by_name.get(name) or max(by_name.values(), key=lambda v: v.get("REG", 0))
     return {
         "registers": vals.get("REG", 0),
         "shared_bytes": vals.get("SHARED", 0) + dynamic_shared,
         "spill_stores": _count(sass, "STL"),
         "spill_loads": _count(sass, "LDL"),
+        "stack_bytes": vals.get("STACK", 0),
         "local_bytes": vals.get("LOCAL", 0),
         "mma": {op: _count(sass, op) for op in MMA_OPS},
     }
@@ -153,12 +161,14 @@ def compile_variant(variant, arch):
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     rec = {"source": "triton", "kernel": variant.name, "config": variant.config,
            "arch": f"sm_{arch}"}
-    rec.update(_cubin_record(compiled.asm["cubin"], compiled.metadata.shared))
+    rec.update(_cubin_record(compiled.asm["cubin"], compiled.metadata.shared,
+                            compiled.metadata.name))
     return rec
 
 
 def _sample(variants, per_kernel):
-    """Up to per_kernel variants of each kernel name, spread over its list."""
+    """Up to per_kernel variants of each kernel name, spread over its list (always including
+    the last, usually the biggest tile)."""
     by_name = {}
     for v in variants:
         by_name.setdefault(v.name, []).append(v)
@@ -168,7 +178,7 @@ def _sample(variants, per_kernel):
             out += vs
         else:
             step = (len(vs) - 1) / (per_kernel - 1) if per_kernel > 1 else 0
-            out += [vs[round(i * step)] for i in range(per_kernel)]
+            out += [vs[-1 - round(i * step)] for i in range(per_kernel)][::-1]
     return out
 
 
@@ -239,7 +249,7 @@ def cuda_records(archs=(80, 90), only=None, so_path=None):
             "source": "cuda", "kernel": short, "config": pretty, "arch": f"sm_{arch}",
             "registers": vals.get("REG", 0), "shared_bytes": vals.get("SHARED", 0),
             "spill_stores": _count(code, "STL"), "spill_loads": _count(code, "LDL"),
-            "local_bytes": vals.get("LOCAL", 0),
+            "stack_bytes": vals.get("STACK", 0), "local_bytes": vals.get("LOCAL", 0),
             "mma": {op: _count(code, op) for op in MMA_OPS},
         })
     return records
@@ -255,7 +265,8 @@ def problems(record):
     """What is wrong with a record ([] when it is clean)."""
     arch = int(record["arch"].split("_")[1])
     bad = []
-    if record["spill_stores"] or record["spill_loads"] or record.get("local_bytes", 0):
+    if record["spill_stores"] or record["spill_loads"] or record.get("local_bytes", 0) \
+            or record.get("stack_bytes", 0):
         bad.append("spills")
     if record["shared_bytes"] > SHARED_LIMIT.get(arch, SHARED_LIMIT[80]):
         bad.append("shared memory over the sm_%d limit" % arch)

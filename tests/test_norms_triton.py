@@ -18,28 +18,6 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 from fastattn.kernels import layer_norm as tln  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def bf16_round_to_nearest(monkeypatch):
-    """Interpreter fault: its fp32 -> bf16 cast truncates (a GPU rounds to nearest even), which
-    alone breaks the 2x rule. Cast through torch instead while these tests run."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    cast = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(data.view(torch.int16).numpy().view(np.uint16),
-                                            tl.bfloat16)
-        return cast(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
-
-
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3, torch.float32: 0.0}
