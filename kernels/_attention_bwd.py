@@ -1,4 +1,4 @@
-"""FlashAttention-2 backward: preprocess (delta), dK/dV (loop over query blocks), dQ (loop over keys).
+"""FlashAttention-2 backward: preprocess (delta), dK/dV (loops over query blocks), dQ (over keys).
 
 P is recomputed from the saved lse; nothing of size Sq x Sk is allocated except dmask_full.
 No atomics: dK/dV of a kv head sum over the group's query heads inside one program, so the
@@ -30,10 +30,12 @@ def attn_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)               # (BLOCK_M, BLOCK_D)
-    o = tl.load(tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                            + offs_m[:, None].to(tl.int64) * stride_om, offs_d, ALIGNED), mask=ok, other=0.0)
-    do = tl.load(tile(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                             + offs_m[:, None].to(tl.int64) * stride_dom, offs_d, ALIGNED), mask=ok, other=0.0)
+    o_rows = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om)                  # (BLOCK_M, 1)
+    do_rows = (DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+               + offs_m[:, None].to(tl.int64) * stride_dom)
+    o = tl.load(tile(o_rows, offs_d, ALIGNED), mask=ok, other=0.0)      # (BLOCK_M, BLOCK_D)
+    do = tl.load(tile(do_rows, offs_d, ALIGNED), mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)           # (BLOCK_M,)
     tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
 
@@ -77,10 +79,12 @@ def attn_bwd_dkdv_kernel(
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
     n_ok = (offs_n[:, None] < kv_len) & d_ok                          # (BLOCK_N, BLOCK_D)
-    k = tl.load(tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-                            + offs_n[:, None].to(tl.int64) * stride_kn, offs_d, ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
-    v = tl.load(tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-                            + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED), mask=n_ok, other=0.0)           # (BLOCK_N, BLOCK_D)
+    k_rows = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + offs_n[:, None].to(tl.int64) * stride_kn)                  # (BLOCK_N, 1)
+    v_rows = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + offs_n[:, None].to(tl.int64) * stride_vn)
+    k = tl.load(tile(k_rows, offs_d, ALIGNED), mask=n_ok, other=0.0)    # (BLOCK_N, BLOCK_D)
+    v = tl.load(tile(v_rows, offs_d, ALIGNED), mask=n_ok, other=0.0)    # (BLOCK_N, BLOCK_D)
 
     col_lo = pid_n * BLOCK_N
     col_hi = tl.minimum(col_lo + BLOCK_N, kv_len)
@@ -168,10 +172,12 @@ def attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
     m_ok = (offs_m[:, None] < Sq) & d_ok                              # (BLOCK_M, BLOCK_D)
-    q = tl.load(tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                            + offs_m[:, None].to(tl.int64) * stride_qm, offs_d, ALIGNED), mask=m_ok, other=0.0)           # (BLOCK_M, BLOCK_D)
-    do = tl.load(tile(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                             + offs_m[:, None].to(tl.int64) * stride_dom, offs_d, ALIGNED), mask=m_ok, other=0.0)          # (BLOCK_M, BLOCK_D)
+    q_rows = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_qm)                  # (BLOCK_M, 1)
+    do_rows = (DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+               + offs_m[:, None].to(tl.int64) * stride_dom)
+    q = tl.load(tile(q_rows, offs_d, ALIGNED), mask=m_ok, other=0.0)    # (BLOCK_M, BLOCK_D)
+    do = tl.load(tile(do_rows, offs_d, ALIGNED), mask=m_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
     lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
 
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)

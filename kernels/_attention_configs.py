@@ -1,4 +1,4 @@
-"""Tile configurations for the attention kernels: the tile table, per-arch pruning, interpreter picks.
+"""Tiles for the attention kernels: the validated table, per-arch pruning, interpreter picks.
 
 On a GPU the launchers autotune over the table's tiles that survive `prune` for the device and
 call (shared-memory limit of the arch, row alignment, sequence lengths). Under TRITON_INTERPRET=1
@@ -55,7 +55,7 @@ def block_d_of(head_dim):
 
 
 def smem_estimate(kind, bm, bn, bd, elem, stages):
-    """Bytes of shared memory a config needs (upper estimate, validated against compiled kernels)."""
+    """Bytes of shared memory a config needs (an upper estimate; checked on compiled kernels)."""
     if kind == "fwd":      # Q once, K and V multi-buffered
         return bm * bd * elem + stages * 2 * bn * bd * elem + bm * bn * elem
     if kind == "dkdv":     # K, V resident; Q, dO multi-buffered; P^T and dS^T staged
@@ -125,12 +125,16 @@ def make_prune(kind, rows_arg, cols_arg):
 MERGE_BLOCK_S = 16   # splits merged per step; one compiled merge kernel serves any count
 
 
-def decode_tiles(group, Sq, head_dim, interpret=None):
+def decode_tiles(group, Sq, head_dim, elem=2, interpret=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel.
 
-    Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64).
+    Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64);
+    BLOCK_N / warps follow the head dim and element size (checked spill-free like TABLE).
     """
     bm = min(64, max(16, triton.next_power_of_2(group * Sq)))
     if interpreting() if interpret is None else interpret:
         return bm, INTERP_DECODE_BLOCK_N, 4, 1
-    return bm, 64, 4, (3 if block_d_of(head_dim) <= 128 else 2)
+    bd = block_d_of(head_dim)
+    if elem == 2:
+        return (bm, 64, 4, 3) if bd <= 128 else (bm, 32, 8, 2)
+    return (bm, 32, 4, 2) if bd <= 64 else (bm, 16, 8, 1)

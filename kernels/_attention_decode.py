@@ -56,8 +56,8 @@ def attn_decode_split_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     # the mask is per query head: fold the head into the row offset (stride_mm per query row)
-    mask_base = Mask + b.to(tl.int64) * stride_mb
-    m_row = h.to(tl.int64) * stride_mh + offs_i.to(tl.int64) * stride_mm   # (BLOCK_M,)
+    mask_rows = (Mask + b.to(tl.int64) * stride_mb + h[:, None].to(tl.int64) * stride_mh
+                 + offs_i[:, None].to(tl.int64) * (stride_mm - 1))     # (BLOCK_M, 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -69,10 +69,11 @@ def attn_decode_split_kernel(
         k = tl.load(tile(k_base + offs_n[:, None].to(tl.int64) * stride_kn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
-        # scores() indexes the mask as base + row * stride_mm; give it row offsets with stride 1
-        s2, _t = scores(qk, offs_i[:, None], offs_n[None, :],
-                        mask_base + m_row[:, None] - offs_i[:, None], 1, stride_mn, Sq, kv_len, shift, window_left, window_right, sm_scale,
-                        softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+        # scores() addresses the mask as base + i * stride_mm + j * stride_mn; rows here differ
+        # in head too, so hand it per-row bases (BLOCK_M, 1) that cancel i with stride 1
+        s2, _t = scores(qk, offs_i[:, None], offs_n[None, :], mask_rows, 1, stride_mn, Sq,
+                        kv_len, shift, window_left, window_right, sm_scale, softcap,
+                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s2 - m_safe[:, None])                             # (BLOCK_M, BLOCK_N)

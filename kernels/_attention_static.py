@@ -58,14 +58,16 @@ def _variant(kernel, name, label, sig_dtype, config, constexprs, warps, stages):
 
 _KERNELS = (("fwd", "attention_fwd", attn_fwd_kernel, dict(HAS_DROPOUT=False)),
             ("dkdv", "attention_bwd_dkdv", attn_bwd_dkdv_kernel, dict(HAS_DROPOUT=False)),
-            ("dq", "attention_bwd_dq", attn_bwd_dq_kernel, dict(HAS_DROPOUT=False, MASK_GRAD=False)))
+            ("dq", "attention_bwd_dq", attn_bwd_dq_kernel,
+             dict(HAS_DROPOUT=False, MASK_GRAD=False)))
 
 
 def static_variants(arch):
     out = []
     for label, (sig_dtype, elem, prec) in DTYPES.items():
         for block_d, even_d, aligned in HEAD_DIMS:
-            dlabel = f"d={block_d}" + ("" if even_d else " padded") + ("" if aligned else " unaligned")
+            dlabel = (f"d={block_d}" + ("" if even_d else " padded")
+                      + ("" if aligned else " unaligned"))
             for causal in (False, True):
                 flags = _flags(block_d, even_d, aligned, causal, prec)
                 clabel = dlabel + (" causal" if causal else "")
@@ -76,7 +78,7 @@ def static_variants(arch):
                                             f"{clabel} BM={bm} BN={bn}", consts, w, s))
                 # decode: BLOCK_M follows group * Sq (16, 32 or 64), fixed BLOCK_N
                 for bm in (16, 32, 64):
-                    bm_, bn, w, s = _decode_tiles(bm, block_d)
+                    bm_, bn, w, s = _decode_tiles(bm, block_d, elem)
                     consts = dict(flags, BLOCK_M=bm_, BLOCK_N=bn)
                     out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
                                         sig_dtype, f"{clabel} BM={bm_} BN={bn}", consts, w, s))
@@ -92,6 +94,6 @@ def static_variants(arch):
     return out
 
 
-def _decode_tiles(bm, block_d):
-    # decode_tiles takes (group, Sq, head_dim); group * Sq = bm gives BLOCK_M = bm
-    return cfg.decode_tiles(bm, 1, block_d, interpret=False)
+def _decode_tiles(bm, block_d, elem):
+    # decode_tiles takes (group, Sq, head_dim, ...); group * Sq = bm gives BLOCK_M = bm
+    return cfg.decode_tiles(bm, 1, block_d, elem, interpret=False)

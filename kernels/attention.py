@@ -287,7 +287,7 @@ def _decode(c, num_splits=None):
         return out, lse
     if c.Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    bm, bn, warps, stages = decode_tiles(c.group, c.Sq, c.D)
+    bm, bn, warps, stages = decode_tiles(c.group, c.Sq, c.D, c.q.element_size())
     if num_splits is None:
         num_splits = _num_splits(c, bm, bn, c.q.device)
     num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn), 1024))
