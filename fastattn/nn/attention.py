@@ -178,12 +178,13 @@ class MultiHeadAttention(nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             w = self.in_proj_weight
             if query is key and key is value:
+                # split (not slicing): its backward is one cat into the (.., 3E) gradient
                 qkv = TF.linear(query, w, b)                     # (.., .., E + 2 kv)
-                q, k, v = qkv[..., :e], qkv[..., e:e + kv], qkv[..., e + kv:]
+                q, k, v = qkv.split([e, kv, kv], dim=-1)
             elif key is value:
                 q = TF.linear(query, w[:e], bq)
                 kvp = TF.linear(key, w[e:], None if b is None else b[e:])
-                k, v = kvp[..., :kv], kvp[..., kv:]
+                k, v = kvp.split([kv, kv], dim=-1)
             else:
                 q = TF.linear(query, w[:e], bq)
                 k = TF.linear(key, w[e:e + kv], bk)

@@ -52,21 +52,39 @@ def _visible(q, k, mask, key_lengths, causal, bottom_right, window_left, window_
     return vis
 
 
+def _grouped_scores_into(out, q, k, scale):
+    """out (B, H, Sq, Sk) += q k^T * scale, one batched GEMM per kv head group (no K repeat)."""
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    qg = q.to(out.dtype).reshape(b * hkv, (h // hkv) * sq, d)
+    kg = k.to(out.dtype).reshape(b * hkv, sk, d)
+    out.view(b * hkv, (h // hkv) * sq, sk).baddbmm_(qg, kg.transpose(1, 2), alpha=scale)
+    return out
+
+
 def torch_attention_weights(q, k, lse, mask, key_lengths, scale, causal, bottom_right,
                             window_left, window_right, softcap):
-    """The torch backend of the op (fp32 math, result in q's dtype)."""
-    s = _raw_scores(q, k, scale)
-    if softcap > 0:
-        s = torch.tanh(s.div_(softcap)).mul_(softcap)
+    """The torch backend of the op (fp32 math, result in q's dtype).
+
+    Three passes over (B, H, Sq, Sk): write -lse (+ float mask, -inf where invisible), add
+    q k^T * scale in the GEMM (beta = 1), exp in place. Empty rows get -inf, so P = 0.
+    """
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    lse_ = lse.to(acc)
+    bias = torch.where(torch.isneginf(lse_), float("-inf"), -lse_).unsqueeze(-1)  # (B,H,Sq,1)
     if mask is not None and mask.dtype != torch.bool:
-        s = s.add_(mask)
-    lse_ = lse.to(s.dtype).unsqueeze(-1)
-    empty = torch.isneginf(lse_)
-    p = s.sub_(torch.where(empty, 0.0, lse_)).exp_()
+        bias = bias + mask.to(acc)
     vis = _visible(q, k, mask, key_lengths, causal, bottom_right, window_left, window_right)
-    hidden = empty if vis is None else ~vis | empty
-    # masked_fill, not a multiply: invisible scores may overflow exp to inf (inf * 0 = NaN)
-    return p.masked_fill_(hidden, 0.0).to(q.dtype)
+    if vis is not None:
+        bias = torch.where(vis, bias, float("-inf"))
+    if softcap > 0:
+        s = _raw_scores(q, k, scale)
+        s = torch.tanh(s.div_(softcap)).mul_(softcap)
+        return s.add_(bias).exp_().to(q.dtype)
+    out = bias.expand(b, h, sq, sk).contiguous()
+    return _grouped_scores_into(out, q, k, scale).exp_().to(q.dtype)
 
 
 @torch.library.custom_op("fastattn::attention_weights", mutates_args=())
