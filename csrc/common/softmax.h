@@ -51,3 +51,25 @@ template <typename V>
 FA_HD V softmax_grad(V y, V dy, V dot, V scale) { return scale * y * (dy - dot); }
 
 }  // namespace fastattn
+
+namespace fastattn {
+
+// Running (max, sum of exp(v - max)) of the online softmax, and the merge of two of them.
+struct SoftmaxStats {
+  float max;
+  float sum;
+};
+
+FA_HD SoftmaxStats softmax_stats_add(SoftmaxStats a, float v) {
+  if (v > a.max) return {v, a.sum * expf(a.max - v) + 1.f};
+  if (v != -INFINITY) a.sum += expf(v - a.max);
+  return a;
+}
+
+FA_HD SoftmaxStats softmax_stats_merge(SoftmaxStats a, SoftmaxStats b) {
+  const float m = a.max > b.max ? a.max : b.max;
+  if (m == -INFINITY) return {m, 0.f};
+  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+
+}  // namespace fastattn
