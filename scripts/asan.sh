@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Build fastattn._C's CPU kernels with AddressSanitizer in a throw-away copy of the repository
+# (the normal in-place build is left alone) and run the extension's CPU tests under it.
+#
+#   scripts/asan.sh [extra pytest args]        e.g. scripts/asan.sh -k rotary
+#
+# Env: PYTHON (default .venv/bin/python), MAX_JOBS (default 2), ASAN_TESTS (test files),
+#      KEEP=1 keeps the temporary copy.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+TESTS="${ASAN_TESTS:-tests/test_extension.py tests/test_softmax_cpu.py tests/test_norms_cpu.py tests/test_rotary_cpu.py}"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/fastattn-asan.XXXXXX")"
+if [[ "${KEEP:-0}" != 1 ]]; then trap 'rm -rf "$WORK"' EXIT; fi
+
+# Sources only: no virtual env, build tree, built extension or git data.
+tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.so' \
+    --exclude='__pycache__' -cf - . | tar -C "$WORK" -xf -
+cd "$WORK"
+
+echo "fastattn asan: building in $WORK"
+FASTATTN_ASAN=1 FASTATTN_SKIP_CUDA_BUILD=1 MAX_JOBS="${MAX_JOBS:-2}" \
+    "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1 \
+    || { tail -40 "$WORK/build.log"; echo "fastattn asan: build failed"; exit 1; }
+
+LIBASAN="$(gcc -print-file-name=libasan.so)"
+export LD_PRELOAD="$LIBASAN"
+# Python's own allocations look like leaks to LSan; only memory errors are of interest.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:${ASAN_OPTIONS:-}"
+
+# Make sure the tests load the sanitized copy, not the normal build.
+"$PY" -c "
+import json, torch, fastattn, fastattn._C
+assert fastattn.__file__.startswith('$WORK'), fastattn.__file__
+assert json.loads(torch.ops.fastattn.build_info())['asan'], 'extension built without ASan'
+print('fastattn asan: testing', fastattn._C.__file__)
+"
+# shellcheck disable=SC2086
+"$PY" -m pytest -q -p no:cacheprovider $TESTS "$@"
+echo "fastattn asan: clean"
