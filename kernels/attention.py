@@ -32,7 +32,9 @@ DECODE_MAX_SQ = 16
 DECODE_MIN_SK = 512
 MAX_HEAD_DIM = 256
 
-_FLAGS = ["D", "IS_CAUSAL", "HAS_WL", "HAS_WR", "MASK_KIND", "HAS_KL", "HAS_SOFTCAP", "HAS_DROPOUT"]
+# autotune keys: exact lengths (as Triton's own tutorials) plus every flag that changes the code
+_FLAGS = ["D", "ALIGNED", "DOT_PREC", "IS_CAUSAL", "HAS_WL", "HAS_WR", "MASK_KIND", "HAS_KL",
+          "HAS_SOFTCAP", "HAS_DROPOUT"]
 
 if cfg.interpreting():
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None
