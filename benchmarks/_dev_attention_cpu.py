@@ -3,7 +3,8 @@
     python benchmarks/_dev_attention_cpu.py [--dev] [--threads 2] [--rounds 7] [--shape B H S D]
 
 --dev builds the kernels as a throw-away module (/tmp/h3a_build) instead of importing
-fastattn._C. Prints PyTorch time / ours (median of interleaved rounds) and GFLOP/s.
+fastattn._C. Prints PyTorch time / ours (median of interleaved rounds, wall and CPU time) and GFLOP/s
+(causal counts half the score matrix; fwd+bwd counts 3.5x the forward FLOPs).
 """
 import argparse
 import math
@@ -53,16 +54,20 @@ def sdpa_fwd_bwd(q, k, v, causal, dout):
 
 
 def median_times(fns, rounds):
-    """Interleave the candidates round by round so machine noise hits both alike."""
+    """Median wall and CPU (process) times of each candidate. Rounds interleave the candidates
+    so machine noise hits them alike; CPU time is less sensitive to other processes sharing
+    the cores than wall time."""
     for f in fns:
         f()  # warm-up
-    times = [[] for _ in fns]
+    wall = [[] for _ in fns]
+    cpu = [[] for _ in fns]
     for _ in range(rounds):
-        for t, f in zip(times, fns):
-            t0 = time.perf_counter()
+        for w, c, f in zip(wall, cpu, fns):
+            c0, t0 = time.process_time(), time.perf_counter()
             f()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+            w.append(time.perf_counter() - t0)
+            c.append(time.process_time() - c0)
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def main():
@@ -92,10 +97,10 @@ def main():
             flops = full
         if causal:
             flops /= 2
-        t_pt, t_ours = median_times(fns, args.rounds)
+        (t_pt, t_ours), (c_pt, c_ours) = median_times(fns, args.rounds)
         print(f"{name:16s} sdpa {t_pt * 1e3:8.2f} ms ({flops / t_pt / 1e9:6.1f} GFLOP/s)  "
               f"ours {t_ours * 1e3:8.2f} ms ({flops / t_ours / 1e9:6.1f} GFLOP/s)  "
-              f"ratio {t_pt / t_ours:5.2f}x")
+              f"ratio {t_pt / t_ours:5.2f}x   (cpu-time ratio {c_pt / c_ours:5.2f}x)")
 
 
 if __name__ == "__main__":
