@@ -35,7 +35,7 @@ def _rotate_heads(x_ptr, o_ptr, cos_row, sin_row, pos_ok, b, s, h0, H, R2, D,
                   stride_ck, sign, copy_rest,
                   INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rotate heads h0 .. h0 + BLOCK_H of token (b, s); copy features >= R unless in place."""
-    heads = h0 + tl.arange(0, BLOCK_H)                                    # (BLOCK_H,)
+    heads = h0 + tl.arange(0, BLOCK_H).to(tl.int64)    # head strides may be huge  # (BLOCK_H,)
     h_ok = heads < H
     x_tok = x_ptr + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh   # (BLOCK_H, 1)
     o_tok = o_ptr + b * stride_ob + s * stride_os + heads[:, None] * stride_oh

@@ -154,6 +154,8 @@ def _mask_view(mask, x_dtype):
         if mask.dtype not in (x_dtype, torch.float32):
             mask = mask.to(torch.float32)
         kind = MASK_FLOAT
+    if (mask.shape[-1] - 1) * abs(mask.stride(-1)) >= 2**31:   # 32-bit in-row offsets
+        mask = mask.contiguous()
     batch = _collapse_batch(mask.shape[:-2], mask.stride()[:-2])
     if len(batch) > 3:     # a broadcast pattern the kernel cannot index: materialise it
         mask = mask.contiguous()
@@ -163,8 +165,10 @@ def _mask_view(mask, x_dtype):
 
 
 def _rows(t):
-    """View t as (rows, N) without a copy when its layout allows."""
-    return t.reshape(-1, t.shape[-1])
+    """View t as (rows, N) without a copy when its layout allows. Offsets within a row are
+    32-bit in the kernel (rows are 64-bit), so a row spanning 2^31 elements is made compact."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if (t.shape[1] - 1) * abs(t.stride(1)) < 2**31 else t.contiguous()
 
 
 def _check_device(t, name):
