@@ -34,7 +34,7 @@ class Case:
     flops: float = 0.0            # useful floating point operations per call
     bytes: float = 0.0            # minimum bytes moved per call (memory-bound ops)
     bound: str = "memory"         # "compute": rate in GFLOP/s; "memory": rate in GB/s
-    compare_atol: Optional[float] = None   # tolerance used to flag a wrong result (None: by dtype)
+    compare_tol: Optional[float] = None    # scaled-difference bound (None: by dtype, runner.py)
 
     @property
     def shape_str(self):
