@@ -58,9 +58,12 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
 
   // Split the keys into chunks only when (batch, kv head) pairs cannot keep the threads busy.
   const int64_t pairs = p.B * p.Hkv, threads = at::get_num_threads();
-  const int64_t nchunk = std::max<int64_t>(
-      1, std::min<int64_t>(nkb, (4 * threads + pairs - 1) / pairs));
+  // The partial dQ buffers are capped at 256 MB (or one dQ), trading parallelism for memory.
   const int64_t dq_numel = p.B * p.H * p.Sq * D;
+  const int64_t max_chunks =
+      std::max<int64_t>(1, (int64_t{1} << 26) / std::max<int64_t>(dq_numel, 1));
+  const int64_t nchunk = std::max<int64_t>(
+      1, std::min({nkb, (4 * threads + pairs - 1) / pairs, max_chunks}));
   // fp32 dQ with one chunk accumulates straight into the output (contiguous, caller-made).
   const bool direct = nchunk == 1 && std::is_same_v<T, float>;
   // Uninitialised on purpose: each task zeroes the part it owns, in parallel.

@@ -32,14 +32,15 @@ void forward_impl(const AttentionParams& p) {
   // query blocks of the same head, so each panel is built about once per head and thread.
   // With K^T as a plain row-major operand MKL runs its no-copy kernel instead of packing K
   // for every query block. Heads too long to cache get one rebuilt panel.
-  const bool cache_all = nkb * kBlockK * D <= (int64_t{1} << 24);
+  const bool cache_all = nkb * kBlockK * D <= (int64_t{1} << 22);  // <= 16 MB per thread
   const int64_t nslots = cache_all ? nkb : 1;
   // fp32 V is read in place unless its row stride is too large for BLAS's 32-bit ld.
   const bool v_direct = std::is_same_v<T, float> && p.v_ss <= (int64_t{1} << 30);
 
   at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch: scores, accumulator, converted q, K^T / V panels.
-    const int64_t n_scratch = kBlockQ * kBlockK + 2 * kBlockQ * D + 2 * nslots * kBlockK * D;
+    const int64_t n_scratch =
+        kBlockQ * kBlockK + 2 * kBlockQ * D + (v_direct ? 1 : 2) * nslots * kBlockK * D;
     std::unique_ptr<float[]> scratch(new float[n_scratch]);
     float* sbuf = scratch.get();             // (BQ, BK) scores, then probabilities
     float* acc = sbuf + kBlockQ * kBlockK;   // (BQ, D) unnormalised output
