@@ -3,8 +3,8 @@
     python benchmarks/_dev_attention_cpu.py [--dev] [--threads 2] [--rounds 7] [--shape B H S D]
 
 --dev builds the kernels as a throw-away module (/tmp/h3a_build) instead of importing
-fastattn._C. Prints PyTorch time / ours (median of interleaved rounds, wall and CPU time) and GFLOP/s
-(causal counts half the score matrix; fwd+bwd counts 3.5x the forward FLOPs).
+fastattn._C. Prints PyTorch time / ours (median of interleaved rounds, wall and CPU time) and
+GFLOP/s (causal counts half the score matrix; fwd+bwd counts 3.5x the forward FLOPs).
 """
 import argparse
 import math
