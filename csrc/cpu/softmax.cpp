@@ -12,57 +12,51 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Scores of one row into buf (fp32); returns the row max. Columns >= visible are not touched.
+// Scores of columns [j, j + n) of one row (n <= kF); masked lanes are -inf.
 template <typename T>
-float row_scores(const T* x, const void* mask, MaskKind kind, float* buf, int64_t visible,
-                 float scale) {
-  const fVec vscale(scale), vninf(kNegInf);
-  fVec vmax(kNegInf);
-  for (int64_t j = 0; j < visible; j += kF) {
-    const int64_t n = std::min<int64_t>(kF, visible - j);
-    fVec s = n == kF ? load_f(x + j) : load_f(x + j, n);
-    fVec add(0.f);
-    if (kind == MaskKind::kFloat) {
-      const T* m = static_cast<const T*>(mask) + j;
-      add = n == kF ? load_f(m) : load_f(m, n);
-    } else if (kind == MaskKind::kBool) {
-      const uint8_t* m = static_cast<const uint8_t*>(mask) + j;
-      __at_align__ float tmp[kF] = {};
-      for (int64_t i = 0; i < n; ++i) tmp[i] = m[i] ? 0.f : kNegInf;
-      add = fVec::loadu(tmp);
-    }
-    s = softmax_score(s, vscale, add);
-    s.store(buf + j, n);
-    vmax = at::vec::maximum(vmax, head(s, n, kNegInf));
+inline fVec score_vec(const T* x, const void* mask, MaskKind kind, int64_t j, int64_t n,
+                      const fVec& vscale) {
+  const fVec s = n == kF ? load_f(x + j) : load_f(x + j, n);
+  fVec add(0.f);
+  if (kind == MaskKind::kFloat) {
+    const T* m = static_cast<const T*>(mask) + j;
+    add = n == kF ? load_f(m) : load_f(m, n);
+  } else if (kind == MaskKind::kBool) {
+    const uint8_t* m = static_cast<const uint8_t*>(mask) + j;
+    __at_align__ float tmp[kF] = {};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = m[i] ? 0.f : kNegInf;
+    add = fVec::loadu(tmp);
   }
-  return hmax(vmax);
+  return softmax_score(s, vscale, add);
 }
 
+// Three passes over a row that stays in L1/L2: max of the scores; exp(score - max) into buf
+// (fp32) and its sum; buf / sum into y. Columns >= visible (causal) are 0.
 template <typename T>
 void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, int64_t cols,
                  int64_t visible, float scale, bool stream) {
-  const float row_max = softmax_safe_max(row_scores(x, mask, kind, buf, visible, scale));
-  // exp in place, summed.
-  const fVec vmax(row_max);
+  const fVec vscale(scale);
+  fVec vmax(kNegInf);
+  for (int64_t j = 0; j < visible; j += kF) {
+    const int64_t n = std::min<int64_t>(kF, visible - j);
+    vmax = at::vec::maximum(vmax, head(score_vec(x, mask, kind, j, n, vscale), n, kNegInf));
+  }
+  const fVec vrow_max(softmax_safe_max(hmax(vmax)));
   fVec vsum(0.f);
-  int64_t j = 0;
-  for (; j + kF <= visible; j += kF) {
-    const fVec e = (fVec::loadu(buf + j) - vmax).exp_u20();
-    e.store(buf + j);
+  for (int64_t j = 0; j < visible; j += kF) {
+    const int64_t n = std::min<int64_t>(kF, visible - j);
+    // Lanes past n are -inf, so they add exp(-inf) = 0 to the sum.
+    const fVec e = (head(score_vec(x, mask, kind, j, n, vscale), n, kNegInf) - vrow_max).exp_u20();
+    e.store(buf + j, n);
     vsum = vsum + e;
   }
-  float sum = hsum(vsum);
-  for (; j < visible; ++j) {
-    buf[j] = std::exp(buf[j] - row_max);
-    sum += buf[j];
-  }
-  const fVec vinv(softmax_safe_inv(sum));
-  for (j = 0; j < visible; j += kF) {
+  const fVec vinv(softmax_safe_inv(hsum(vsum)));
+  for (int64_t j = 0; j < visible; j += kF) {
     const int64_t n = std::min<int64_t>(kF, visible - j);
     const fVec out = fVec::loadu(buf + j, n) * vinv;
     stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
   }
-  for (j = visible; j < cols; ++j) y[j] = T(0.f);
+  for (int64_t j = visible; j < cols; ++j) y[j] = T(0.f);
 }
 
 template <typename T>
