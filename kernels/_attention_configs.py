@@ -128,10 +128,12 @@ MERGE_BLOCK_S = 16   # splits merged per step; one compiled merge kernel serves 
 def decode_tiles(group, Sq, head_dim, elem=2, interpret=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel.
 
-    Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64);
+    Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64,
+    16..32 for fp32);
     BLOCK_N / warps follow the head dim and element size (checked spill-free like TABLE).
     """
-    bm = min(64, max(16, triton.next_power_of_2(group * Sq)))
+    # fp32 (CUDA-core dots) spills at 64 rows; more row blocks are cheap at decode sizes
+    bm = min(64 if elem == 2 else 32, max(16, triton.next_power_of_2(group * Sq)))
     if interpreting() if interpret is None else interpret:
         return bm, INTERP_DECODE_BLOCK_N, 4, 1
     bd = block_d_of(head_dim)

@@ -77,8 +77,8 @@ def static_variants(arch):
                         out.append(_variant(kernel, name, label, sig_dtype,
                                             f"{clabel} BM={bm} BN={bn}", consts, w, s))
                 # decode: BLOCK_M follows group * Sq (16, 32 or 64), fixed BLOCK_N
-                for bm in (16, 32, 64):
-                    bm_, bn, w, s = _decode_tiles(bm, block_d, elem)
+                for bm_, bn, w, s in sorted({_decode_tiles(bm, block_d, elem)
+                                             for bm in (16, 32, 64)}):
                     consts = dict(flags, BLOCK_M=bm_, BLOCK_N=bn)
                     out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
                                         sig_dtype, f"{clabel} BM={bm_} BN={bn}", consts, w, s))

@@ -260,7 +260,8 @@ def test_dropout_forward_backward_match_reference_with_same_mask(dtype):
 @pytest.mark.parametrize("Sq, H, Hkv, dtype, kw", [
     (1, 4, 1, torch.float32, dict(key_lengths=[0, 650])),     # batch 0: every row empty
     (5, 4, 2, torch.float16, dict(causal=True, alignment="bottom_right", softcap=4.0)),
-    (16, 2, 2, torch.float32, dict(window_left=200, key_lengths=[700, 530])),
+    # 4 heads x 16 queries = 64 packed rows: two fp32 row blocks of 32
+    (16, 4, 1, torch.float32, dict(window_left=200, key_lengths=[700, 530])),
 ], ids=["mqa-sq1", "gqa-causal-softcap-fp16", "sq16-window-kl"])
 def test_decode_matches_plain_path_and_reference(monkeypatch, Sq, H, Hkv, dtype, kw):
     B, Sk, D = 2, 700, 40
