@@ -25,6 +25,15 @@ def _window_pair(window):
     return int(window[0]), int(window[1])
 
 
+def _head_mean(w):
+    """w (N, H, L, S) -> mean over heads (N, L, S). In fp32/fp64 as a GEMM with a 1/H row:
+    several times faster on CPU than mean(dim=1), which reduces over a strided dim."""
+    if w.dtype not in (torch.float32, torch.float64):
+        return w.mean(dim=1)
+    n, h = w.shape[:2]
+    return torch.matmul(w.new_full((1, h), 1.0 / h), w.reshape(n, h, -1)).view(n, *w.shape[2:])
+
+
 class MultiHeadAttention(nn.MultiheadAttention):
     """Drop-in replacement for torch.nn.MultiheadAttention on fused attention kernels.
 
@@ -265,7 +274,7 @@ class MultiHeadAttention(nn.MultiheadAttention):
             return out, None
         weights = self._weights(q, k, lse, mask, key_lengths, causal, dropout_p, backend, rng)
         if average_attn_weights:
-            weights = weights.mean(dim=1)
+            weights = _head_mean(weights)
         return out, (weights if batched else weights.squeeze(0))
 
     def _case(self, q, k, mask, key_lengths, causal, dropout_p):

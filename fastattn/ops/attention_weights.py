@@ -78,7 +78,11 @@ def torch_attention_weights(q, k, lse, mask, key_lengths, scale, causal, bottom_
         bias = bias + mask.to(acc)
     vis = _visible(q, k, mask, key_lengths, causal, bottom_right, window_left, window_right)
     if vis is not None:
-        bias = torch.where(vis, bias, float("-inf"))
+        # an additive 0 / -inf term of vis's (usually small) shape; the add writes the one
+        # full-size buffer that the GEMM and exp then reuse
+        hide = torch.zeros(vis.shape, dtype=acc, device=q.device).masked_fill_(~vis,
+                                                                              float("-inf"))
+        bias = bias + hide
     if softcap > 0:
         s = _raw_scores(q, k, scale)
         s = torch.tanh(s.div_(softcap)).mul_(softcap)
