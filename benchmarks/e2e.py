@@ -40,6 +40,8 @@ def make_models(cfg, device, patch=None):
     if ref_sd.keys() != ours_sd.keys() or any(not torch.equal(ref_sd[k], ours_sd[k])
                                               for k in ref_sd):
         raise RuntimeError("fastattn.patch changed the model's state dict (names or values)")
+    if {id(p) for p in ours.parameters()} & {id(p) for p in ref.parameters()}:
+        raise RuntimeError("the two models share parameters; the loss check would be vacuous")
     return ours, ref
 
 
@@ -140,8 +142,8 @@ def table(records):
             continue
         note = ""
         if "losses_fastattn" in r:
-            note = (f"losses fastattn {', '.join(f'{v:.5f}' for v in r['losses_fastattn'])} "
-                    f"vs torch {', '.join(f'{v:.5f}' for v in r['losses_torch'])} "
+            note = (f"losses fastattn {', '.join(f'{v:.6f}' for v in r['losses_fastattn'])} "
+                    f"vs torch {', '.join(f'{v:.6f}' for v in r['losses_torch'])} "
                     f"(max rel diff {r['loss_max_rel_diff']:.1e}, tol {r['loss_rtol']:g})")
         if r["status"] != "ok":
             note += f"  <-- {r['status']}: {r['error']}"
