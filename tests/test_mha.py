@@ -430,3 +430,90 @@ def test_bad_forward_arguments():
         m(x, x, x, key_padding_mask=torch.zeros(5, dtype=torch.bool))
     with pytest.raises(RuntimeError, match="attn_mask"):
         m(x, x, x, is_causal=True)
+
+
+# ------------------------------------------------------------------ the attention_weights op
+
+from fastattn import reference  # noqa: E402
+from fastattn.ops.attention_weights import attention_weights, attention_weights_op  # noqa: E402
+
+WEIGHT_CASES = [
+    dict(),
+    dict(causal=True),
+    dict(causal=True, alignment="bottom_right"),
+    dict(window_left=3, window_right=1),
+    dict(softcap=4.0, causal=True),
+    dict(mask="bool"),
+    dict(mask="float", key_lengths=True),
+    dict(key_lengths=True, causal=True),
+]
+
+
+def _weights_case(case, device, b=2, h=4, hkv=2, sq=11, sk=13, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h, sq, d, generator=g).to(device, dtype)
+    k = torch.randn(b, hkv, sk, d, generator=g).to(device, dtype)
+    kw = {key: val for key, val in case.items() if key not in ("mask", "key_lengths")}
+    if case.get("mask") == "bool":
+        m = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+        m[1, 0, 2] = False                                  # one fully masked query row
+        kw["mask"] = m.to(device).expand(b, h, sq, sk)
+    elif case.get("mask") == "float":
+        kw["mask"] = torch.randn(b, h, sq, sk, generator=g).to(device, dtype)
+    if case.get("key_lengths"):
+        kw["key_lengths"] = torch.tensor([sk, 4], device=device)
+    return q, k, kw
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=lambda c: "-".join(map(str, c.values()))
+                         or "plain")
+def test_attention_weights_op(backend, case):
+    device = backend_device(backend)
+    q, k, kw = _weights_case(case, device)
+    q.requires_grad_(), k.requires_grad_()
+    if "mask" in kw and kw["mask"].is_floating_point():
+        kw["mask"] = kw["mask"].detach().requires_grad_()
+    ref_kw = dict(kw)
+    _, lse = reference.attention(q.detach(), k.detach(), k.detach(), scale=0.3,
+                                 return_lse=True, **{key: (val.detach() if torch.is_tensor(val)
+                                                           else val)
+                                                     for key, val in ref_kw.items()})
+    with fastattn.record_dispatch() as calls:
+        p = attention_weights(q, k, lse, scale=0.3, **kw)
+    label = "triton" if backend == "triton" else "torch"
+    assert calls == [("attention_weights", label)]
+    p_ref = reference.attention_weights(q, k, scale=0.3, **ref_kw)
+    torch.testing.assert_close(p, p_ref, atol=1e-5, rtol=1e-4)
+    assert torch.isfinite(p).all()
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    leaves = [q, k] + ([kw["mask"]] if "mask" in kw and kw["mask"].requires_grad else [])
+    grads = torch.autograd.grad((p * g).sum(), leaves)
+    grads_ref = torch.autograd.grad((p_ref * g).sum(), leaves)
+    for name, a, b in zip(["q", "k", "mask"], grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_attention_weights_empty_rows_and_opcheck():
+    q, k, kw = _weights_case(dict(mask="bool", key_lengths=True), "cpu")
+    _, lse = reference.attention(q, k, k, scale=0.25, return_lse=True, **kw)
+    assert torch.isneginf(lse).any()
+    p = attention_weights(q, k, lse, scale=0.25, **kw)
+    assert (p[torch.isneginf(lse)] == 0).all()
+    args = (q.requires_grad_(), k.requires_grad_(), lse, kw["mask"], kw["key_lengths"], 0.25,
+            True, False, -1, -1, 0.0, "torch")
+    torch.library.opcheck(attention_weights_op, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_weights_low_precision(backend, dtype):
+    from conftest import assert_close_2x
+    device = backend_device(backend)
+    q, k, kw = _weights_case(dict(causal=True), device, dtype=dtype)
+    q32, k32 = q.float(), k.float()
+    _, lse32 = reference.attention(q32, k32, k32, scale=0.25, return_lse=True, **kw)
+    _, lse_lp = reference.attention(q, k, k, scale=0.25, return_lse=True, **kw)
+    p = attention_weights(q, k, lse_lp, scale=0.25, **kw)
+    assert p.dtype == dtype
+    ref = reference.attention_weights(q32, k32, scale=0.25, **kw)
+    pt = reference.attention_weights(q, k, scale=0.25, **kw)
+    assert_close_2x(p, ref, pt, name="weights")
