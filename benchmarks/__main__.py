@@ -88,17 +88,21 @@ def main(argv=None):
         from . import e2e
         print("\n" + e2e.table([r for r in records if r["op"] == "e2e"]))
 
-    static, static_error = None, None
+    static, static_errors = None, []
     if args.static or args.device == "cuda":
         from . import static_report
-        static, static_error = static_report.collect(args.quick)
-        print("\n" + (static_report.summary(static) if static is not None
-                      else f"== GPU static report unavailable: {static_error}"))
+        print("GPU static report: compiling kernels ...", file=sys.stderr)
+        static, static_errors = static_report.collect(args.quick)
+        if static is not None:
+            print("\n" + static_report.summary(static))
+        for err in static_errors:
+            print(f"== GPU static report, part unavailable: {err}")
 
     if args.json:
         doc = {"machine": info, "limits": limits, "results": records}
-        if static is not None or static_error:
-            doc["static"] = static if static is not None else {"error": static_error}
+        if static is not None or static_errors:
+            doc["static"] = static or []
+            doc["static_errors"] = static_errors
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         print(f"\nwrote {args.json}")

@@ -9,15 +9,21 @@ def available():
 
 
 def collect(quick):
-    """The static records, or (None, reason) when the report cannot be produced here."""
+    """(records, errors): the static records that could be produced and, per part that could
+    not (Triton kernels, CUDA extension), why. records is None when nothing could be."""
     if not available():
-        return None, "benchmarks/gpu_static.py is not present"
+        return None, ["benchmarks/gpu_static.py is not present"]
     from . import gpu_static
-    try:
-        # --quick samples two configurations per kernel; the full run compiles every variant.
-        return gpu_static.collect(per_kernel=2 if quick else None), None
-    except Exception as exc:  # a missing tool or compiler must not sink the timing results
-        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    records, errors = [], []
+    # --quick samples two configurations per kernel; the full run compiles every variant.
+    parts = (("triton", lambda: gpu_static.triton_records(per_kernel=2 if quick else None)),
+             ("cuda", lambda: gpu_static.cuda_records()))
+    for name, part in parts:
+        try:
+            records += part()
+        except Exception as exc:  # a missing tool or a broken part must not sink the rest
+            errors.append(f"{name}: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+    return (records if records or not errors else None), errors
 
 
 def summary(records):
