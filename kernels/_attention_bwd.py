@@ -76,7 +76,8 @@ def attn_bwd_dkdv_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
+    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
+                     Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
     n_ok = (offs_n[:, None] < kv_len) & d_ok                          # (BLOCK_N, BLOCK_D)
     k_rows = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -170,7 +171,8 @@ def attn_bwd_dq_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
+    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
+                     Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
     m_ok = (offs_m[:, None] < Sq) & d_ok                              # (BLOCK_M, BLOCK_D)
     q_rows = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
               + offs_m[:, None].to(tl.int64) * stride_qm)                  # (BLOCK_M, 1)

@@ -42,7 +42,8 @@ def attn_decode_split_kernel(
     offs_i = offs_rc % Sq                                              # (BLOCK_M,) query index
     h = hk * group + g                                                # (BLOCK_M,) query head
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
+    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
+                     Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
     q = tl.load(tile(Q + b.to(tl.int64) * stride_qb + h[:, None].to(tl.int64) * stride_qh
                             + offs_i[:, None].to(tl.int64) * stride_qm, offs_d, ALIGNED),
                 mask=r_ok[:, None] & d_ok, other=0.0)                 # (BLOCK_M, BLOCK_D)

@@ -32,7 +32,8 @@ def attn_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)                                    # (BLOCK_D,)
-    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D)                      # (1, BLOCK_D)
+    d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
+                     Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
 
     q_rows = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
               + offs_m[:, None].to(tl.int64) * stride_qm)                  # (BLOCK_M, 1)
