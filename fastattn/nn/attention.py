@@ -40,8 +40,9 @@ class MultiHeadAttention(nn.MultiheadAttention):
     Same constructor, attributes, parameter names, initialisation and state_dict as PyTorch's
     (it subclasses it); forward takes and returns what PyTorch's does. Every case runs on the
     fused attention op (training and dropout included); need_weights=True reads the
-    probabilities off the kernel's log-sum-exp with a second kernel instead of materialising
-    a softmax in the graph.
+    probabilities off the kernel's log-sum-exp in one more pass (fastattn::attention_weights:
+    a Triton kernel on the triton backend, a GEMM + exp in torch ops otherwise) instead of
+    materialising a softmax in the autograd graph.
 
     Differences from PyTorch, by design:
     - A query whose keys are all masked gets attention output 0 (before out_proj, so the
