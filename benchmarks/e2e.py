@@ -77,10 +77,12 @@ def _record(cfg, batch, device_type, backend, variant, direction):
             "bound": "e2e", "status": "ok", "error": None}
 
 
-def run(device_type="cpu", backend="cpu", quick=False, rounds=5, patch=None):
-    """[train-step record, prefill record]; on failure both carry status and error."""
+def run(device_type="cpu", backend="cpu", quick=False, rounds=5, patch=None, model=None):
+    """[train-step record, prefill record]; on failure both carry status and error.
+    model=(GPTConfig, batch) overrides the size (tests use a tiny one); patch overrides
+    fastattn.patch (tests break it on purpose)."""
     import fastattn
-    cfg, batch = config(quick)
+    cfg, batch = model or config(quick)
     device = torch.device(device_type)
     recs = [_record(cfg, batch, device_type, backend, "train-step", "fwd+bwd+adamw"),
             _record(cfg, batch, device_type, backend, "prefill", "fwd")]
@@ -112,7 +114,8 @@ def run(device_type="cpu", backend="cpu", quick=False, rounds=5, patch=None):
     for x, y in data[:LOSS_STEPS]:
         losses_ref.append(_train_step(ref, opt_ref, x, y).item())
         losses_ours.append(on_backend(lambda: _train_step(ours, opt_ours, x, y))().item())
-    rel = max(abs(a - b) / abs(b) for a, b in zip(losses_ours, losses_ref))
+    rel = max(abs(a - b) / abs(b) if b else abs(a - b)
+              for a, b in zip(losses_ours, losses_ref))
     train = recs[0]
     train.update(losses_fastattn=losses_ours, losses_torch=losses_ref, loss_max_rel_diff=rel,
                  loss_rtol=LOSS_RTOL, dispatches=used)

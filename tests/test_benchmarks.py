@@ -95,6 +95,31 @@ def test_gate_cases_resolve():
     assert [c.id for c in gate.gate_cases()] == list(gate.GATE_CASES)
 
 
+def _tiny_gpt():
+    from benchmarks.gpt import GPTConfig
+    return GPTConfig(vocab=256, layers=1, d_model=64, heads=2, seq=32), 2
+
+
+def test_e2e_losses_agree_and_a_broken_model_is_caught():
+    from fastattn import available_backends
+    backend = "cpu" if "cpu" in available_backends("cpu") else "torch"
+    import fastattn
+    from benchmarks import e2e
+    train, prefill = e2e.run("cpu", backend, rounds=1, model=_tiny_gpt())
+    if train["status"] == "unavailable":
+        pytest.skip(f"fastattn modules unavailable: {train['error']}")
+    assert train["status"] == "ok", train
+    assert train["loss_max_rel_diff"] <= e2e.LOSS_RTOL
+    assert train["fastattn_tokens_per_s"] > 0 and prefill["fastattn_tokens_per_s"] > 0
+
+    def broken_patch(model):    # same weights, but the final norm's eps is wrong
+        model = fastattn.patch(model)
+        model.ln_f.eps = 0.5
+        return model
+    train, _ = e2e.run("cpu", backend, rounds=1, model=_tiny_gpt(), patch=broken_patch)
+    assert train["status"] == "mismatch", train
+
+
 RECORD_KEYS = {"op": str, "case": str, "variant": str, "shape": dict, "shape_str": str,
                "dtype": str, "direction": str, "backend": str, "baseline": str, "device": str,
                "bound": str, "flops": float, "bytes": float, "status": str}
