@@ -91,6 +91,16 @@ def test_gate_fails_on_missing_kernel_but_not_on_new_case():
     assert failed and rows[0][2] == "MISMATCH"
 
 
+def test_baseline_is_the_median_of_passes_and_needs_every_case(tmp_path):
+    rec = {"case": "c", "status": "ok", "error": None, "fastattn_ms": 1.0, "torch_ms": 2.0}
+    runs = [[dict(rec, speedup=v)] for v in (2.0, 9.0, 1.8)]
+    path = tmp_path / "baseline.json"
+    gate.write_baseline(str(path), runs, {"cpu": "test"})
+    assert gate.load_baseline(str(path))["c"]["speedup"] == 2.0
+    with pytest.raises(RuntimeError, match="did not run"):
+        gate.write_baseline(str(path), [[dict(rec, status="unavailable", speedup=None)]], {})
+
+
 def test_gate_cases_resolve():
     assert [c.id for c in gate.gate_cases()] == list(gate.GATE_CASES)
 
