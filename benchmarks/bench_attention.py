@@ -1,4 +1,5 @@
-"""pytest-benchmark: attention, fastattn against its PyTorch counterpart (cases: cases/attention.py)."""
+"""pytest-benchmark: attention, fastattn against its PyTorch counterpart
+(cases: cases/attention.py)."""
 
 import pytest
 

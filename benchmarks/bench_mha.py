@@ -1,4 +1,5 @@
-"""pytest-benchmark: mha, fastattn against its PyTorch counterpart (cases: cases/mha.py)."""
+"""pytest-benchmark: mha, fastattn against its PyTorch counterpart
+(cases: cases/mha.py)."""
 
 import pytest
 

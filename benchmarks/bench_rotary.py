@@ -1,4 +1,5 @@
-"""pytest-benchmark: rotary, fastattn against its PyTorch counterpart (cases: cases/rotary.py)."""
+"""pytest-benchmark: rotary, fastattn against its PyTorch counterpart
+(cases: cases/rotary.py)."""
 
 import pytest
 

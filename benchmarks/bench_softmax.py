@@ -1,4 +1,5 @@
-"""pytest-benchmark: softmax, fastattn against its PyTorch counterpart (cases: cases/softmax.py)."""
+"""pytest-benchmark: softmax, fastattn against its PyTorch counterpart
+(cases: cases/softmax.py)."""
 
 import pytest
 

@@ -120,8 +120,9 @@ def run(device_type="cpu", backend="cpu", quick=False, rounds=5, patch=None, mod
     train.update(losses_fastattn=losses_ours, losses_torch=losses_ref, loss_max_rel_diff=rel,
                  loss_rtol=LOSS_RTOL, dispatches=used)
     if not rel <= LOSS_RTOL:
-        train.update(status="mismatch", error=f"losses differ by {rel:.2e} relative "
-                                              f"(> {LOSS_RTOL:g}) over the first {LOSS_STEPS} steps")
+        train.update(status="mismatch",
+                     error=f"losses differ by {rel:.2e} relative (> {LOSS_RTOL:g}) over the "
+                           f"first {LOSS_STEPS} steps")
     x, y = data[-1]
     tokens = batch * cfg.seq
     timed = {"train-step": (on_backend(lambda: _train_step(ours, opt_ours, x, y)),
