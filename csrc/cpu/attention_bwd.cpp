@@ -70,97 +70,100 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
   std::unique_ptr<float[]> dq_part(direct ? nullptr : new float[nchunk * dq_numel]);
   float* dq_acc_base = direct ? static_cast<float*>(g.dq) : dq_part.get();
 
-  at::parallel_for(0, pairs * nchunk, 1, [&](int64_t begin, int64_t end) {
-    const int64_t n_scratch = 3 * kBlockQ * kBlockK + 5 * kBlockK * D + 2 * kBlockQ * D;
-    std::unique_ptr<float[]> scratch(new float[n_scratch]);
-    float* pbuf = scratch.get();              // (BQ, BK) probabilities
-    float* dsbuf = pbuf + kBlockQ * kBlockK;  // (BQ, BK) dP, then dS
-    float* tbuf = dsbuf + kBlockQ * kBlockK;  // (BQ, BK) tanh for softcap
-    float* dk_acc = tbuf + kBlockQ * kBlockK; // (BK, D)
-    float* dv_acc = dk_acc + kBlockK * D;     // (BK, D)
-    float* qs = dv_acc + kBlockK * D;         // conversion scratch
-    float* dos = qs + kBlockQ * D;
-    float* ks = dos + kBlockQ * D;
-    float* kT = ks + kBlockK * D;             // (D, BK) K^T and V^T: as plain row-major
-    float* vT = kT + kBlockK * D;             // operands MKL needs no packing copy
+  // Per-thread scratch: P, dS, tanh tiles, dK/dV accumulators, converted / transposed tiles.
+  const int64_t n_scratch = 3 * kBlockQ * kBlockK + 5 * kBlockK * D + 2 * kBlockQ * D;
+  tile::parallel_tasks(pairs * nchunk, 1, [&] {
+    return [&, scratch = std::unique_ptr<float[]>(new float[n_scratch])](int64_t begin,
+                                                                        int64_t end) mutable {
+      float* pbuf = scratch.get();              // (BQ, BK) probabilities
+      float* dsbuf = pbuf + kBlockQ * kBlockK;  // (BQ, BK) dP, then dS
+      float* tbuf = dsbuf + kBlockQ * kBlockK;  // (BQ, BK) tanh for softcap
+      float* dk_acc = tbuf + kBlockQ * kBlockK; // (BK, D)
+      float* dv_acc = dk_acc + kBlockK * D;     // (BK, D)
+      float* qs = dv_acc + kBlockK * D;         // conversion scratch
+      float* dos = qs + kBlockQ * D;
+      float* ks = dos + kBlockQ * D;
+      float* kT = ks + kBlockK * D;             // (D, BK) K^T and V^T: as plain row-major
+      float* vT = kT + kBlockK * D;             // operands MKL needs no packing copy
 
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task % nchunk, pair = task / nchunk;
-      const int64_t b = pair / p.Hkv, hk = pair % p.Hkv;
-      const int64_t kb_begin = c * nkb / nchunk, kb_end = (c + 1) * nkb / nchunk;
-      float* dq_acc = dq_acc_base + c * dq_numel;
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-        std::fill_n(dq_acc + (b * p.H + h) * p.Sq * D, p.Sq * D, 0.f);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t c = task % nchunk, pair = task / nchunk;
+        const int64_t b = pair / p.Hkv, hk = pair % p.Hkv;
+        const int64_t kb_begin = c * nkb / nchunk, kb_end = (c + 1) * nkb / nchunk;
+        float* dq_acc = dq_acc_base + c * dq_numel;
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+          std::fill_n(dq_acc + (b * p.H + h) * p.Sq * D, p.Sq * D, 0.f);
 
-      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-        const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, p.Sk - j0);
-        int64_t ldk = 0;
-        const float* kt = tile::as_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D,
-                                       p.k_ss, ks, ldk);
-        tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D, p.k_ss, kT,
-                            kBlockK);
-        tile::transpose_f32(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss, nk, D, p.v_ss, vT,
-                            kBlockK);
-        std::fill_n(dk_acc, nk * D, 0.f);
-        std::fill_n(dv_acc, nk * D, 0.f);
+        for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+          const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, p.Sk - j0);
+          int64_t ldk = 0;
+          const float* kt = tile::as_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D,
+                                         p.k_ss, ks, ldk);
+          tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D, p.k_ss, kT,
+                              kBlockK);
+          tile::transpose_f32(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss, nk, D, p.v_ss, vT,
+                              kBlockK);
+          std::fill_n(dk_acc, nk * D, 0.f);
+          std::fill_n(dv_acc, nk * D, 0.f);
 
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const float* lse = p.lse + (b * p.H + h) * p.Sq;
-          const float* dlt = delta.data() + (b * p.H + h) * p.Sq;
-          for (int64_t qb = 0; qb < nqb; ++qb) {
-            const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
-            // Skip query blocks that see none of these keys.
-            if (tile::visible_keys(p, b, i0).lo >= j0 + nk ||
-                tile::visible_keys(p, b, i0 + nq - 1).hi <= j0)
-              continue;
-            int64_t ldq = 0, ldo = 0;
-            const float* qt = tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D,
-                                           p.q_ss, qs, ldq);
-            const float* dot = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + i0 * g.do_ss,
-                                            nq, D, g.do_ss, dos, ldo);
-            // P = exp(scale * Q K^T (finished) - lse)
-            tile::gemm(false, false, nq, nk, D, p.scale, qt, ldq, kT, kBlockK, 0.f, pbuf,
-                       kBlockK);
-            for (int64_t r = 0; r < nq; ++r) {
-              float* s = pbuf + r * kBlockK;
-              const float l = lse[i0 + r];
-              const tile::Row row =
-                  tile::finish_scores(p, b, h, i0 + r, j0, nk, s, tbuf + r * kBlockK);
-              tile::probs(s, nk, row, l);
-            }
-            // dV += P^T dO
-            tile::gemm(true, false, nk, D, nq, 1.f, pbuf, kBlockK, dot, ldo, 1.f, dv_acc, D);
-            // dP = dO V^T, then dS = P * (dP - delta), the gradient of the finished score.
-            tile::gemm(false, false, nq, nk, D, 1.f, dot, ldo, vT, kBlockK, 0.f, dsbuf, kBlockK);
-            for (int64_t r = 0; r < nq; ++r) {
-              float* ds = dsbuf + r * kBlockK;
-              const float* pr = pbuf + r * kBlockK;
-              const tile::Vec dl(dlt[i0 + r]);
-              at::vec::map2([dl](tile::Vec pp, tile::Vec dp) { return pp * (dp - dl); },
-                            ds, pr, ds, nk);
-              if (g.dmask) {
-                float* dm = g.dmask + ((b * p.H + h) * p.Sq + i0 + r) * p.Sk + j0;
-                std::copy_n(ds, nk, dm);
+          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            const float* lse = p.lse + (b * p.H + h) * p.Sq;
+            const float* dlt = delta.data() + (b * p.H + h) * p.Sq;
+            for (int64_t qb = 0; qb < nqb; ++qb) {
+              const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
+              // Skip query blocks that see none of these keys.
+              if (tile::visible_keys(p, b, i0).lo >= j0 + nk ||
+                  tile::visible_keys(p, b, i0 + nq - 1).hi <= j0)
+                continue;
+              int64_t ldq = 0, ldo = 0;
+              const float* qt = tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D,
+                                             p.q_ss, qs, ldq);
+              const float* dot = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + i0 * g.do_ss,
+                                              nq, D, g.do_ss, dos, ldo);
+              // P = exp(scale * Q K^T (finished) - lse)
+              tile::gemm(false, false, nq, nk, D, p.scale, qt, ldq, kT, kBlockK, 0.f, pbuf,
+                         kBlockK);
+              for (int64_t r = 0; r < nq; ++r) {
+                float* s = pbuf + r * kBlockK;
+                const float l = lse[i0 + r];
+                const tile::Row row =
+                    tile::finish_scores(p, b, h, i0 + r, j0, nk, s, tbuf + r * kBlockK);
+                tile::probs(s, nk, row, l);
               }
-              if (softcap) {  // d(cap * tanh(x / cap)) / dx = 1 - tanh^2
-                const float* t = tbuf + r * kBlockK;
-                at::vec::map2([](tile::Vec d, tile::Vec tt) {
-                  return d * (tile::Vec(1.f) - tt * tt);
-                }, ds, ds, t, nk);
+              // dV += P^T dO
+              tile::gemm(true, false, nk, D, nq, 1.f, pbuf, kBlockK, dot, ldo, 1.f, dv_acc, D);
+              // dP = dO V^T, then dS = P * (dP - delta), the gradient of the finished score.
+              tile::gemm(false, false, nq, nk, D, 1.f, dot, ldo, vT, kBlockK, 0.f, dsbuf, kBlockK);
+              for (int64_t r = 0; r < nq; ++r) {
+                float* ds = dsbuf + r * kBlockK;
+                const float* pr = pbuf + r * kBlockK;
+                const tile::Vec dl(dlt[i0 + r]);
+                at::vec::map2([dl](tile::Vec pp, tile::Vec dp) { return pp * (dp - dl); },
+                              ds, pr, ds, nk);
+                if (g.dmask) {
+                  float* dm = g.dmask + ((b * p.H + h) * p.Sq + i0 + r) * p.Sk + j0;
+                  std::copy_n(ds, nk, dm);
+                }
+                if (softcap) {  // d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+                  const float* t = tbuf + r * kBlockK;
+                  at::vec::map2([](tile::Vec d, tile::Vec tt) {
+                    return d * (tile::Vec(1.f) - tt * tt);
+                  }, ds, ds, t, nk);
+                }
               }
+              // dK += scale * dS^T Q ;  dQ += scale * dS K
+              tile::gemm(true, false, nk, D, nq, p.scale, dsbuf, kBlockK, qt, ldq, 1.f, dk_acc, D);
+              tile::gemm(false, false, nq, D, nk, p.scale, dsbuf, kBlockK, kt, ldk, 1.f,
+                         dq_acc + ((b * p.H + h) * p.Sq + i0) * D, D);
             }
-            // dK += scale * dS^T Q ;  dQ += scale * dS K
-            tile::gemm(true, false, nk, D, nq, p.scale, dsbuf, kBlockK, qt, ldq, 1.f, dk_acc, D);
-            tile::gemm(false, false, nq, D, nk, p.scale, dsbuf, kBlockK, kt, ldk, 1.f,
-                       dq_acc + ((b * p.H + h) * p.Sq + i0) * D, D);
           }
+          T* dk = static_cast<T*>(g.dk) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
+          T* dv = static_cast<T*>(g.dv) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
+          tile::store_row(dk_acc, 1.f, dk, nk * D);
+          tile::store_row(dv_acc, 1.f, dv, nk * D);
         }
-        T* dk = static_cast<T*>(g.dk) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
-        T* dv = static_cast<T*>(g.dv) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
-        tile::store_row(dk_acc, 1.f, dk, nk * D);
-        tile::store_row(dv_acc, 1.f, dv, nk * D);
       }
-    }
+    };
   });
 
   if (direct) return;

@@ -37,108 +37,114 @@ void forward_impl(const AttentionParams& p) {
   // fp32 V is read in place unless its row stride is too large for BLAS's 32-bit ld.
   const bool v_direct = std::is_same_v<T, float> && p.v_ss <= (int64_t{1} << 30);
 
-  at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: scores, accumulator, converted q, K^T / V panels.
-    const int64_t n_scratch =
-        kBlockQ * kBlockK + 2 * kBlockQ * D + (v_direct ? 1 : 2) * nslots * kBlockK * D;
-    std::unique_ptr<float[]> scratch(new float[n_scratch]);
-    float* sbuf = scratch.get();             // (BQ, BK) scores, then probabilities
-    float* acc = sbuf + kBlockQ * kBlockK;   // (BQ, D) unnormalised output
-    float* qs = acc + kBlockQ * D;           // (BQ, D) converted q
-    float* kpanels = qs + kBlockQ * D;       // nslots x (D, BK) K^T
-    float* vpanels = kpanels + nslots * kBlockK * D;  // nslots x (BK, D) fp32 V
-    float row_max[kBlockQ], row_sum[kBlockQ];
-    std::vector<char> ready(nslots, 0);
-    int64_t cached_head = -1;
+  const int64_t n_tasks = p.B * p.H * nqb;
+  // Chunks of one head's query blocks keep the K^T cache warm; smaller when heads are few.
+  const int64_t grain = std::max<int64_t>(
+      1, std::min<int64_t>(nqb, n_tasks / (4 * at::get_num_threads())));
+  // Per-thread scratch: scores, accumulator, converted q, K^T / V panels.
+  const int64_t n_scratch =
+      kBlockQ * kBlockK + 2 * kBlockQ * D + (v_direct ? 1 : 2) * nslots * kBlockK * D;
 
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.H, b = bh / p.H;
-      const int64_t hk = h / group;
-      const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
-      const int64_t klo = tile::visible_keys(p, b, i0).lo;
-      const int64_t khi = tile::visible_keys(p, b, i0 + nq - 1).hi;
-      const int64_t half = nq / 2, khi_top = tile::visible_keys(p, b, i0 + half - 1).hi;
-      if (b * p.Hkv + hk != cached_head) {
-        cached_head = b * p.Hkv + hk;
-        std::fill(ready.begin(), ready.end(), 0);
-      }
+  tile::parallel_tasks(n_tasks, grain, [&] {
+    return [&, scratch = std::unique_ptr<float[]>(new float[n_scratch]),
+            ready = std::vector<char>(nslots, 0),
+            cached_head = int64_t{-1}](int64_t begin, int64_t end) mutable {
+      float* sbuf = scratch.get();             // (BQ, BK) scores, then probabilities
+      float* acc = sbuf + kBlockQ * kBlockK;   // (BQ, D) unnormalised output
+      float* qs = acc + kBlockQ * D;           // (BQ, D) converted q
+      float* kpanels = qs + kBlockQ * D;       // nslots x (D, BK) K^T
+      float* vpanels = kpanels + nslots * kBlockK * D;  // nslots x (BK, D) fp32 V
+      float row_max[kBlockQ], row_sum[kBlockQ];
 
-      std::fill(acc, acc + nq * D, 0.f);
-      std::fill(row_max, row_max + nq, tile::kNegInf);
-      std::fill(row_sum, row_sum + nq, 0.f);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.H, b = bh / p.H;
+        const int64_t hk = h / group;
+        const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
+        const int64_t klo = tile::visible_keys(p, b, i0).lo;
+        const int64_t khi = tile::visible_keys(p, b, i0 + nq - 1).hi;
+        const int64_t half = nq / 2, khi_top = tile::visible_keys(p, b, i0 + half - 1).hi;
+        if (b * p.Hkv + hk != cached_head) {
+          cached_head = b * p.Hkv + hk;
+          std::fill(ready.begin(), ready.end(), 0);
+        }
 
-      int64_t ldq = 0;
-      const float* qt = khi > klo
-          ? tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D, p.q_ss, qs, ldq)
-          : nullptr;
-      for (int64_t j0 = klo; j0 < khi;) {
-        const int64_t kb = j0 / kBlockK, kb0 = kb * kBlockK;
-        const int64_t nk = std::min((kb + 1) * kBlockK, khi) - j0;
-        const int64_t slot = cache_all ? kb : 0;
-        float* kpanel = kpanels + slot * kBlockK * D;
-        float* vpanel = vpanels + slot * kBlockK * D;
-        if (!cache_all || !ready[slot]) {
-          const int64_t nkb_rows = std::min(kBlockK, p.Sk - kb0);
-          tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + kb0 * p.k_ss, nkb_rows, D, p.k_ss,
-                              kpanel, kBlockK);
-          if (!v_direct) {
-            const T* vsrc = v + b * p.v_sb + hk * p.v_sh + kb0 * p.v_ss;
-            if constexpr (std::is_same_v<T, float>) {
-              for (int64_t r = 0; r < nkb_rows; ++r)
-                std::copy_n(vsrc + r * p.v_ss, D, vpanel + r * D);
-            } else {
-              int64_t ld = 0;
-              tile::as_f32(vsrc, nkb_rows, D, p.v_ss, vpanel, ld);
+        std::fill(acc, acc + nq * D, 0.f);
+        std::fill(row_max, row_max + nq, tile::kNegInf);
+        std::fill(row_sum, row_sum + nq, 0.f);
+
+        int64_t ldq = 0;
+        const float* qt = khi > klo
+            ? tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D, p.q_ss, qs, ldq)
+            : nullptr;
+        for (int64_t j0 = klo; j0 < khi;) {
+          const int64_t kb = j0 / kBlockK, kb0 = kb * kBlockK;
+          const int64_t nk = std::min((kb + 1) * kBlockK, khi) - j0;
+          const int64_t slot = cache_all ? kb : 0;
+          float* kpanel = kpanels + slot * kBlockK * D;
+          float* vpanel = vpanels + slot * kBlockK * D;
+          if (!cache_all || !ready[slot]) {
+            const int64_t nkb_rows = std::min(kBlockK, p.Sk - kb0);
+            tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + kb0 * p.k_ss, nkb_rows, D, p.k_ss,
+                                kpanel, kBlockK);
+            if (!v_direct) {
+              const T* vsrc = v + b * p.v_sb + hk * p.v_sh + kb0 * p.v_ss;
+              if constexpr (std::is_same_v<T, float>) {
+                for (int64_t r = 0; r < nkb_rows; ++r)
+                  std::copy_n(vsrc + r * p.v_ss, D, vpanel + r * D);
+              } else {
+                int64_t ld = 0;
+                tile::as_f32(vsrc, nkb_rows, D, p.v_ss, vpanel, ld);
+              }
             }
+            ready[slot] = 1;
           }
-          ready[slot] = 1;
-        }
-        const float* kt = kpanel + (j0 - kb0);  // (D, nk), ld BK
-        int64_t ldv = D;
-        const float* vt = vpanel + (j0 - kb0) * D;
-        if (v_direct) {
-          vt = reinterpret_cast<const float*>(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss);
-          ldv = p.v_ss;
-        }
-        // S = scale * Q K^T  (nq, nk). The top half of the rows sees no key at or past
-        // khi_top (causal diagonal), so columns [split, nk) are computed for the bottom half
-        // only: half of the diagonal tile's waste is skipped. Top rows never read them.
-        const int64_t split = std::clamp<int64_t>(khi_top - j0, 0, nk);
-        tile::gemm(false, false, nq, split, D, p.scale, qt, ldq, kt, kBlockK, 0.f, sbuf,
-                   kBlockK);
-        tile::gemm(false, false, nq - half, nk - split, D, p.scale, qt + half * ldq, ldq,
-                   kt + split, kBlockK, 0.f, sbuf + half * kBlockK + split, kBlockK);
-        for (int64_t r = 0; r < nq; ++r) {
-          float* s = sbuf + r * kBlockK;
-          const tile::Row row = tile::finish_scores(p, b, h, i0 + r, j0, nk, s);
-          const float m_new = std::max(row_max[r], row.max);
-          const float sum = tile::probs(s, nk, row, m_new);
-          if (m_new == tile::kNegInf) continue;  // nothing visible yet in this row
-          if (row_max[r] != m_new && row_sum[r] > 0.f) {
-            const float corr = std::exp(row_max[r] - m_new);
-            row_sum[r] *= corr;
-            float* o = acc + r * D;
-            at::vec::map([corr](tile::Vec x) { return x * tile::Vec(corr); }, o, o, D);
+          const float* kt = kpanel + (j0 - kb0);  // (D, nk), ld BK
+          int64_t ldv = D;
+          const float* vt = vpanel + (j0 - kb0) * D;
+          if (v_direct) {
+            vt = reinterpret_cast<const float*>(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss);
+            ldv = p.v_ss;
           }
-          row_sum[r] += sum;
-          row_max[r] = m_new;
+          // S = scale * Q K^T  (nq, nk). The top half of the rows sees no key at or past
+          // khi_top (causal diagonal), so columns [split, nk) are computed for the bottom half
+          // only: half of the diagonal tile's waste is skipped. Top rows never read them.
+          const int64_t split = std::clamp<int64_t>(khi_top - j0, 0, nk);
+          tile::gemm(false, false, nq, split, D, p.scale, qt, ldq, kt, kBlockK, 0.f, sbuf,
+                     kBlockK);
+          tile::gemm(false, false, nq - half, nk - split, D, p.scale, qt + half * ldq, ldq,
+                     kt + split, kBlockK, 0.f, sbuf + half * kBlockK + split, kBlockK);
+          for (int64_t r = 0; r < nq; ++r) {
+            float* s = sbuf + r * kBlockK;
+            const tile::Row row = tile::finish_scores(p, b, h, i0 + r, j0, nk, s);
+            const float m_new = std::max(row_max[r], row.max);
+            const float sum = tile::probs(s, nk, row, m_new);
+            if (m_new == tile::kNegInf) continue;  // nothing visible yet in this row
+            if (row_max[r] != m_new && row_sum[r] > 0.f) {
+              const float corr = std::exp(row_max[r] - m_new);
+              row_sum[r] *= corr;
+              float* o = acc + r * D;
+              at::vec::map([corr](tile::Vec x) { return x * tile::Vec(corr); }, o, o, D);
+            }
+            row_sum[r] += sum;
+            row_max[r] = m_new;
+          }
+          // acc += P V  (nq, D), with the same split (top rows' P is 0 past `split`).
+          tile::gemm(false, false, nq, D, split, 1.f, sbuf, kBlockK, vt, ldv, 1.f, acc, D);
+          tile::gemm(false, false, nq - half, D, nk - split, 1.f, sbuf + half * kBlockK + split,
+                     kBlockK, vt + split * ldv, ldv, 1.f, acc + half * D, D);
+          j0 += nk;
         }
-        // acc += P V  (nq, D), with the same split (top rows' P is 0 past `split`).
-        tile::gemm(false, false, nq, D, split, 1.f, sbuf, kBlockK, vt, ldv, 1.f, acc, D);
-        tile::gemm(false, false, nq - half, D, nk - split, 1.f, sbuf + half * kBlockK + split,
-                   kBlockK, vt + split * ldv, ldv, 1.f, acc + half * D, D);
-        j0 += nk;
-      }
 
-      for (int64_t r = 0; r < nq; ++r) {
-        const int64_t i = i0 + r;
-        const bool empty = !(row_sum[r] > 0.f);
-        tile::store_row(acc + r * D, empty ? 0.f : 1.f / row_sum[r],
-                        out + b * p.o_sb + h * p.o_sh + i * p.o_ss, D);
-        p.lse[(b * p.H + h) * p.Sq + i] =
-            empty ? tile::kNegInf : row_max[r] + std::log(row_sum[r]);
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t i = i0 + r;
+          const bool empty = !(row_sum[r] > 0.f);
+          tile::store_row(acc + r * D, empty ? 0.f : 1.f / row_sum[r],
+                          out + b * p.o_sb + h * p.o_sh + i * p.o_ss, D);
+          p.lse[(b * p.H + h) * p.Sq + i] =
+              empty ? tile::kNegInf : row_max[r] + std::log(row_sum[r]);
+        }
       }
-    }
+    };
   });
 }
 

@@ -7,7 +7,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -44,8 +47,24 @@ inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
   sgemm_(&opa, &opb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
 }
 
-template <typename T>
-inline float to_float(T x) { return static_cast<float>(x); }
+// Runs tasks [0, n) on at::parallel_for's threads, handing out chunks of `grain` tasks from a
+// shared counter instead of one fixed range per thread: when a core is shared with other
+// processes, a delayed thread no longer holds up the whole call. `make_worker()` is called once
+// per thread (scratch set-up) and returns a callable run(task_begin, task_end). Each task's
+// arithmetic does not depend on which thread runs it, so results stay deterministic.
+template <typename MakeWorker>
+inline void parallel_tasks(int64_t n, int64_t grain, const MakeWorker& make_worker) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), chunks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto run = make_worker();
+    for (int64_t c = next.fetch_add(grain); c < n; c = next.fetch_add(grain))
+      run(c, std::min(n, c + grain));
+  });
+}
 
 // A (rows, cols) tile of T with row stride `stride` as fp32. fp32 input is used in place (no
 // copy); other dtypes are converted into `scratch` (ld = cols). Returns the pointer and its ld.
