@@ -41,16 +41,17 @@ def tile(row_ptrs, offs_d, ALIGNED: tl.constexpr):
 @triton.jit
 def head_mask(offs_d, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: tl.constexpr,
               ELEM_BITS: tl.constexpr):
-    """(1, BLOCK_D) mask of real head-dim columns (all true when D == BLOCK_D).
+    """(1, BLOCK_D) mask of the head-dim columns to touch (all true when D == BLOCK_D).
 
-    With ALIGNED, D * itemsize is a multiple of 16 bytes, so comparing in 16-byte groups is
-    exact and tells the compiler the mask is constant over each vector (keeps loads vectorised).
+    With ALIGNED the launcher guarantees every row holds whole 16-byte vectors up to
+    cdiv(D, VEC) * VEC, zero past D, so the mask works in whole vectors: the compiler then
+    knows it is constant over each vector and keeps loads vectorised.
     """
     if EVEN_D:
         return offs_d[None, :] < BLOCK_D
     if ALIGNED:
         VEC: tl.constexpr = 128 // ELEM_BITS
-        return (offs_d[None, :] // VEC) < (D // VEC)
+        return (offs_d[None, :] // VEC) < tl.cdiv(D, VEC)
     return offs_d[None, :] < D
 
 

@@ -65,18 +65,18 @@ def smem_estimate(kind, bm, bn, bd, elem, stages):
     raise ValueError(f"kind: unknown kernel kind {kind!r}")
 
 
-def valid_configs(kind, arch, block_d, elem, aligned=True):
+def valid_configs(kind, arch, block_d, elem):
     """The table's tiles that fit `arch`'s shared memory for this head-dim block and element size.
 
-    Rows that are not 16-byte aligned cannot be vectorised, which costs registers: only the
-    smallest tile is kept for them.
+    (The launchers always hand the kernels 16-byte aligned rows, ALIGNED=True, which is what the
+    table was checked with; unaligned inputs are copied first.)
     """
     limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
     out = [c for c in TABLE[(kind, elem, block_d)]
            if smem_estimate(kind, c[0], c[1], block_d, elem, c[3]) <= limit]
     if not out:
         raise ValueError(f"block_d: no {kind} tile fits sm_{arch} for BLOCK_D={block_d}")
-    return out if aligned else out[-1:]
+    return out
 
 
 def all_configs(kind):
@@ -101,13 +101,13 @@ def device_arch(tensor):
 
 
 def make_prune(kind, rows_arg, cols_arg):
-    """early_config_prune for triton.autotune: keep configs valid for the device, and no tile
-    much larger than the sequence it covers (falls back to the smallest valid config)."""
+    """early_config_prune for triton.autotune: keep the tiles valid for the device, and no tile
+    much larger than the sequence it covers (falls back to the smallest valid tile)."""
 
     def prune(configs, nargs, **kwargs):
         q = nargs["Q"]
         arch = device_arch(q)
-        ok = set(valid_configs(kind, arch, kwargs["BLOCK_D"], q.element_size(), kwargs["ALIGNED"]))
+        ok = set(valid_configs(kind, arch, kwargs["BLOCK_D"], q.element_size()))
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ok]
         rows = nargs[rows_arg]

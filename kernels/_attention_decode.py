@@ -88,9 +88,10 @@ def attn_decode_split_kernel(
     empty = l_i == 0.0
     out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
     lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    # partials: (B*H, num_splits, Sq, D) and (B*H, num_splits, Sq), lse in log2 units
+    # partials: (B*H, num_splits, Sq, BLOCK_D) fp32 (rows always 16-byte aligned) and
+    # (B*H, num_splits, Sq), lse in log2 units
     prow = ((b * H + h).to(tl.int64) * num_splits + split) * Sq + offs_i   # (BLOCK_M,)
-    tl.store(tile(OPart + prow[:, None] * D, offs_d, ALIGNED), out, mask=r_ok[:, None] & d_ok)
+    tl.store(tile(OPart + prow[:, None] * BLOCK_D, offs_d, True), out, mask=r_ok[:, None] & d_ok)
     tl.store(LPart + prow, lse2, mask=r_ok)
 
 
@@ -131,7 +132,7 @@ def attn_decode_merge_kernel(
         prow = (row0 + offs_s) * Sq + i                                # (BLOCK_S,)
         lse2 = tl.load(LPart + prow, mask=offs_s < num_splits, other=float("-inf"))
         w = tl.exp2(lse2 - m_safe)                                     # 0 for empty splits
-        o = tl.load(OPart + prow[:, None] * D + offs_d[None, :],
+        o = tl.load(OPart + prow[:, None] * BLOCK_D + offs_d[None, :],
                     mask=(offs_s[:, None] < num_splits) & (offs_d[None, :] < D),
                     other=0.0)                                         # (BLOCK_S, BLOCK_D)
         w_sum += w

@@ -2,9 +2,9 @@
 
 Axes: dtype (fp16/bf16/fp32 IEEE/fp32 TF32) x head-dim block (16..256; "padded" is EVEN_D
 False: head dims 40, 80, 96, 112, 160, 192) x tile (every tile `valid_configs` keeps on the arch)
-x causal. Rows are 16-byte aligned (ALIGNED) in all of these; "unaligned" variants (head dim
-not a multiple of 16 bytes, odd strides) get only the smallest tile. Feature flags other than
-causal (mask, window, softcap, dropout, key_lengths) add a few ALU ops and are listed off.
+x causal. Rows are always 16-byte aligned (ALIGNED): the launchers copy inputs whose rows are
+not. Feature flags other than causal (mask, window, softcap, dropout, key_lengths) add a few
+ALU ops and are listed off.
 """
 
 import inspect
@@ -19,10 +19,9 @@ from .static_variant import StaticVariant
 # label -> (signature dtype, element bytes, dot input precision)
 DTYPES = {"fp16": ("fp16", 2, "tf32"), "bf16": ("bf16", 2, "tf32"),
           "fp32": ("fp32", 4, "ieee"), "tf32": ("fp32", 4, "tf32")}
-# (BLOCK_D, EVEN_D, ALIGNED): powers of two exactly, padded representatives, unaligned
-HEAD_DIMS = [(16, True, True), (32, True, True), (64, True, True), (128, True, True),
-             (256, True, True), (64, False, True), (128, False, True), (256, False, True),
-             (64, False, False), (128, False, False), (256, False, False)]
+# (BLOCK_D, EVEN_D): powers of two exactly, and padded representatives
+HEAD_DIMS = [(16, True), (32, True), (64, True), (128, True), (256, True),
+             (64, False), (128, False), (256, False)]
 
 _FP32_PTRS = {"Lse", "Delta", "OPart", "LPart", "DMask"}
 _PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Mask", "KeyLens"}
@@ -65,14 +64,13 @@ _KERNELS = (("fwd", "attention_fwd", attn_fwd_kernel, dict(HAS_DROPOUT=False)),
 def static_variants(arch):
     out = []
     for label, (sig_dtype, elem, prec) in DTYPES.items():
-        for block_d, even_d, aligned in HEAD_DIMS:
-            dlabel = (f"d={block_d}" + ("" if even_d else " padded")
-                      + ("" if aligned else " unaligned"))
+        for block_d, even_d in HEAD_DIMS:
+            dlabel = f"d={block_d}" + ("" if even_d else " padded")
             for causal in (False, True):
-                flags = _flags(block_d, even_d, aligned, causal, prec)
+                flags = _flags(block_d, even_d, True, causal, prec)
                 clabel = dlabel + (" causal" if causal else "")
                 for kind, name, kernel, extra in _KERNELS:
-                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem, aligned):
+                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem):
                         consts = dict(flags, **extra, BLOCK_M=bm, BLOCK_N=bn)
                         out.append(_variant(kernel, name, label, sig_dtype,
                                             f"{clabel} BM={bm} BN={bn}", consts, w, s))
@@ -83,11 +81,9 @@ def static_variants(arch):
                     out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
                                         sig_dtype, f"{clabel} BM={bm_} BN={bn}", consts, w, s))
             if even_d and label != "tf32":     # no dots below: one variant per storage dtype
-                for al in (True, False):
-                    out.append(_variant(attn_bwd_preprocess_kernel, "attention_bwd_preprocess",
-                                        label, sig_dtype,
-                                        f"d={block_d} BM=64" + ("" if al else " unaligned"),
-                                        dict(BLOCK_M=64, BLOCK_D=block_d, ALIGNED=al), 4, 3))
+                out.append(_variant(attn_bwd_preprocess_kernel, "attention_bwd_preprocess",
+                                    label, sig_dtype, f"d={block_d} BM=64",
+                                    dict(BLOCK_M=64, BLOCK_D=block_d, ALIGNED=True), 4, 3))
                 out.append(_variant(attn_decode_merge_kernel, "attention_decode_merge", label,
                                     sig_dtype, f"d={block_d} BS={MERGE_BLOCK_S}",
                                     dict(BLOCK_S=MERGE_BLOCK_S, BLOCK_D=block_d), 4, 3))

@@ -73,20 +73,42 @@ def _as_int(x, name):
     return int(x)
 
 
-def _last_contiguous(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _rows_aligned(t):
+    """True when every row of `t` starts on 16 bytes (base pointer and the strides of all
+    non-trivial dims) and its last dim is contiguous."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(size == 1 or (stride * t.element_size()) % 16 == 0
+               for size, stride in zip(t.shape[:-1], t.stride()[:-1]))
 
 
-def _rows_aligned(*tensors):
-    """True when every row of every tensor starts on 16 bytes (base pointer and the strides of
-    all non-trivial dims), so the kernels may promise the compiler aligned rows."""
-    for t in tensors:
-        if t.data_ptr() % 16:
-            return False
-        for size, stride in zip(t.shape[:-1], t.stride()[:-1]):
-            if size > 1 and (stride * t.element_size()) % 16:
-                return False
-    return True
+def _padded_dim(D, elem):
+    """D rounded up so a row of D elements is a whole number of 16-byte vectors."""
+    vec = 16 // elem
+    return triton.cdiv(D, vec) * vec
+
+
+def _aligned_rows(t, row_len):
+    """`t` itself when its rows are 16-byte aligned, else a copy with rows of `row_len` elements
+    (zero-padded past D: the kernels mask the head dim in whole 16-byte vectors, so they read
+    the pad as zeros). Kernels then always get aligned rows, which keeps their loads vectorised
+    and their register use inside the validated tile table."""
+    if t.shape[-1] == row_len and _rows_aligned(t):
+        return t
+    buf = (t.new_zeros if row_len > t.shape[-1] else t.new_empty)(*t.shape[:-1], row_len)
+    buf[..., :t.shape[-1]] = t
+    return buf[..., :t.shape[-1]]
+
+
+def _empty_rows(shape, row_len, like):
+    """Output of `shape` whose rows are `row_len` elements apart (a view when padded)."""
+    buf = torch.empty((*shape[:-1], row_len), device=like.device, dtype=like.dtype)
+    return buf[..., :shape[-1]]
+
+
+def _finish(t):
+    """Outputs leave contiguous (padded-row views only exist for odd head dims)."""
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _dot_precision(dtype):
@@ -123,7 +145,9 @@ class _Case:
         if softcap is not None and float(softcap) < 0:
             raise ValueError(f"softcap: expected >= 0, got {softcap}")
         self.B, self.H, self.Hkv, self.Sq, self.Sk, self.D = B, H, Hkv, Sq, Sk, D
-        self.q, self.k, self.v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        # every row the kernels touch starts on 16 bytes (copies only for odd layouts / D)
+        self.row_len = _padded_dim(D, q.element_size())
+        self.q, self.k, self.v = (_aligned_rows(t, self.row_len) for t in (q, k, v))
         self.group = H // Hkv
         self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
         self.causal = bool(causal)
@@ -168,10 +192,8 @@ class _Case:
             self.key_lengths = key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
 
         self.block_d = cfg.block_d_of(D)
-        # outputs are allocated contiguous, so their rows are aligned iff D * itemsize is
-        self.aligned = (D * q.element_size()) % 16 == 0 and _rows_aligned(self.q, self.k, self.v)
         self.consts = dict(
-            BLOCK_D=self.block_d, EVEN_D=(D == self.block_d), ALIGNED=self.aligned,
+            BLOCK_D=self.block_d, EVEN_D=(D == self.block_d), ALIGNED=True,
             IS_CAUSAL=self.causal,
             HAS_WL=self.wl >= 0, HAS_WR=self.wr >= 0, MASK_KIND=self.mask_kind,
             HAS_KL=self.has_kl, HAS_SOFTCAP=self.softcap > 0,
@@ -203,19 +225,19 @@ def attention_forward(q, k, v, *, mask=None, scale=None, causal=False, alignment
               key_lengths, dropout_p, seed, offset)
     if c.Sq <= DECODE_MAX_SQ and c.Sk >= DECODE_MIN_SK and c.dropout_p == 0.0:
         return _decode(c)
-    out = torch.empty((c.B, c.H, c.Sq, c.D), device=q.device, dtype=q.dtype)
+    out = _empty_rows((c.B, c.H, c.Sq, c.D), c.row_len, q)
     lse = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
     if c.Sq == 0 or c.B * c.H == 0:
-        return out, lse
+        return _finish(out), lse
     if c.Sk == 0:
-        return out.zero_(), lse.fill_(float("-inf"))
+        return _finish(out.zero_()), lse.fill_(float("-inf"))
     args = [c.q, c.k, c.v, out, lse, c.mask, c.key_lengths,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(out), *c.mask_strides,
             c.H, *c.scalars()]
     consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
     _launch(attn_fwd_kernel, _fwd_tuned, cfg.INTERP_FWD,
             lambda bm, bn: triton.cdiv(c.Sq, bm) * c.B * c.H, args, consts)
-    return out, lse
+    return _finish(out), lse
 
 
 # ----------------------------------------------------------------------------- backward
@@ -234,27 +256,26 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
         raise ValueError(f"lse: expected shape {(c.B, c.H, c.Sq)}, got {tuple(lse.shape)}")
     if mask_needs_grad and c.mask_kind != 2:
         raise ValueError("mask_needs_grad: requires a floating-point mask")
-    dout = _last_contiguous(dout.to(q.dtype))
-    out = _last_contiguous(out)
+    dout = _aligned_rows(dout.to(q.dtype), c.row_len)
+    out = _aligned_rows(out, c.row_len)
     lse = lse.to(torch.float32).contiguous()
 
-    dq = torch.empty((c.B, c.H, c.Sq, c.D), device=q.device, dtype=q.dtype)
-    dk = torch.empty((c.B, c.Hkv, c.Sk, c.D), device=q.device, dtype=k.dtype)
-    dv = torch.empty((c.B, c.Hkv, c.Sk, c.D), device=q.device, dtype=v.dtype)
+    dq = _empty_rows((c.B, c.H, c.Sq, c.D), c.row_len, q)
+    dk = _empty_rows((c.B, c.Hkv, c.Sk, c.D), c.row_len, k)
+    dv = _empty_rows((c.B, c.Hkv, c.Sk, c.D), c.row_len, v)
     dmask = None
     if mask_needs_grad:
         dmask = torch.zeros((c.B, c.H, c.Sq, c.Sk), device=q.device, dtype=torch.float32)
     if c.Sq == 0 or c.Sk == 0 or c.B * c.H == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+        return _finish(dq.zero_()), _finish(dk.zero_()), _finish(dv.zero_()), dmask
 
     delta = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
-    aligned = c.aligned and _rows_aligned(dout, out)
     pre_bm = 16 if cfg.interpreting() else 64
     attn_bwd_preprocess_kernel[(triton.cdiv(c.Sq, pre_bm) * c.B * c.H,)](
         out, dout, delta, *_strides3(out), *_strides3(dout), c.H, c.Sq, c.D,
-        BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=aligned)
+        BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
 
-    consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0, ALIGNED=aligned)
+    consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
     args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
             *_strides3(dk), *_strides3(dv), *c.mask_strides, c.H, c.Hkv, *c.scalars()]
@@ -268,7 +289,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
     _launch(attn_bwd_dq_kernel, _dq_tuned, cfg.INTERP_DQ,
             lambda bm, bn: triton.cdiv(c.Sq, bm) * c.B * c.H, args,
             dict(consts, MASK_GRAD=dmask is not None))
-    return dq, dk, dv, dmask
+    return _finish(dq), _finish(dk), _finish(dv), dmask
 
 
 # ----------------------------------------------------------------------------- decode
@@ -289,13 +310,15 @@ def _decode(c, num_splits=None):
         return out, lse
     if c.Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    # (the merge kernel writes `out` without vector hints: any row length is fine)
     bm, bn, warps, stages = decode_tiles(c.group, c.Sq, c.D, c.q.element_size())
     if num_splits is None:
         num_splits = _num_splits(c, bm, bn, c.q.device)
     num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn), 1024))
     chunk = triton.cdiv(triton.cdiv(c.Sk, num_splits), bn) * bn       # BLOCK_N aligned
     num_splits = triton.cdiv(c.Sk, chunk)
-    opart = torch.empty((c.B * c.H, num_splits, c.Sq, c.D), device=c.q.device, dtype=torch.float32)
+    opart = torch.empty((c.B * c.H, num_splits, c.Sq, c.block_d), device=c.q.device,
+                        dtype=torch.float32)
     lpart = torch.empty((c.B * c.H, num_splits, c.Sq), device=c.q.device, dtype=torch.float32)
     grid = (triton.cdiv(c.group * c.Sq, bm) * num_splits * c.B * c.Hkv,)
     attn_decode_split_kernel[grid](

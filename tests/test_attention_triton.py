@@ -161,7 +161,7 @@ CASES = [
      dict(causal=True, alignment="bottom_right", softcap=3.0)),
     ("fp16-window-causal-tl", (1, 2, 1, 97, 97, 16), torch.float16, None,
      dict(causal=True, window_left=9)),
-    # 20 fp16 values = 40 bytes per row: rows not 16-byte aligned, the kernels get no hint
+    # 20 fp16 values = 40 bytes per row: the launcher copies into 16-byte aligned rows
     ("fp16-d20-unaligned", (1, 2, 2, 9, 13, 20), torch.float16, None, {}),
 ]
 
@@ -336,26 +336,25 @@ def test_unsupported_reasons():
     assert "dtype" in ta.unsupported("attention", **dict(case, dtype=torch.float64))
 
 
-def test_autotune_prune_respects_arch_alignment_and_lengths(monkeypatch):
+def test_autotune_prune_respects_arch_and_lengths(monkeypatch):
     import triton
     from fastattn.kernels import _attention_configs as cfg
     configs = cfg.autotune_configs("fwd")
     prune = cfg.make_prune("fwd", "Sq", "Sk")
     q = torch.zeros(1, 1, 1, 1, dtype=torch.float16)
 
-    def tiles(arch, aligned, sq, sk, block_d=256):
+    def tiles(arch, sq, sk, block_d=256):
         monkeypatch.setattr(cfg, "device_arch", lambda t: arch)
-        kept = prune(configs, {"Q": q, "Sq": sq, "Sk": sk}, BLOCK_D=block_d, ALIGNED=aligned)
+        kept = prune(configs, {"Q": q, "Sq": sq, "Sk": sk}, BLOCK_D=block_d, ALIGNED=True)
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 for c in kept}
 
-    big80, big90 = tiles(80, True, 4096, 4096), tiles(90, True, 4096, 4096)
+    big80, big90 = tiles(80, 4096, 4096), tiles(90, 4096, 4096)
     assert big80 and big80 < big90            # sm_80 has less shared memory than sm_90
     for bm, bn, _, stages in big80:
         assert cfg.smem_estimate("fwd", bm, bn, 256, 2, stages) <= cfg.SMEM_LIMIT[80]
-    assert len(tiles(90, False, 4096, 4096)) == 1          # unaligned rows: smallest tile only
     assert all(bm <= 16 or bm == min(b for b, *_ in big90)
-               for bm, *_ in tiles(90, True, 3, 4096))     # no 128-row tile for 3 queries
+               for bm, *_ in tiles(90, 3, 4096))           # no 128-row tile for 3 queries
     assert isinstance(configs[0], triton.Config)
 
 
