@@ -11,6 +11,9 @@ Implements the "Attention" section of docs/backend-contract.md:
 
 The backward never uses atomics (dK/dV of a kv head are summed over its query heads inside one
 program), so it is always bitwise deterministic and `deterministic` changes nothing.
+Any strides are accepted; the kernels always see 16-byte aligned rows (inputs whose rows are
+not, e.g. fp16 head dim 20 or a strided last dim, are copied into zero-padded rows first).
+Dropout: `dropout_keep_mask(shape, p, seed, offset)` materialises the kernels' keep-mask.
 Kernels live in _attention_fwd.py, _attention_bwd.py, _attention_decode.py; tiles in
 _attention_configs.py; the static-report list in _attention_static.py.
 """
