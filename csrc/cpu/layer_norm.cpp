@@ -56,6 +56,7 @@ void forward(const NormParams& p) {
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* h = static_cast<const T*>(p.x) + r * p.x_stride;
+      if (r + 1 < end) prefetch_row(h + p.x_stride, p.cols * int64_t(sizeof(T)));
       if (p.residual != nullptr) {
         // h = x + residual, rounded to T: the returned residual stream is what gets normalised.
         const T* res = static_cast<const T*>(p.residual) + r * p.res_stride;

@@ -76,6 +76,10 @@ void forward(const SoftmaxParams& p) {
       } else if (p.mask_kind == MaskKind::kBool) {
         mask = static_cast<const uint8_t*>(p.mask) + row_offset(p.mask_rows, r);
       }
+      if (r + 1 < end) {
+        prefetch_row(static_cast<const T*>(p.x) + row_offset(p.x_rows, r + 1),
+                     p.cols * int64_t(sizeof(T)));
+      }
       float* buf = scratch_in_y ? reinterpret_cast<float*>(y) : scratch.data();
       softmax_row(x, mask, p.mask_kind, y, buf, p.cols,
                   softmax_visible_cols(r, p.m, p.cols, p.causal), p.scale, stream);
