@@ -115,14 +115,14 @@ def _sass_functions(text):
     for line in text.splitlines():
         m = re.match(r"\s*arch = sm_(\d+)", line)
         if m:
-            arch = int(m.group(1))
+            arch, func = int(m.group(1)), None
             continue
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             func = m.group(1)
             out[(arch, func)] = []
             continue
-        if func is not None:
+        if func is not None and (arch, func) in out:
             out[(arch, func)].append(line)
     return {k: "\n".join(v) for k, v in out.items()}
 
@@ -241,7 +241,11 @@ def cuda_records(archs=(80, 90), only=None, so_path=None):
     names = _demangle([f for _, f in keys])
     records = []
     for (arch, func), pretty in zip(keys, names):
-        short = pretty.split("(")[0]
+        # "void ns::(anonymous namespace)::kernel<float, 4>(Params)" -> "ns::kernel"
+        short = re.sub(r"^void |\(anonymous namespace\)::", "", pretty.split("(fastattn")[0])
+        short = short.split("<")[0].split("(")[0]
+        if short.startswith("fastattn::"):
+            short = short[len("fastattn::"):]
         if only and not any(o in pretty for o in only):
             continue
         vals, code = usage[(arch, func)], sass.get((arch, func), "")
@@ -276,12 +280,12 @@ def problems(record):
 
 
 def format_table(records):
-    head = f"{'source':6} {'arch':5} {'kernel':22} {'regs':>4} {'smem':>7} {'STL':>4} {'LDL':>4} " \
+    head = f"{'source':6} {'arch':5} {'kernel':32} {'regs':>4} {'smem':>7} {'STL':>4} {'LDL':>4} " \
            f"{'HMMA':>5} {'HGMMA':>5}  config"
     lines = [head, "-" * len(head)]
     for r in records:
         flag = "  <-- " + ", ".join(problems(r)) if problems(r) else ""
-        lines.append(f"{r['source']:6} {r['arch']:5} {r['kernel'][:22]:22} {r['registers']:4d} "
+        lines.append(f"{r['source']:6} {r['arch']:5} {r['kernel'][-32:]:32} {r['registers']:4d} "
                      f"{r['shared_bytes']:7d} {r['spill_stores']:4d} {r['spill_loads']:4d} "
                      f"{r['mma']['HMMA']:5d} {r['mma']['HGMMA']:5d}  {r['config']}{flag}")
     return "\n".join(lines)

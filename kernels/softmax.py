@@ -17,7 +17,7 @@ LOG2E = 1.4426950408889634
 
 # Single-block tile sizes the launcher picks from, with their warp counts; rows longer than the
 # last one use the looped kernel with LOOP_BLOCK.
-SINGLE_BLOCKS = ((128, 1), (512, 2), (2048, 4), (8192, 16))
+SINGLE_BLOCKS = ((128, 1), (256, 2), (512, 2), (1024, 4), (2048, 4), (4096, 8), (8192, 16))
 LOOP_BLOCK, LOOP_WARPS = 4096, 8
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
