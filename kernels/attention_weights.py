@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)   # a constexpr: jit code may read it
 
 
 @triton.jit
@@ -107,6 +107,14 @@ def attn_weights_kernel(
                  p.to(P.dtype.element_ty), mask=m_ok[:, None] & (offs_n[None, :] < Sk))
 
 
+def gpu_tiles(fp32, head_dim, has_mask):
+    """(BLOCK_M, BLOCK_N) without spills on sm_80/90 (from the GPU static report): fp32
+    (ieee, no tensor cores) and mask loads need smaller tiles."""
+    if fp32:
+        return (32, 32) if head_dim <= 64 else (16, 32)
+    return (64, 32) if has_mask else (64, 64)
+
+
 def _interpreting():
     import os
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -135,8 +143,8 @@ def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, 
         mask_strides = tuple(mask.stride())
     kl = q if key_lengths is None else key_lengths.to(device=q.device,
                                                      dtype=torch.int32).contiguous()
-    interp = _interpreting()
-    bm, bn = (16, 16) if interp else (64, 64)
+    bm, bn = (16, 16) if _interpreting() else gpu_tiles(q.dtype == torch.float32, D,
+                                                      mask is not None)
     block_d = max(16, triton.next_power_of_2(D))
     fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     shift = Sk - Sq if alignment == "bottom_right" else 0
@@ -153,3 +161,32 @@ def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, 
         DOT_PREC=fp32_prec if q.dtype == torch.float32 else "tf32",
         num_warps=4)
     return p
+
+
+def static_variants(arch):
+    """The configurations the launcher compiles on a GPU (for the GPU static report)."""
+    from .static_variant import StaticVariant
+    del arch                                            # one tile for every arch
+    out = []
+    for dt in ("fp16", "bf16", "fp32"):
+        for d in (64, 128):
+            for causal, mask_kind in ((True, 0), (False, 1), (False, 2)):
+                sig = {"Q": f"*{dt}", "K": f"*{dt}", "Lse": "*fp32", "P": f"*{dt}",
+                       "Mask": "*u8" if mask_kind == 1 else f"*{dt}", "KeyLens": "*i32"}
+                sig.update({n: "i64" for n in (
+                    "stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh",
+                    "stride_kn", "stride_pb", "stride_ph", "stride_pm", "stride_mb",
+                    "stride_mh", "stride_mm", "stride_mn")})
+                sig.update({n: "i32" for n in ("H", "Sq", "Sk", "D", "group", "shift",
+                                               "window_left", "window_right")})
+                sig.update({"sm_scale": "fp32", "softcap": "fp32"})
+                bm, bn = gpu_tiles(dt == "fp32", d, mask_kind != 0)
+                consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=d, IS_CAUSAL=causal,
+                              HAS_WL=False, HAS_WR=False, MASK_KIND=mask_kind, HAS_KL=False,
+                              HAS_SOFTCAP=False, DOT_PREC="ieee" if dt == "fp32" else "tf32")
+                sig.update({n: "constexpr" for n in consts})
+                kind = ("causal", "bool mask", "float mask")[mask_kind if not causal else 0]
+                out.append(StaticVariant(attn_weights_kernel, "attention_weights",
+                                         f"{dt} d={d} {kind} BM={bm} BN={bn} w=4", sig, consts,
+                                         num_warps=4, num_stages=1))
+    return out
