@@ -139,18 +139,20 @@ EXTENSIONS = [
     dict(num_kv_heads=1, window=3),
     dict(window=(2, 1)),
     dict(rotary=True, num_kv_heads=2, window=(4, 0)),
+    dict(rotary=fastattn.RotaryEmbedding(4, interleaved=True, base=100.0)),   # partial, GPT-J
 ]
 
 
-@pytest.mark.parametrize("ext", EXTENSIONS, ids=lambda e: "-".join(f"{k}={v}"
-                                                                   for k, v in e.items()))
+@pytest.mark.parametrize("ext", EXTENSIONS, ids=lambda e: "-".join(
+    f"{k}={v if not isinstance(v, nn.Module) else 'module'}" for k, v in e.items()))
 def test_mha_extensions(backend, ext):
     device = backend_device(backend)
     torch.manual_seed(0)
     m = fastattn.MultiHeadAttention(32, 4, batch_first=True, device=device, **ext)
     x = torch.randn(2, 9, 32, device=device, requires_grad=True)
     mask = nn.Transformer.generate_square_subsequent_mask(9, device=device)
-    cos_sin = fastattn.rotary_cache(9, m.head_dim, device=device) if m.rotary else None
+    cos_sin = (fastattn.rotary_cache(9, m.rotary.dim, base=m.rotary.base, device=device)
+               if m.rotary else None)
     with fastattn.record_dispatch() as calls:
         out, w = m(x, x, x, attn_mask=mask, is_causal=True, average_attn_weights=False)
     out_ref, w_ref = reference_mha(m, x, causal=True, rotary_cos_sin=cos_sin)
