@@ -109,3 +109,21 @@ def test_public_functions_compile_fullgraph():
     assert_same(eager_and_compiled(lambda t, ww: fastattn.rms_norm(t, (33,), ww), x, w))
     cos, sin = fastattn.rotary_cache(9, 16)
     assert_same(eager_and_compiled(lambda t: fastattn.apply_rotary(t, cos, sin), q))
+
+
+def test_mha_training_with_dropout_and_weights_compiles():
+    """Dropout in training with need_weights=True traces fullgraph; the returned dropped
+    weights are the ones the output was computed with."""
+    torch.manual_seed(0)
+    m = fastattn.MultiHeadAttention(32, 4, dropout=0.3, batch_first=True)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    f = torch.compile(lambda t: m(t, t, t, average_attn_weights=False), fullgraph=True,
+                      backend="aot_eager")
+    out, w = f(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        _, _, v = m._project(x, x, x, True)
+        expected = m.out_proj((w @ v).transpose(1, 2).reshape(2, 10, 32))
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    assert 0.15 < (w == 0).float().mean().item() < 0.45

@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 from .. import _backend
 from ..ops import attention as _attention_ops
-from ..ops.attention_weights import attention_weights
+from ..ops.attention_weights import attention_weights, dropout_keep_op
 from . import _masks
 from .rotary import RotaryEmbedding
 
@@ -318,12 +318,6 @@ class MultiHeadAttention(nn.MultiheadAttention):
                               scale=1.0 / math.sqrt(d), causal=causal, window_left=wl,
                               window_right=wr)
         if dropout_p > 0:
-            keep_fn = getattr(_backend.backend_module(backend, "attention"),
-                              "dropout_keep_mask", None)
-            if keep_fn is None:
-                raise RuntimeError(f"need_weights=True with dropout: backend {backend!r} "
-                                   f"cannot reproduce its dropout mask")
-            seed, offset = (int(x) for x in rng.tolist())
-            keep = keep_fn(w.shape, dropout_p, seed, offset, w.device)
+            keep = dropout_keep_op(w.detach(), rng, dropout_p, backend)
             w = w * keep.to(w.dtype) / (1.0 - dropout_p)
         return w

@@ -148,6 +148,22 @@ torch.library.register_autograd("fastattn::attention_weights", _backward,
                                 setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastattn::attention_dropout_keep", mutates_args=())
+def dropout_keep_op(weights: Tensor, rng: Tensor, dropout_p: float, backend: str) -> Tensor:
+    """The keep-mask (bool, weights' shape (B, H, Sq, Sk)) that `backend`'s attention drew
+    for rng = (seed, offset): lets need_weights=True return the dropped probabilities."""
+    keep_fn = getattr(_backend.backend_module(backend, "attention"), "dropout_keep_mask", None)
+    if keep_fn is None:
+        raise RuntimeError(f"backend {backend!r} cannot reproduce its attention dropout mask")
+    seed, offset = (int(x) for x in rng.tolist())
+    return keep_fn(weights.shape, dropout_p, seed, offset, weights.device)
+
+
+@dropout_keep_op.register_fake
+def _(weights, rng, dropout_p, backend):
+    return torch.empty(weights.shape, dtype=torch.bool, device=weights.device)
+
+
 @torch.compiler.assume_constant_result
 def select_backend(device_type):
     """Backend of the weights op for the requested fastattn backend; logs the dispatch.
