@@ -20,15 +20,15 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 _SMALL_D = (16, 32, 64)
 TABLE = {}
 for _bd in _SMALL_D:
-    TABLE[("fwd", 2, _bd)] = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
-    TABLE[("dkdv", 2, _bd)] = [(32, 128, 8, 2), (64, 64, 4, 2)]
+    TABLE[("fwd", 2, _bd)] = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+    TABLE[("dkdv", 2, _bd)] = [(32, 128, 8, 2), (32, 64, 8, 2)]
     TABLE[("dq", 2, _bd)] = [(128, 64, 8, 2), (64, 64, 4, 2)]
     TABLE[("fwd", 4, _bd)] = [(32, 32, 4, 2), (32, 16, 4, 1)]
     TABLE[("dkdv", 4, _bd)] = [(32, 64, 8, 1), (16, 32, 4, 1)]
     TABLE[("dq", 4, _bd)] = [(64, 16, 4, 1), (32, 16, 4, 1)]
 TABLE[("fwd", 2, 128)] = [(128, 64, 8, 3), (64, 64, 4, 3)]
 TABLE[("dkdv", 2, 128)] = [(64, 64, 8, 2), (32, 64, 8, 2)]
-TABLE[("dq", 2, 128)] = [(128, 64, 8, 2), (64, 64, 4, 2)]
+TABLE[("dq", 2, 128)] = [(128, 32, 8, 2), (64, 32, 4, 2)]
 TABLE[("fwd", 2, 256)] = [(64, 64, 8, 2), (64, 32, 8, 2)]
 TABLE[("dkdv", 2, 256)] = [(32, 32, 4, 1), (16, 32, 4, 1)]
 TABLE[("dq", 2, 256)] = [(128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 1)]
@@ -141,4 +141,9 @@ def decode_tiles(group, Sq, head_dim, elem=2, interpret=None):
         if bd <= 64:
             return bm, 64, 4, 2        # 3 stages spill a few registers on sm_80 here
         return (bm, 64, 4, 3) if bd == 128 else (bm, 32, 8, 2)
-    return (bm, 32, 4, 2) if bd <= 64 else (bm, 16, 8, 1)
+    return (bm, 16, 4, 2) if bd <= 64 else (bm, 16, 8, 1)
+
+
+def preprocess_block_m(block_d):
+    """Rows per program of the backward's delta kernel (o and dO tiles stay spill-free)."""
+    return min(64, 8192 // block_d)

@@ -273,7 +273,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
         return _finish(dq.zero_()), _finish(dk.zero_()), _finish(dv.zero_()), dmask
 
     delta = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
-    pre_bm = 16 if cfg.interpreting() else 64
+    pre_bm = 16 if cfg.interpreting() else cfg.preprocess_block_m(c.block_d)
     attn_bwd_preprocess_kernel[(triton.cdiv(c.Sq, pre_bm) * c.B * c.H,)](
         out, dout, delta, *_strides3(out), *_strides3(dout), c.H, c.Sq, c.D,
         BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
