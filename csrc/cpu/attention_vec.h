@@ -12,7 +12,7 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY FASTATTN_AVX512
 #define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)  // ATen's AVX2 half needs F16C
 #define CPU_CAPABILITY FASTATTN_AVX2
 #define CPU_CAPABILITY_AVX2
 #else
