@@ -139,7 +139,8 @@ def run(device_type="cpu", backend="cpu", quick=False, rounds=5, patch=None, mod
 
 def table(records):
     lines = ["== e2e: GPT " + (records[0]["shape_str"] if records else ""),
-             f"{'variant':11} {'fastattn tok/s':>14} {'torch tok/s':>12} {'speedup':>8}  notes"]
+             f"{'variant':11} {'fastattn tok/s':>14} {'torch tok/s':>12} {'speedup':>8}  notes "
+             f"(speedup: median of per-round ratios, as in the other tables)"]
     for r in records:
         if r["status"] == "unavailable":
             lines.append(f"{r['variant']:11} unavailable: {r['error']}")
