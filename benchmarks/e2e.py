@@ -90,7 +90,7 @@ def run(device_type="cpu", backend="cpu", quick=False, rounds=5, patch=None, mod
         ours, ref = make_models(cfg, device, patch)
         with fastattn.use_backend(backend), fastattn.record_dispatch() as calls:
             ours(torch.zeros(1, 8, dtype=torch.long, device=device))
-    except (NotImplementedError, RuntimeError, TypeError, ValueError) as exc:
+    except Exception as exc:  # fastattn modules missing or broken: say so, keep going
         for r in recs:
             r.update(status="unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
         return recs

@@ -35,7 +35,7 @@ def run(benchmark, case, impl):
     else:
         try:
             fn = case.build(torch.device(dev)).torch
-        except (NotImplementedError, RuntimeError, TypeError) as exc:
+        except Exception as exc:  # e.g. fastattn.MultiHeadAttention not there yet
             pytest.skip(f"case cannot be built: {exc}")
     if dev == "cuda":
         import triton.testing

@@ -72,7 +72,7 @@ def prepare(case, device_type):
         pair = case.build(torch.device(device_type))
         with fastattn.record_dispatch() as calls:
             pair.fastattn()
-    except (NotImplementedError, RuntimeError, TypeError, ValueError, ImportError) as exc:
+    except Exception as exc:  # a missing or half-written module must not sink the suite
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
     problem = _dispatch_problem(calls, case.backend)
     return (None, problem) if problem else (pair, None)
