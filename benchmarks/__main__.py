@@ -56,8 +56,10 @@ def run_micro(args, limits):
     bar = tqdm(cases, desc="benchmarks", unit="case", file=sys.stderr, dynamic_ncols=True)
     for case in bar:
         bar.set_postfix_str(case.id, refresh=True)
+        # The result check already ran each side once; --quick warms up once more only.
         records.append(runner.run_case(case, args.device, rounds, min_ms, limits,
-                                       measure_memory=not args.no_memory))
+                                       measure_memory=not args.no_memory,
+                                       warmup=1 if args.quick else 2))
     return records
 
 

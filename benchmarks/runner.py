@@ -79,7 +79,7 @@ def prepare(case, device_type):
 
 
 def run_case(case, device_type, rounds=7, min_round_ms=50.0, limits=None,
-             measure_memory=True, slowdown=1):
+             measure_memory=True, slowdown=1, warmup=2):
     """Time one case. slowdown > 1 runs the fastattn callable that many times per call (the
     gate's self-test uses it to prove that a slower kernel fails the gate)."""
     record = base_record(case, device_type)
@@ -99,7 +99,7 @@ def run_case(case, device_type, rounds=7, min_round_ms=50.0, limits=None,
     if not scaled <= tol:                    # also catches NaN
         record.update(status="mismatch", error=f"max |fastattn - torch| / max(1, |torch|) = "
                                                f"{scaled:.3g} > {tol:g}")
-    record.update(timing.time_pair(fa, pair.torch, device_type, rounds, min_round_ms))
+    record.update(timing.time_pair(fa, pair.torch, device_type, rounds, min_round_ms, warmup))
     _rates(record, case, limits)
     record["peak_mem_fastattn"] = record["peak_mem_torch"] = None
     if measure_memory and case.direction == "fwd+bwd":
