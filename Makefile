@@ -7,7 +7,8 @@ VPY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.fastattn-deps
 export MAX_JOBS ?= 2
 export FASTATTN_CUDA_ARCHS ?= 8.0;9.0
-PYTEST_ARGS ?=
+# Two workers: the interpreter tests are single-threaded Python.
+PYTEST_ARGS ?= -n 2
 
 .PHONY: venv build test bench bench-ci bench-baseline static asan clean
 

@@ -68,7 +68,7 @@ def extension_modules():
     # The extension is built from source where it runs, so tune for this CPU unless asked
     # for a portable (AVX2) build; ASan builds too, so they check the same SIMD code paths.
     # (csrc/cpu/vec.h derives at::vec's CPU_CAPABILITY from the flags these enable.)
-    cxx_flags += ["-mavx2", "-mfma"] if _flag("FASTATTN_PORTABLE") else ["-march=native"]
+    cxx_flags += ["-mavx2", "-mfma", "-mf16c"] if _flag("FASTATTN_PORTABLE") else ["-march=native"]
     define_macros = [("FASTATTN_WITH_CUDA", "1" if with_cuda else "0"),
                      ("FASTATTN_CUDA_ARCHS", '"' + archs + '"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
