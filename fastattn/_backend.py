@@ -143,12 +143,17 @@ def _select(op, device_type, case_items):
         if reason is None:
             reason = backend_module(name, op).unsupported(op, **case)
         if reason is None:
-            for log in _dispatch_logs.get():
-                log.append((op, name))
+            log_dispatch(op, name)
             return name
         reasons.append(f"{name}: {reason}")
     raise RuntimeError(f"fastattn backend {requested!r} cannot run {op} on {device_type} "
                        f"tensors ({'; '.join(reasons)}); use backend 'auto' to fall back to torch")
+
+
+def log_dispatch(op, backend):
+    """Record that `op` runs on `backend` in every active record_dispatch() block."""
+    for log in _dispatch_logs.get():
+        log.append((op, backend))
 
 
 @contextlib.contextmanager

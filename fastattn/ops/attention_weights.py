@@ -180,8 +180,7 @@ def select_backend(device_type):
         elif requested == "triton":
             raise RuntimeError(f"fastattn backend 'triton' cannot run attention_weights on "
                                f"{device_type} tensors: {reason}")
-    for log in _backend._dispatch_logs.get():
-        log.append(("attention_weights", name))
+    _backend.log_dispatch("attention_weights", name)
     return name
 
 
