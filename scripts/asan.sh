@@ -5,14 +5,19 @@
 #   scripts/asan.sh [extra pytest args]        e.g. scripts/asan.sh -k rotary
 #
 # Env: PYTHON (default .venv/bin/python), MAX_JOBS (default 2), ASAN_TESTS (test files),
-#      KEEP=1 keeps the temporary copy.
+#      ASAN_DIR=path builds there and keeps it (a rerun then rebuilds only what changed).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 TESTS="${ASAN_TESTS:-tests/test_extension.py tests/test_softmax_cpu.py tests/test_norms_cpu.py tests/test_rotary_cpu.py}"
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/fastattn-asan.XXXXXX")"
-if [[ "${KEEP:-0}" != 1 ]]; then trap 'rm -rf "$WORK"' EXIT; fi
+if [[ -n "${ASAN_DIR:-}" ]]; then
+  mkdir -p "$ASAN_DIR"
+  WORK="$(cd "$ASAN_DIR" && pwd)"
+else
+  WORK="$(mktemp -d "${TMPDIR:-/tmp}/fastattn-asan.XXXXXX")"
+  trap 'rm -rf "$WORK"' EXIT
+fi
 
 # Sources only: no virtual env, build tree, built extension or git data.
 tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.so' \
@@ -24,8 +29,9 @@ FASTATTN_ASAN=1 FASTATTN_SKIP_CUDA_BUILD=1 MAX_JOBS="${MAX_JOBS:-2}" \
     "$PY" setup.py build_ext --inplace >"$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log"; echo "fastattn asan: build failed"; exit 1; }
 
-LIBASAN="$(gcc -print-file-name=libasan.so)"
-export LD_PRELOAD="$LIBASAN"
+# libstdc++ is preloaded too: otherwise ASan's __cxa_throw interceptor finds no real
+# __cxa_throw and aborts on the first C++ exception of a later-loaded library.
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 # Python's own allocations look like leaks to LSan; only memory errors are of interest.
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:${ASAN_OPTIONS:-}"
 
