@@ -152,7 +152,12 @@ def _mask_view(mask, x_dtype):
         mask, kind = mask.view(torch.uint8), MASK_BOOL
     else:
         if mask.dtype not in (x_dtype, torch.float32):
-            mask = mask.to(torch.float32)
+            # convert only the stored values: broadcast (stride-0) dims stay broadcast
+            shape, compact = mask.shape, mask
+            for d in range(mask.dim()):
+                if mask.stride(d) == 0:
+                    compact = compact.narrow(d, 0, 1)
+            mask = compact.to(torch.float32).expand(shape)
         kind = MASK_FLOAT
     if (mask.shape[-1] - 1) * abs(mask.stride(-1)) >= 2**31:   # 32-bit in-row offsets
         mask = mask.contiguous()

@@ -120,6 +120,8 @@ def test_float_mask_other_dtype(mask_dtype):
     torch.manual_seed(5)
     x = torch.randn(3, 7, 50, dtype=torch.float16, device=DEVICE)
     check(x, mask=torch.randn(3, 7, 50, dtype=mask_dtype, device=DEVICE))
+    # a broadcast mask of another dtype
+    check(x, mask=torch.randn(3, 1, 50, dtype=mask_dtype, device=DEVICE).expand(3, 7, 50))
 
 
 def test_non_contiguous_inputs():
