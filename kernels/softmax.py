@@ -13,8 +13,6 @@ import triton.language as tl
 
 from .static_variant import StaticVariant
 
-LOG2E = 1.4426950408889634
-
 # Single-block tile sizes the launcher picks from, with their warp counts; rows longer than the
 # last one use the looped kernel with LOOP_BLOCK.
 SINGLE_BLOCKS = ((128, 1), (256, 2), (512, 2), (1024, 4), (2048, 4), (4096, 8), (8192, 16))
@@ -64,7 +62,7 @@ def _softmax_fwd_kernel(
         s = _scores(x_row, m_row, cols, N, n_vis, stride_xn, stride_mn, scale, MASK_KIND)
         m = tl.max(s, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)      # fully masked row: every exp is 0
-        e = tl.exp2((s - m) * 1.4426950408889634)
+        e = tl.exp2((s - m) * 1.4426950408889634)    # exp(t) = exp2(t * log2(e))
         denom = tl.sum(e, axis=0)
         inv = 1.0 / tl.where(denom > 0, denom, float("inf"))  # empty row -> 0
         tl.store(y_row + cols, (e * inv).to(y_ptr.dtype.element_ty), mask=cols < N)
