@@ -37,7 +37,7 @@ TABLE[("dkdv", 4, 128)] = [(32, 64, 8, 1), (16, 32, 4, 1)]
 TABLE[("dq", 4, 128)] = [(64, 32, 8, 1), (32, 16, 4, 1)]
 TABLE[("fwd", 4, 256)] = [(16, 16, 4, 1)]
 TABLE[("dkdv", 4, 256)] = [(16, 16, 8, 1)]
-TABLE[("dq", 4, 256)] = [(16, 16, 8, 1)]
+TABLE[("dq", 4, 256)] = [(32, 16, 8, 1)]
 
 # fixed picks for the interpreter: BLOCK_M != BLOCK_N so tile-edge logic is exercised
 INTERP_FWD = (32, 16, 4, 1)
