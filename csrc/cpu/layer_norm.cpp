@@ -56,7 +56,7 @@ void forward(const NormParams& p) {
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* h = static_cast<const T*>(p.x) + r * p.x_stride;
-      if (r + 1 < end) prefetch_row(h + p.x_stride, p.cols * int64_t(sizeof(T)));
+      const T* next = r + 1 < end ? h + p.x_stride : nullptr;
       if (p.residual != nullptr) {
         // h = x + residual, rounded to T: the returned residual stream is what gets normalised.
         const T* res = static_cast<const T*>(p.residual) + r * p.res_stride;
@@ -75,6 +75,7 @@ void forward(const NormParams& p) {
       T* y = static_cast<T*>(p.y) + r * p.cols;
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
+        prefetch_line(next ? next + j : nullptr);
         const fVec xhat = norm_xhat(ld(h, j, n), vmean, vrstd);
         const fVec out = norm_affine(xhat, ld_or(p.weight, j, n, 1.f), ld_or(p.bias, j, n, 0.f));
         stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);

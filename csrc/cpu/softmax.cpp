@@ -34,7 +34,7 @@ inline fVec score_vec(const T* x, const void* mask, MaskKind kind, int64_t j, in
 // (fp32) and its sum; buf / sum into y. Columns >= visible (causal) are 0.
 template <typename T>
 void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, int64_t cols,
-                 int64_t visible, float scale, bool stream) {
+                 int64_t visible, float scale, bool stream, const T* next) {
   const fVec vscale(scale);
   fVec vmax(kNegInf);
   for (int64_t j = 0; j < visible; j += kF) {
@@ -46,6 +46,7 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
   for (int64_t j = 0; j < visible; j += kF) {
     const int64_t n = std::min<int64_t>(kF, visible - j);
     // Lanes past n are -inf, so they add exp(-inf) = 0 to the sum.
+    prefetch_line(next ? next + j : nullptr);
     const fVec e = (head(score_vec(x, mask, kind, j, n, vscale), n, kNegInf) - vrow_max).exp_u20();
     e.store(buf + j, n);
     vsum = vsum + e;
@@ -76,13 +77,11 @@ void forward(const SoftmaxParams& p) {
       } else if (p.mask_kind == MaskKind::kBool) {
         mask = static_cast<const uint8_t*>(p.mask) + row_offset(p.mask_rows, r);
       }
-      if (r + 1 < end) {
-        prefetch_row(static_cast<const T*>(p.x) + row_offset(p.x_rows, r + 1),
-                     p.cols * int64_t(sizeof(T)));
-      }
+      const T* next = r + 1 < end ? static_cast<const T*>(p.x) + row_offset(p.x_rows, r + 1)
+                                  : nullptr;
       float* buf = scratch_in_y ? reinterpret_cast<float*>(y) : scratch.data();
       softmax_row(x, mask, p.mask_kind, y, buf, p.cols,
-                  softmax_visible_cols(r, p.m, p.cols, p.causal), p.scale, stream);
+                  softmax_visible_cols(r, p.m, p.cols, p.causal), p.scale, stream, next);
     }
     stream_fence();
   });

@@ -101,12 +101,13 @@ inline void stream_fence() {
 #endif
 }
 
-// Asks for a row that will be processed next to be brought into cache. Rows of 4 KiB or more
-// start on a new page, where the hardware prefetcher stops, so each row would otherwise begin
-// with a full memory-latency stall.
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+// Asks for the cache line at p, of a row processed next. Rows of 4 KiB or more start on a new
+// page, where the hardware prefetcher stops, so each row would otherwise begin with a
+// memory-latency stall. Issued one line per vector inside a compute loop, so the requests
+// overlap with work instead of filling the miss queue all at once.
+template <typename T>
+inline void prefetch_line(const T* p) {
+  if (p != nullptr) __builtin_prefetch(p, 0, 3);
 }
 
 // Lanes [0, n) of v, the rest `fill` (for reductions over a partial vector).
