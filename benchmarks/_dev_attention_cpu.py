@@ -1,10 +1,12 @@
 """Dev timing of the C++ CPU attention kernels against torch SDPA, side by side in one process.
 
     python benchmarks/_dev_attention_cpu.py [--dev] [--threads 2] [--rounds 7] [--shape B H S D]
+                                           [--dropout P]
 
 --dev builds the kernels as a throw-away module (/tmp/h3a_build) instead of importing
 fastattn._C. Prints PyTorch time / ours (median of interleaved rounds, wall and CPU time) and
 GFLOP/s (causal counts half the score matrix; fwd+bwd counts 3.5x the forward FLOPs).
+--dropout P runs both sides with attention dropout P (SDPA then takes its math path on CPU).
 """
 import argparse
 import math
@@ -33,22 +35,22 @@ def load_ops(dev):
          extra_ldflags=["-fopenmp"], build_directory=build, is_python_module=False)
 
 
-def ours_fwd(q, k, v, causal):
+def ours_fwd(q, k, v, causal, p=0.0):
     return torch.ops.fastattn.attention_forward(q, k, v, None, 1 / math.sqrt(q.shape[-1]),
-                                                causal, False, -1, -1, 0.0, None)
+                                                causal, False, -1, -1, 0.0, None, p, 1, 2)
 
 
-def ours_fwd_bwd(q, k, v, causal, dout):
+def ours_fwd_bwd(q, k, v, causal, dout, p=0.0):
     scale = 1 / math.sqrt(q.shape[-1])
     out, lse = torch.ops.fastattn.attention_forward(q, k, v, None, scale, causal, False,
-                                                    -1, -1, 0.0, None)
+                                                    -1, -1, 0.0, None, p, 1, 2)
     return torch.ops.fastattn.attention_backward(dout, q, k, v, out, lse, None, scale, causal,
-                                                 False, -1, -1, 0.0, None, False)
+                                                 False, -1, -1, 0.0, None, False, p, 1, 2)
 
 
-def sdpa_fwd_bwd(q, k, v, causal, dout):
+def sdpa_fwd_bwd(q, k, v, causal, dout, p=0.0):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
     out.backward(dout)
     return q.grad, k.grad, v.grad
 
@@ -77,6 +79,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--shape", type=int, nargs=4, default=[4, 8, 512, 64])
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dropout", type=float, default=0.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_ops(args.dev)
@@ -84,16 +87,18 @@ def main():
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(4))
+    p = args.dropout
     full = 4 * B * H * S * S * D  # forward FLOPs of the full score matrix
     for name, causal, bwd in [("fwd causal", True, False), ("fwd", False, False),
                               ("fwd+bwd causal", True, True)]:
         if bwd:
-            fns = [lambda: sdpa_fwd_bwd(q, k, v, causal, dout),
-                   lambda: ours_fwd_bwd(q, k, v, causal, dout)]
+            fns = [lambda: sdpa_fwd_bwd(q, k, v, causal, dout, p),
+                   lambda: ours_fwd_bwd(q, k, v, causal, dout, p)]
             flops = full * 3.5  # fwd 2 GEMMs + bwd 5 GEMMs
         else:
-            fns = [lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                   lambda: ours_fwd(q, k, v, causal)]
+            fns = [lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                          dropout_p=p),
+                   lambda: ours_fwd(q, k, v, causal, p)]
             flops = full
         if causal:
             flops /= 2

@@ -54,13 +54,21 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.size(3) >= 1, "attention (cpu): q must have a head dim >= 1");
 }
 
+void set_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout = dropout_p > 0.0;
+  p.dropout_key = dropout_key(seed, offset, dropout_p);
+  p.dropout_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+}
+
 // Fills everything but the outputs. Keeps the (possibly made contiguous) inputs alive in `keep`.
 AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
                             const at::Tensor& v_in, const std::optional<at::Tensor>& mask,
                             double scale, bool causal, bool bottom_right, int64_t window_left,
                             int64_t window_right, double softcap,
-                            const std::optional<at::Tensor>& key_lengths,
-                            std::vector<at::Tensor>& keep) {
+                            const std::optional<at::Tensor>& key_lengths, double dropout_p,
+                            int64_t seed, int64_t offset, std::vector<at::Tensor>& keep) {
   check_qkv(q_in, k_in, v_in);
   TORCH_CHECK(softcap >= 0, "attention (cpu): softcap must be >= 0 (0 = off), got ", softcap);
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
@@ -82,6 +90,7 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
   p.shift = bottom_right ? p.Sk - p.Sq : 0;
   p.window_left = window_left;
   p.window_right = window_right;
+  set_dropout(p, dropout_p, seed, offset);
 
   if (mask.has_value() && mask->defined()) {
     const at::Tensor& m = *mask;
@@ -125,10 +134,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& mask, double scale, bool causal, bool bottom_right,
     int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& key_lengths) {
+    const std::optional<at::Tensor>& key_lengths, double dropout_p, int64_t seed,
+    int64_t offset) {
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, mask, scale, causal, bottom_right, window_left,
-                                  window_right, softcap, key_lengths, keep);
+                                  window_right, softcap, key_lengths, dropout_p, seed, offset,
+                                  keep);
   at::Tensor out = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
@@ -142,10 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& mask,
     double scale, bool causal, bool bottom_right, int64_t window_left, int64_t window_right,
-    double softcap, const std::optional<at::Tensor>& key_lengths, bool mask_needs_grad) {
+    double softcap, const std::optional<at::Tensor>& key_lengths, bool mask_needs_grad,
+    double dropout_p, int64_t seed, int64_t offset) {
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, mask, scale, causal, bottom_right, window_left,
-                                  window_right, softcap, key_lengths, keep);
+                                  window_right, softcap, key_lengths, dropout_p, seed, offset,
+                                  keep);
   for (auto [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() &&
                     t->sizes() == q.sizes(),
@@ -187,21 +200,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   return {dq, dk, dv, dmask};
 }
 
+at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t Sq, int64_t Sk,
+                                      double dropout_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK(B >= 0 && H >= 0 && Sq >= 0 && Sk >= 0,
+              "attention_dropout_mask: B, H, Sq, Sk must be >= 0, got (", B, ", ", H, ", ", Sq,
+              ", ", Sk, ")");
+  AttentionParams p;
+  p.B = B; p.H = H; p.Sq = Sq; p.Sk = Sk;
+  set_dropout(p, dropout_p, seed, offset);
+  at::Tensor keep = at::empty({B, H, Sq, Sk}, at::TensorOptions().dtype(at::kBool));
+  if (keep.numel() > 0) cpu::attention_dropout_mask(p, keep.data_ptr<bool>());
+  return keep;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, "
         "bool bottom_right, int window_left, int window_right, float softcap, "
-        "Tensor? key_lengths) -> (Tensor out, Tensor lse)");
+        "Tensor? key_lengths, float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)");
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? mask, float scale, bool causal, bool bottom_right, int window_left, "
-        "int window_right, float softcap, Tensor? key_lengths, bool mask_needs_grad) -> "
-        "(Tensor dq, Tensor dk, Tensor dv, Tensor dmask)");
+        "int window_right, float softcap, Tensor? key_lengths, bool mask_needs_grad, "
+        "float dropout_p, int seed, int offset) -> (Tensor dq, Tensor dk, Tensor dv, "
+        "Tensor dmask)");
+  // The keep mask (bool (B, H, Sq, Sk)) of attention_forward/backward's dropout, for callers
+  // that rebuild the dropped probabilities (need_weights=True) and for tests.
+  m.def("attention_dropout_mask(int B, int H, int Sq, int Sk, float dropout_p, int seed, "
+        "int offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
+}
+
+// No tensor argument to dispatch on: the mask is built on the CPU whatever the caller wants.
+TORCH_LIBRARY_IMPL(fastattn, CompositeExplicitAutograd, m) {
+  m.impl("attention_dropout_mask", &attention_dropout_mask_cpu);
 }
 
 }  // namespace fastattn

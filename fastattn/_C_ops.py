@@ -63,8 +63,11 @@ def unsupported(op, **case):
             return "no CUDA attention kernel in fastattn._C (use the triton backend)"
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
-    if op == "attention" and case.get("dropout_p", 0.0) > 0:
-        return "dropout"
+    if (op == "attention" and case.get("dropout_p", 0.0) > 0
+            and not _has_op("attention_dropout_mask")):
+        return "fastattn._C was built without attention dropout (rebuild it)"
+    if op == "attention" and case.get("v_head_dim", case.get("head_dim")) != case.get("head_dim"):
+        return "v head dim != q/k head dim (the CPU kernels take one head dim)"
     return None
 
 
@@ -76,23 +79,31 @@ def _attention_args(mask, scale, causal, alignment, window_left, window_right, s
             int(window_right), float(softcap), key_lengths)
 
 
+def _dropout_args(dropout_p, seed, offset):
+    return float(dropout_p), int(seed), int(offset)
+
+
+def dropout_keep_mask(shape, dropout_p, seed, offset, device):
+    """Bool keep-mask (B, H, Sq, Sk) that attention_forward/backward use for (seed, offset)."""
+    b, h, sq, sk = (int(s) for s in shape)
+    keep = _ops().attention_dropout_mask(b, h, sq, sk, *_dropout_args(dropout_p, seed, offset))
+    return keep.to(device)
+
+
 def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, window_right,
                       softcap, key_lengths, dropout_p, seed, offset):
-    if dropout_p > 0:
-        raise NotImplementedError("fastattn._C attention has no dropout (use triton or torch)")
     return _ops().attention_forward(q, k, v, *_attention_args(
-        mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths))
+        mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
+        *_dropout_args(dropout_p, seed, offset))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignment, window_left,
                        window_right, softcap, key_lengths, dropout_p, seed, offset,
                        deterministic, mask_needs_grad):
-    if dropout_p > 0:
-        raise NotImplementedError("fastattn._C attention has no dropout (use triton or torch)")
     # The CPU backward uses no atomics: it is deterministic whatever `deterministic` says.
     dq, dk, dv, dmask = _ops().attention_backward(dout, q, k, v, out, lse, *_attention_args(
         mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
-        bool(mask_needs_grad))
+        bool(mask_needs_grad), *_dropout_args(dropout_p, seed, offset))
     return dq, dk, dv, (dmask if mask_needs_grad else None)
 
 
@@ -209,18 +220,23 @@ def _fake_rotary_forward_inplace(x, cos, sin, interleaved, offsets, conjugate):
 
 
 def _fake_attention_forward(q, k, v, mask, scale, causal, bottom_right, window_left,
-                            window_right, softcap, key_lengths):
+                            window_right, softcap, key_lengths, dropout_p, seed, offset):
     b, h, sq, d = q.shape
     return _empty(q, (b, h, sq, d)), _empty(q, (b, h, sq), torch.float32)
 
 
 def _fake_attention_backward(dout, q, k, v, out, lse, mask, scale, causal, bottom_right,
-                             window_left, window_right, softcap, key_lengths, mask_needs_grad):
+                             window_left, window_right, softcap, key_lengths, mask_needs_grad,
+                             dropout_p, seed, offset):
     b, h, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     dmask = _empty(q, (b, h, sq, sk) if mask_needs_grad else (0,), torch.float32)
     return (_empty(q, (b, h, sq, d)), _empty(q, (b, hkv, sk, d)), _empty(q, (b, hkv, sk, d)),
             dmask)
+
+
+def _fake_attention_dropout_mask(B, H, Sq, Sk, dropout_p, seed, offset):
+    return torch.empty((B, H, Sq, Sk), dtype=torch.bool)
 
 
 def _register_fakes():
@@ -236,6 +252,7 @@ def _register_fakes():
         "rotary_forward_inplace": _fake_rotary_forward_inplace,
         "attention_forward": _fake_attention_forward,
         "attention_backward": _fake_attention_backward,
+        "attention_dropout_mask": _fake_attention_dropout_mask,
     }.items():
         if _has_op(name):
             torch.library.register_fake(f"fastattn::{name}", fn)

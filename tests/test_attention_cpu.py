@@ -24,24 +24,36 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def ours(q, k, v, dout, *, mask=None, scale=None, causal=False, alignment="top_left",
-         window_left=-1, window_right=-1, softcap=0.0, key_lengths=None, mask_grad=False):
+         window_left=-1, window_right=-1, softcap=0.0, key_lengths=None, mask_grad=False,
+         dropout_p=0.0, seed=0, offset=0):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     args = (mask, scale, causal, alignment == "bottom_right", window_left, window_right,
             softcap, key_lengths)
-    out, lse = torch.ops.fastattn.attention_forward(q, k, v, *args)
+    drop = (dropout_p, seed, offset)
+    out, lse = torch.ops.fastattn.attention_forward(q, k, v, *args, *drop)
     dq, dk, dv, dmask = torch.ops.fastattn.attention_backward(dout, q, k, v, out, lse, *args,
-                                                              mask_grad)
+                                                              mask_grad, *drop)
     return out, lse, dq, dk, dv, dmask
 
 
-def oracle(q, k, v, dout, dtype, *, mask=None, mask_grad=False, **kw):
-    """Reference output, lse and gradients computed in `dtype` (fp64 / fp32 / low precision)."""
+def keep_mask(q, k, dropout_p, seed, offset):
+    return torch.ops.fastattn.attention_dropout_mask(q.shape[0], q.shape[1], q.shape[2],
+                                                     k.shape[2], dropout_p, seed, offset)
+
+
+def oracle(q, k, v, dout, dtype, *, mask=None, mask_grad=False, dropout_p=0.0, seed=0,
+           offset=0, **kw):
+    """Reference output, lse and gradients computed in `dtype` (fp64 / fp32 / low precision).
+    With dropout it uses the C++ op's keep mask (whose definition test_dropout_mask_definition
+    checks independently)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     m = mask
     if mask is not None and mask.is_floating_point():
         m = mask.detach().to(dtype).requires_grad_(mask_grad)
+    if dropout_p > 0:
+        kw.update(dropout_mask=keep_mask(q, k, dropout_p, seed, offset), dropout_p=dropout_p)
     out, lse = reference.attention(*leaves, mask=m, return_lse=True, **kw)
     out.backward(dout.to(dtype))
     grads = [t.grad for t in leaves] + [m.grad if mask_grad else None]
@@ -251,9 +263,9 @@ def test_empty_sequences():
 
 # ---------------------------------------------------------------------------------- bad input
 
-def _fwd(q, k, v, mask=None, softcap=0.0, key_lengths=None, wl=-1):
+def _fwd(q, k, v, mask=None, softcap=0.0, key_lengths=None, wl=-1, dropout_p=0.0):
     return torch.ops.fastattn.attention_forward(q, k, v, mask, 0.1, False, False, wl, -1,
-                                                softcap, key_lengths)
+                                                softcap, key_lengths, dropout_p, 0, 0)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -270,6 +282,7 @@ def _fwd(q, k, v, mask=None, softcap=0.0, key_lengths=None, wl=-1):
     ("kl_shape", "key_lengths must have shape"),
     ("softcap", "softcap must be >= 0"),
     ("window", "window_left/window_right"),
+    ("dropout", "dropout_p must be in"),
 ])
 def test_bad_input_names_the_argument(case, match):
     q, k, v = qkv(2, 4, 2, 8, 9, 16)
@@ -300,6 +313,8 @@ def test_bad_input_names_the_argument(case, match):
         kw["softcap"] = -1.0
     elif case == "window":
         kw["wl"] = -2
+    elif case == "dropout":
+        kw["dropout_p"] = 1.0
     with pytest.raises(RuntimeError, match=match):
         _fwd(q, k, v, **kw)
 
@@ -308,9 +323,129 @@ def test_bad_backward_input_names_the_argument():
     q, k, v = qkv(1, 2, 2, 8, 9, 16)
     out, lse = _fwd(q, k, v)
     args = (None, 0.1, False, False, -1, -1, 0.0, None)
+    drop = (0.0, 0, 0)
     with pytest.raises(RuntimeError, match="dout must be"):
-        torch.ops.fastattn.attention_backward(out[:, :, :4], q, k, v, out, lse, *args, False)
+        torch.ops.fastattn.attention_backward(out[:, :, :4], q, k, v, out, lse, *args, False,
+                                              *drop)
     with pytest.raises(RuntimeError, match="lse must be"):
-        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse[0], *args, False)
+        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse[0], *args, False, *drop)
     with pytest.raises(RuntimeError, match="mask_needs_grad"):
-        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse, *args, True)
+        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse, *args, True, *drop)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse, *args, False, -0.5, 0, 0)
+
+
+# ------------------------------------------------------------------------------------- dropout
+
+_M32 = 0xFFFFFFFF
+
+
+def _splitmix64(x):
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def _mul32(x, c):
+    # (x * c) mod 2^32 on int64 tensors without overflowing int64: split x into 16-bit halves.
+    return ((x & 0xFFFF) * c + (((x >> 16) * c) << 16)) & _M32
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _keep_by_definition(shape, p, seed, offset):
+    """The keep mask as csrc/common/dropout_rng.h defines it, written independently here."""
+    key = _splitmix64(_splitmix64(seed % 2**64) ^ (offset % 2**64))
+    k0, k1 = key & _M32, key >> 32
+    idx = torch.arange(math.prod(shape), dtype=torch.int64)
+    lo, hi = idx & _M32, idx >> 32
+    bits = _mix32(((_mix32(lo ^ k0) + _mix32(hi ^ k1)) & _M32))
+    return ((bits >> 8) >= math.ceil(p * 2**24)).view(shape)
+
+
+@pytest.mark.parametrize("p,seed,offset", [(0.1, 0, 0), (0.5, 12345, 7), (0.9, 2**31 - 1, 2**40)])
+def test_dropout_mask_definition(p, seed, offset):
+    # Odd Sk: rows end mid-vector, so the 16-lane path, its tails and the row bases are all hit.
+    shape = (2, 3, 19, 37)
+    keep = torch.ops.fastattn.attention_dropout_mask(*shape, p, seed, offset)
+    assert keep.dtype == torch.bool and keep.shape == shape
+    assert torch.equal(keep, _keep_by_definition(shape, p, seed, offset))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_fraction(p):
+    keep = torch.ops.fastattn.attention_dropout_mask(4, 4, 128, 128, p, 3, 0)
+    n = keep.numel()
+    frac = keep.double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(frac - (1 - p)) < 5 * sigma, (frac, 1 - p, sigma)
+    # no structure along keys or queries: per-column and per-row keep rates are all plausible
+    cols = keep.double().mean(dim=(0, 1, 2))
+    assert (cols - (1 - p)).abs().max() < 6 * math.sqrt(p * (1 - p) / (n // 128))
+
+
+def test_dropout_seed_and_offset():
+    a = torch.ops.fastattn.attention_dropout_mask(2, 2, 33, 65, 0.5, 1, 0)
+    assert torch.equal(a, torch.ops.fastattn.attention_dropout_mask(2, 2, 33, 65, 0.5, 1, 0))
+    for seed, offset in [(2, 0), (1, 1)]:
+        b = torch.ops.fastattn.attention_dropout_mask(2, 2, 33, 65, 0.5, seed, offset)
+        # unrelated masks disagree on about half the entries (not a shifted copy either)
+        assert 0.45 < (a != b).double().mean().item() < 0.55
+        assert 0.45 < (a[..., 1:] != b[..., :-1]).double().mean().item() < 0.55
+    assert torch.ops.fastattn.attention_dropout_mask(1, 1, 4, 4, 0.0, 5, 5).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk,d", [(7, 7, 40), (97, 129, 64), (129, 97, 80)])
+def test_dropout_matches_reference(dtype, causal, sq, sk, d):
+    q, k, v = qkv(2, 2, 1, sq, sk, d, dtype, seed=sq + sk)
+    check(q, k, v, causal=causal, dropout_p=0.3, seed=11, offset=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dropout_long_rows_several_key_blocks(dtype):
+    # online rescaling over several forward key blocks, chunked backward
+    q, k, v = qkv(1, 2, 1, 70, 1100, 32, dtype, seed=41)
+    check(q, k, v, dropout_p=0.2, seed=3, offset=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dropout_with_causal_gqa_key_lengths_and_masks(dtype):
+    q, k, v = qkv(3, 6, 2, 45, 70, 32, dtype, seed=43)
+    lengths = torch.tensor([70, 0, 33])
+    gen = torch.Generator().manual_seed(9)
+    mask = torch.rand(3, 1, 45, 70, generator=gen) > 0.2
+    mask[0, 0, 4] = False  # a fully masked row
+    out, lse, dq, dk, dv, _ = check(q, k, v, causal=True, alignment="bottom_right",
+                                    key_lengths=lengths, mask=mask, dropout_p=0.4, seed=99,
+                                    offset=123)
+    assert (out[1] == 0).all() and (dq[1] == 0).all() and torch.isneginf(lse[1]).all()
+    assert (out[0, :, 4] == 0).all() and (dq[0, :, 4] == 0).all()
+    assert (dk[2, :, 33:] == 0).all() and (dv[2, :, 33:] == 0).all()
+
+
+def test_dropout_softcap_and_float_mask_gradient():
+    q, k, v = qkv(2, 2, 2, 31, 45, 32, seed=47)
+    mask = rand(2, 1, 31, 45, seed=6)
+    check(q, k, v, mask=mask, mask_grad=True, softcap=3.0, dropout_p=0.25, seed=5, offset=2)
+
+
+def test_dropout_lse_is_undropped_and_runs_are_bitwise_equal():
+    q, k, v = qkv(2, 4, 2, 50, 60, 32, seed=53)
+    dout = rand(2, 4, 50, 32, seed=54)
+    plain = ours(q, k, v, dout)
+    first = ours(q, k, v, dout, dropout_p=0.5, seed=8, offset=3)
+    second = ours(q, k, v, dout, dropout_p=0.5, seed=8, offset=3)
+    for a, b in zip(first[:5], second[:5]):
+        assert torch.equal(a, b)
+    assert torch.equal(first[1], plain[1])  # lse of the undropped P
+    other = ours(q, k, v, dout, dropout_p=0.5, seed=8, offset=4)
+    assert not torch.equal(other[0], first[0])

@@ -61,10 +61,12 @@ def _opcheck_cases():
         aq, ak, av = (torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 1, 6, 8, generator=g),
                       torch.randn(1, 1, 6, 8, generator=g))
         args = (None, 0.35, True, True, -1, -1, 0.0, None)
-        out, lse = ops.attention_forward(aq, ak, av, *args)
-        cases += [("attention_forward", (aq, ak, av) + args),
+        drop = (0.2, 3, 1)  # dropout_p, seed, offset
+        out, lse = ops.attention_forward(aq, ak, av, *args, *drop)
+        cases += [("attention_forward", (aq, ak, av) + args + drop),
                   ("attention_backward", (torch.randn_like(out), aq, ak, av, out, lse) + args
-                   + (False,))]
+                   + (False,) + drop),
+                  ("attention_dropout_mask", (1, 2, 4, 6) + drop)]
     return cases
 
 
@@ -187,7 +189,7 @@ def test_unsupported():
     assert _C_ops.unsupported("no_such_op") is not None
     if hasattr(ops, "attention_forward"):
         assert _C_ops.unsupported("attention", dtype=torch.float16, dropout_p=0.1,
-                                  device="cpu") == "dropout"
+                                  device="cpu") is None  # the CPU kernels implement dropout
         assert _C_ops.unsupported("attention", dtype=torch.float16, dropout_p=0.0,
                                   device="cpu") is None
     if not json.loads(ops.build_info())["cuda_compiled"]:

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "common/dropout_rng.h"
+
 namespace fastattn::cpu {
 
 enum class DType { f32, bf16, f16 };
@@ -34,6 +36,12 @@ struct AttentionParams {
   int64_t shift = 0;       // 0 (top-left) or Sk - Sq (bottom-right)
   int64_t window_left = -1, window_right = -1;
 
+  // Dropout on P (after the softmax, lse undropped): kept entries are scaled by
+  // dropout_scale = 1 / (1 - p), the others are 0. See common/dropout_rng.h.
+  bool dropout = false;
+  DropoutKey dropout_key;
+  float dropout_scale = 1.f;
+
   // Forward outputs / backward inputs. out has q's dtype; lse is fp32 (B, H, Sq) contiguous.
   void* out = nullptr;
   int64_t o_sb = 0, o_sh = 0, o_ss = 0;
@@ -52,6 +60,8 @@ struct AttentionGrads {
 };
 
 void attention_forward(const AttentionParams& p);
+// keep (B, H, Sq, Sk) contiguous: the keep decisions of p.dropout_key (only B, H, Sq, Sk used).
+void attention_dropout_mask(const AttentionParams& p, bool* keep);
 void attention_backward(const AttentionParams& p, const AttentionGrads& g);
 
 }  // namespace fastattn::cpu

@@ -6,6 +6,7 @@
 // (only when batch x kv heads is too small to feed the threads) the partial dQ buffers are
 // summed in a fixed order afterwards: the result is deterministic for a given thread count.
 #include "cpu/attention_tile.h"
+#include "cpu/dropout_vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -70,8 +71,10 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
   std::unique_ptr<float[]> dq_part(direct ? nullptr : new float[nchunk * dq_numel]);
   float* dq_acc_base = direct ? static_cast<float*>(g.dq) : dq_part.get();
 
-  // Per-thread scratch: P, dS, tanh tiles, dK/dV accumulators, converted / transposed tiles.
-  const int64_t n_scratch = 3 * kBlockQ * kBlockK + 5 * kBlockK * D + 2 * kBlockQ * D;
+  // Per-thread scratch: P, dS, tanh tiles, dK/dV accumulators, converted / transposed tiles,
+  // and with dropout the dropped P tile.
+  const int64_t n_scratch = (p.dropout ? 4 : 3) * kBlockQ * kBlockK + 5 * kBlockK * D +
+                            2 * kBlockQ * D;
   tile::parallel_tasks(pairs * nchunk, 1, [&] {
     return [&, scratch = std::unique_ptr<float[]>(new float[n_scratch])](int64_t begin,
                                                                         int64_t end) mutable {
@@ -85,6 +88,7 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
       float* ks = dos + kBlockQ * D;
       float* kT = ks + kBlockK * D;             // (D, BK) K^T and V^T: as plain row-major
       float* vT = kT + kBlockK * D;             // operands MKL needs no packing copy
+      float* pdbuf = vT + kBlockK * D;          // (BQ, BK) P * keep / (1 - p) (dropout only)
 
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % nchunk, pair = task / nchunk;
@@ -129,17 +133,35 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
                 const tile::Row row =
                     tile::finish_scores(p, b, h, i0 + r, j0, nk, s, tbuf + r * kBlockK);
                 tile::probs(s, nk, row, l);
+                if (p.dropout) {  // the forward's mask, regenerated from the same counters
+                  float* pd = pdbuf + r * kBlockK;
+                  std::fill(pd, pd + row.a, 0.f);
+                  std::fill(pd + row.e, pd + nk, 0.f);
+                  dropout::apply_row(
+                      p.dropout_key,
+                      static_cast<uint64_t>(((b * p.H + h) * p.Sq + i0 + r) * p.Sk + j0), s,
+                      p.dropout_scale, pd, row.a, row.e);
+                }
               }
-              // dV += P^T dO
-              tile::gemm(true, false, nk, D, nq, 1.f, pbuf, kBlockK, dot, ldo, 1.f, dv_acc, D);
+              // dV += P_drop^T dO  (P_drop = P without dropout)
+              const float* pv = p.dropout ? pdbuf : pbuf;
+              tile::gemm(true, false, nk, D, nq, 1.f, pv, kBlockK, dot, ldo, 1.f, dv_acc, D);
               // dP = dO V^T, then dS = P * (dP - delta), the gradient of the finished score.
+              // With dropout dP is the gradient of P_drop times keep / (1 - p), so
+              // dS = P_drop * dP_drop - P * delta.
               tile::gemm(false, false, nq, nk, D, 1.f, dot, ldo, vT, kBlockK, 0.f, dsbuf, kBlockK);
               for (int64_t r = 0; r < nq; ++r) {
                 float* ds = dsbuf + r * kBlockK;
                 const float* pr = pbuf + r * kBlockK;
                 const tile::Vec dl(dlt[i0 + r]);
-                at::vec::map2([dl](tile::Vec pp, tile::Vec dp) { return pp * (dp - dl); },
-                              ds, pr, ds, nk);
+                if (p.dropout) {
+                  at::vec::map3([dl](tile::Vec pd, tile::Vec dp, tile::Vec pp) {
+                    return pd * dp - pp * dl;
+                  }, ds, pdbuf + r * kBlockK, ds, pr, nk);
+                } else {
+                  at::vec::map2([dl](tile::Vec pp, tile::Vec dp) { return pp * (dp - dl); },
+                                ds, pr, ds, nk);
+                }
                 if (g.dmask) {
                   float* dm = g.dmask + ((b * p.H + h) * p.Sq + i0 + r) * p.Sk + j0;
                   std::copy_n(ds, nk, dm);

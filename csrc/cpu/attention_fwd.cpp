@@ -2,6 +2,7 @@
 // in blocks with an online softmax, so no Sq x Sk buffer exists. Blocks of keys that no row of
 // the query block can see (causal, window, key_lengths) are never touched.
 #include "cpu/attention_tile.h"
+#include "cpu/dropout_vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -119,6 +120,12 @@ void forward_impl(const AttentionParams& p) {
             const float m_new = std::max(row_max[r], row.max);
             const float sum = tile::probs(s, nk, row, m_new);
             if (m_new == tile::kNegInf) continue;  // nothing visible yet in this row
+            // Dropout zeroes P after its sum is taken (lse is of the undropped P); the
+            // 1 / (1 - p) scale is applied with the final normalisation.
+            if (p.dropout)
+              dropout::apply_row(p.dropout_key,
+                                 static_cast<uint64_t>(((b * p.H + h) * p.Sq + i0 + r) * p.Sk + j0),
+                                 s, 1.f, s, row.a, row.e);
             if (row_max[r] != m_new && row_sum[r] > 0.f) {
               const float corr = std::exp(row_max[r] - m_new);
               row_sum[r] *= corr;
@@ -138,7 +145,7 @@ void forward_impl(const AttentionParams& p) {
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t i = i0 + r;
           const bool empty = !(row_sum[r] > 0.f);
-          tile::store_row(acc + r * D, empty ? 0.f : 1.f / row_sum[r],
+          tile::store_row(acc + r * D, empty ? 0.f : p.dropout_scale / row_sum[r],
                           out + b * p.o_sb + h * p.o_sh + i * p.o_ss, D);
           p.lse[(b * p.H + h) * p.Sq + i] =
               empty ? tile::kNegInf : row_max[r] + std::log(row_sum[r]);
@@ -149,6 +156,14 @@ void forward_impl(const AttentionParams& p) {
 }
 
 }  // namespace
+
+void attention_dropout_mask(const AttentionParams& p, bool* keep) {
+  at::parallel_for(0, p.B * p.H * p.Sq, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      dropout::mask_row(p.dropout_key, static_cast<uint64_t>(row * p.Sk), keep + row * p.Sk,
+                        p.Sk);
+  });
+}
 
 void attention_forward(const AttentionParams& p) {
   switch (p.dtype) {
