@@ -194,14 +194,13 @@ def test_dropout_keep_fraction_and_consistent_backward():
     kept = (p_drop != 0).float().mean().item()
     assert abs(kept - 0.75) < 0.03, kept
     # Backward consistent with the forward's mask: gradient check on the dropped output.
-    torch.manual_seed(7)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    # (float64 runs on the torch backend; small so gradcheck's many calls stay cheap)
+    q64, k64, v64 = (t.detach()[:, :1, :5, :8].double().requires_grad_() for t in (q, k, v))
 
     def f(a, b, c):
         torch.manual_seed(7)
         return fastattn.scaled_dot_product_attention(a, b, c, dropout_p=0.3)
-    assert torch.autograd.gradcheck(f, (q64[:, :, :8], k64[:, :, :8], v64[:, :, :8]),
-                                    atol=1e-4)
+    assert torch.autograd.gradcheck(f, (q64, k64, v64), atol=1e-4)
 
 
 @pytest.mark.parametrize("bad,match", [
