@@ -39,6 +39,18 @@ TABLE[("fwd", 4, 256)] = [(16, 16, 4, 1)]
 TABLE[("dkdv", 4, 256)] = [(16, 16, 8, 1)]
 TABLE[("dq", 4, 256)] = [(32, 16, 8, 1)]
 
+# fp32 with TF32 dots (DOT_PREC "tf32", torch.backends.cuda.matmul.allow_tf32): tensor-core
+# dots keep fp32 operands (twice the bytes of fp16) in registers, so some IEEE tiles spill; these
+# entries replace TABLE[(kind, 4, BLOCK_D)] for tf32 (same 0-spill check on sm_80 and sm_90,
+# causal and padded included). IEEE tiles that spilled with TF32: dK/dV 32x64 w=8 at d=64
+# (sm_80, 255 regs), dK/dV 32x64 w=8 at d=128 (sm_90, wgmma), dK/dV 16x32 w=4 and w=8 s=1 at
+# d=128 (both archs), forward 16x16 s=1 at d=256 padded (sm_90).
+TF32_TABLE = {
+    ("dkdv", 64): [(16, 64, 8, 1), (16, 32, 4, 1)],
+    ("dkdv", 128): [(32, 32, 8, 2), (16, 32, 8, 2)],
+    ("fwd", 256): [(16, 16, 4, 2)],
+}
+
 # fixed picks for the interpreter: BLOCK_M != BLOCK_N so tile-edge logic is exercised
 INTERP_FWD = (32, 16, 4, 1)
 INTERP_DKDV = (16, 32, 4, 1)
@@ -65,14 +77,22 @@ def smem_estimate(kind, bm, bn, bd, elem, stages):
     raise ValueError(f"kind: unknown kernel kind {kind!r}")
 
 
-def valid_configs(kind, arch, block_d, elem):
-    """The table's tiles that fit `arch`'s shared memory for this head-dim block and element size.
+def table_tiles(kind, block_d, elem, prec="ieee"):
+    """The tiles of `kind` for this head-dim block, element size and dot precision."""
+    if elem == 4 and prec == "tf32":
+        return TF32_TABLE.get((kind, block_d), TABLE[(kind, 4, block_d)])
+    return TABLE[(kind, elem, block_d)]
+
+
+def valid_configs(kind, arch, block_d, elem, prec="ieee"):
+    """The table's tiles that fit `arch`'s shared memory for this head-dim block, element size
+    and dot precision (`prec` matters for fp32 only: "ieee" or "tf32").
 
     (The launchers always hand the kernels 16-byte aligned rows, ALIGNED=True, which is what the
     table was checked with; unaligned inputs are copied first.)
     """
     limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
-    out = [c for c in TABLE[(kind, elem, block_d)]
+    out = [c for c in table_tiles(kind, block_d, elem, prec)
            if smem_estimate(kind, c[0], c[1], block_d, elem, c[3]) <= limit]
     if not out:
         raise ValueError(f"block_d: no {kind} tile fits sm_{arch} for BLOCK_D={block_d}")
@@ -82,7 +102,9 @@ def valid_configs(kind, arch, block_d, elem):
 def all_configs(kind):
     """Every tile of `kind` in the table (the autotuner's config list; pruned per call)."""
     seen = []
-    for (k, _, _), tiles in TABLE.items():
+    lists = [(k, tiles) for (k, _, _), tiles in TABLE.items()]
+    lists += [(k, tiles) for (k, _), tiles in TF32_TABLE.items()]
+    for k, tiles in lists:
         for t in tiles:
             if k == kind and t not in seen:
                 seen.append(t)
@@ -107,7 +129,8 @@ def make_prune(kind, rows_arg, cols_arg):
     def prune(configs, nargs, **kwargs):
         q = nargs["Q"]
         arch = device_arch(q)
-        ok = set(valid_configs(kind, arch, kwargs["BLOCK_D"], q.element_size()))
+        ok = set(valid_configs(kind, arch, kwargs["BLOCK_D"], q.element_size(),
+                               kwargs.get("DOT_PREC", "ieee")))
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ok]
         rows = nargs[rows_arg]
@@ -125,15 +148,18 @@ def make_prune(kind, rows_arg, cols_arg):
 MERGE_BLOCK_S = 16   # splits merged per step; one compiled merge kernel serves any count
 
 
-def decode_tiles(group, Sq, head_dim, elem=2, interpret=None):
+def decode_tiles(group, Sq, head_dim, elem=2, interpret=None, prec="ieee"):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel.
 
     Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64,
-    16..32 for fp32);
+    16..32 for fp32, 16 for fp32 with TF32 dots at head dims above 128);
     BLOCK_N / warps follow the head dim and element size (checked spill-free like TABLE).
     """
     # fp32 (CUDA-core dots) spills at 64 rows; more row blocks are cheap at decode sizes
-    bm = min(64 if elem == 2 else 32, max(16, triton.next_power_of_2(group * Sq)))
+    bm_max = 64 if elem == 2 else 32
+    if elem == 4 and prec == "tf32" and block_d_of(head_dim) > 128:
+        bm_max = 16                    # 32 rows spilled on sm_80 (TF32 operands in registers)
+    bm = min(bm_max, max(16, triton.next_power_of_2(group * Sq)))
     if interpreting() if interpret is None else interpret:
         return bm, INTERP_DECODE_BLOCK_N, 4, 1
     bd = block_d_of(head_dim)

@@ -70,12 +70,12 @@ def static_variants(arch):
                 flags = _flags(block_d, even_d, True, causal, prec)
                 clabel = dlabel + (" causal" if causal else "")
                 for kind, name, kernel, extra in _KERNELS:
-                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem):
+                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem, prec):
                         consts = dict(flags, **extra, BLOCK_M=bm, BLOCK_N=bn)
                         out.append(_variant(kernel, name, label, sig_dtype,
                                             f"{clabel} BM={bm} BN={bn}", consts, w, s))
                 # decode: BLOCK_M follows group * Sq (16, 32 or 64), fixed BLOCK_N
-                for bm_, bn, w, s in sorted({_decode_tiles(bm, block_d, elem)
+                for bm_, bn, w, s in sorted({_decode_tiles(bm, block_d, elem, prec)
                                              for bm in (16, 32, 64)}):
                     consts = dict(flags, BLOCK_M=bm_, BLOCK_N=bn)
                     out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
@@ -91,6 +91,6 @@ def static_variants(arch):
     return out
 
 
-def _decode_tiles(bm, block_d, elem):
+def _decode_tiles(bm, block_d, elem, prec):
     # decode_tiles takes (group, Sq, head_dim, ...); group * Sq = bm gives BLOCK_M = bm
-    return cfg.decode_tiles(bm, 1, block_d, elem, interpret=False)
+    return cfg.decode_tiles(bm, 1, block_d, elem, interpret=False, prec=prec)

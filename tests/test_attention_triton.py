@@ -358,6 +358,32 @@ def test_autotune_prune_respects_arch_and_lengths(monkeypatch):
     assert isinstance(configs[0], triton.Config)
 
 
+def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
+    # fp32 with TF32 dots spills on some IEEE tiles: the pruner must follow DOT_PREC, and the
+    # static report must list exactly the tiles the pruner can return
+    from fastattn.kernels import _attention_configs as cfg
+    q = torch.zeros(1, 1, 1, 1, dtype=torch.float32)
+    for kind, block_d in cfg.TF32_TABLE:
+        configs = cfg.autotune_configs(kind)
+        prune = cfg.make_prune(kind, "Sq", "Sk")
+        for arch in (80, 90):
+            monkeypatch.setattr(cfg, "device_arch", lambda t: arch)
+
+            def tiles(prec):
+                kept = prune(configs, {"Q": q, "Sq": 1 << 16, "Sk": 1 << 16}, BLOCK_D=block_d,
+                             ALIGNED=True, DOT_PREC=prec)
+                return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                        for c in kept}
+
+            assert tiles("tf32") == set(cfg.valid_configs(kind, arch, block_d, 4, "tf32"))
+            assert tiles("tf32") <= set(cfg.TF32_TABLE[(kind, block_d)])
+            assert tiles("ieee") <= set(cfg.TABLE[(kind, 4, block_d)])
+            listed = {v.config for v in ta.static_variants(arch) if v.config.startswith("tf32 ")
+                      and v.name.endswith(kind) and f"d={block_d} BM" in v.config}
+            assert listed == {f"tf32 d={block_d} BM={bm} BN={bn} w={w} s={s}"
+                              for bm, bn, w, s in tiles("tf32")}
+
+
 def test_static_variants_cover_every_kernel():
     import inspect
     for arch in (80, 90):
