@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
+from ._support import dtype_device_reason
 
 # (BLOCK_N, BLOCK_M, num_warps) for rows that fit in one tile, smallest first. The backward
 # holds more per element (dy, h, two accumulators), so its tiles are smaller; these sizes keep
@@ -400,17 +401,7 @@ def unsupported(op, **case):
     tensor argument (x, h, dy)."""
     if op not in _OPS:
         return f"unknown op {op!r}"
-    dtype, device = case.get("dtype"), case.get("device")
-    for key in ("x", "h", "dy"):
-        t = case.get(key)
-        if isinstance(t, torch.Tensor):
-            dtype, device = dtype or t.dtype, device or t.device
-    if dtype is not None and dtype not in _DTYPES:
-        return f"dtype {dtype}"
-    if device is not None and torch.device(device).type != "cuda" \
-            and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need TRITON_INTERPRET=1"
-    return None
+    return dtype_device_reason(case, ("x", "h", "dy"), _DTYPES)
 
 
 def static_variants(arch):

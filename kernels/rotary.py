@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
+from ._support import dtype_device_reason
 
 # (max R/2, BLOCK_K): the chunk of pair indices per step; longer halves loop.
 K_BLOCKS = ((16, 16), (32, 32), (None, 64))
@@ -213,17 +214,7 @@ def unsupported(op, **case):
     tensor argument (x, q)."""
     if op not in ("rotary", "rotary_qk", "rotary_forward", "rotary_forward_qk"):
         return f"unknown op {op!r}"
-    dtype, device = case.get("dtype"), case.get("device")
-    for key in ("x", "q"):
-        t = case.get(key)
-        if isinstance(t, torch.Tensor):
-            dtype, device = dtype or t.dtype, device or t.device
-    if dtype is not None and dtype not in _DTYPES:
-        return f"dtype {dtype}"
-    if device is not None and torch.device(device).type != "cuda" \
-            and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need TRITON_INTERPRET=1"
-    return None
+    return dtype_device_reason(case, ("x", "q"), _DTYPES)
 
 
 def static_variants(arch):

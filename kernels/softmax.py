@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
+from ._support import dtype_device_reason
 
 # Single-block tile sizes the launcher picks from, with their warp counts; rows longer than the
 # last one use the looped kernel with LOOP_BLOCK.
@@ -239,17 +240,7 @@ def unsupported(op, **case):
     tensor argument (x, y, dy)."""
     if op not in ("softmax_forward", "softmax_backward", "softmax"):
         return f"unknown op {op!r}"
-    dtype, device = case.get("dtype"), case.get("device")
-    for key in ("x", "y", "dy"):
-        t = case.get(key)
-        if isinstance(t, torch.Tensor):
-            dtype, device = dtype or t.dtype, device or t.device
-    if dtype is not None and dtype not in _DTYPES:
-        return f"dtype {dtype}"
-    if device is not None and torch.device(device).type != "cuda" \
-            and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need TRITON_INTERPRET=1"
-    return None
+    return dtype_device_reason(case, ("x", "y", "dy"), _DTYPES)
 
 
 def static_variants(arch):
