@@ -13,43 +13,68 @@ import triton
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 # Tiles the autotuner may pick: (kind, element bytes, BLOCK_D) -> [(BLOCK_M, BLOCK_N, num_warps,
-# num_stages), ...], largest first. Every entry was compiled for sm_80 and sm_90 (aligned rows)
-# with 0 spills; `valid_configs` then drops what does not fit the arch's shared memory.
+# num_stages), ...], largest first. Every entry was compiled for sm_80 and sm_90 (aligned rows,
+# causal or not, exact and padded head dims) with 0 spills; `valid_configs` then drops what does
+# not fit the arch's shared memory.
 # dK/dV tiles are keys x queries (BLOCK_N keys resident), so its MMAs have M = BLOCK_N.
-# fp32 runs IEEE dots on CUDA cores (no tensor cores), hence its small tiles.
 _SMALL_D = (16, 32, 64)
 TABLE = {}
 for _bd in _SMALL_D:
     TABLE[("fwd", 2, _bd)] = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
     TABLE[("dkdv", 2, _bd)] = [(32, 128, 8, 2), (32, 64, 8, 2)]
     TABLE[("dq", 2, _bd)] = [(128, 64, 8, 2), (64, 64, 4, 2)]
-    TABLE[("fwd", 4, _bd)] = [(32, 32, 4, 2), (32, 16, 4, 1)]
-    TABLE[("dkdv", 4, _bd)] = [(32, 64, 8, 1), (16, 32, 4, 1)]
-    TABLE[("dq", 4, _bd)] = [(64, 16, 4, 1), (32, 16, 4, 1)]
 TABLE[("fwd", 2, 128)] = [(128, 64, 8, 3), (64, 64, 8, 3)]
 TABLE[("dkdv", 2, 128)] = [(32, 64, 8, 2)]   # (64, 64, 8, 2) spills padded on sm_90
 TABLE[("dq", 2, 128)] = [(128, 32, 8, 2), (64, 32, 4, 2)]
 TABLE[("fwd", 2, 256)] = [(64, 64, 8, 2), (64, 32, 8, 2)]
 TABLE[("dkdv", 2, 256)] = [(32, 32, 4, 1), (16, 32, 4, 1)]
 TABLE[("dq", 2, 256)] = [(128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 1)]
-TABLE[("fwd", 4, 128)] = [(32, 16, 8, 1), (16, 16, 4, 1)]
-TABLE[("dkdv", 4, 128)] = [(32, 64, 8, 1), (16, 32, 4, 1)]
-TABLE[("dq", 4, 128)] = [(64, 32, 8, 1), (32, 16, 4, 1)]
-TABLE[("fwd", 4, 256)] = [(16, 16, 4, 1)]
-TABLE[("dkdv", 4, 256)] = [(16, 16, 8, 1)]
+
+# fp32, IEEE dots (CUDA-core FMAs, no tensor cores), hence small tiles. ptxas spills a register or
+# a few around the loop on many of them (often well below 255 registers), differently per arch,
+# head dim and flags, so each entry is one that compiled clean everywhere; 2 stages avoided most.
+TABLE[("fwd", 4, 16)] = [(32, 32, 4, 2), (32, 16, 4, 1)]
+TABLE[("fwd", 4, 32)] = [(32, 32, 4, 1), (32, 16, 4, 1)]     # 32x32 s=2 spilled on sm_90
+TABLE[("fwd", 4, 64)] = [(32, 32, 4, 2)]                     # 32x16 s=1 spilled padded, sm_90
+TABLE[("dkdv", 4, 16)] = [(16, 32, 4, 1)]                    # 32x64 w=8 spilled on sm_80
+TABLE[("dkdv", 4, 32)] = [(16, 64, 8, 2), (16, 16, 4, 1)]
+TABLE[("dkdv", 4, 64)] = [(16, 64, 8, 2), (16, 32, 4, 1)]
+TABLE[("dq", 4, 16)] = [(64, 16, 4, 1), (32, 16, 4, 1)]
+TABLE[("dq", 4, 32)] = [(32, 16, 4, 1)]                      # 64x16 spilled causal (s=1, s=2)
+TABLE[("dq", 4, 64)] = [(64, 16, 4, 2), (32, 16, 4, 1)]
+TABLE[("fwd", 4, 128)] = [(32, 16, 8, 1)]                    # 16x16 w=4 spilled padded, sm_90
+TABLE[("dkdv", 4, 128)] = [(16, 64, 8, 2)]                   # 32x64, 16x32, 16x16 spilled
+TABLE[("dq", 4, 128)] = [(32, 16, 4, 1)]                     # 64x32 w=8 spilled padded, sm_90
+TABLE[("fwd", 4, 256)] = [(16, 16, 4, 2)]
+TABLE[("dkdv", 4, 256)] = [(16, 16, 8, 1)]                   # sm_90: ARCH_TABLE
 TABLE[("dq", 4, 256)] = [(32, 16, 8, 1)]
 
-# fp32 with TF32 dots (DOT_PREC "tf32", torch.backends.cuda.matmul.allow_tf32): tensor-core
-# dots keep fp32 operands (twice the bytes of fp16) in registers, so some IEEE tiles spill; these
-# entries replace TABLE[(kind, 4, BLOCK_D)] for tf32 (same 0-spill check on sm_80 and sm_90,
-# causal and padded included). IEEE tiles that spilled with TF32: dK/dV 32x64 w=8 at d=64
-# (sm_80, 255 regs), dK/dV 32x64 w=8 at d=128 (sm_90, wgmma), dK/dV 16x32 w=4 and w=8 s=1 at
-# d=128 (both archs), forward 16x16 s=1 at d=256 padded (sm_90).
-TF32_TABLE = {
-    ("dkdv", 64): [(16, 64, 8, 1), (16, 32, 4, 1)],
-    ("dkdv", 128): [(32, 32, 8, 2), (16, 32, 8, 2)],
-    ("fwd", 256): [(16, 16, 4, 2)],
+# Entries that differ per arch: (arch, kind, element bytes, BLOCK_D) -> tiles, replacing TABLE's.
+# fp32 IEEE dK/dV at d=256: no tile found clean on both (16x16 w=8 s=1 spills on sm_90, s=2 on
+# sm_80 padded, 16x32 w=8 s=2 on sm_90).
+ARCH_TABLE = {
+    (90, "dkdv", 4, 256): [(16, 16, 8, 2)],
 }
+
+# fp32 with TF32 dots (DOT_PREC "tf32", torch.backends.cuda.matmul.allow_tf32): tensor-core
+# dots hold fp32 operands (twice the bytes of fp16) in registers, so it has its own tiles:
+# (kind, BLOCK_D) -> tiles, used instead of TABLE[(kind, 4, BLOCK_D)]; same 0-spill check on
+# sm_80 and sm_90. Tiles that spilled with TF32: dK/dV 32x64 w=8 at d=64 (sm_80, 255 regs),
+# dK/dV 32x64 w=8 at d=128 (sm_90, wgmma), dK/dV 16x32 w=4 and w=8 s=1 at d=128 (both archs),
+# forward 16x16 s=1 at d=256 padded (sm_90). On sm_90 only tiles whose MMA M is a multiple
+# of 64 use wgmma (HGMMA); the smaller ones use mma.sync (HMMA), like fp16 decode.
+TF32_TABLE = {}
+for _bd in _SMALL_D:
+    TF32_TABLE[("fwd", _bd)] = [(32, 32, 4, 2), (32, 16, 4, 1)]
+    TF32_TABLE[("dkdv", _bd)] = [(32, 64, 8, 1), (16, 32, 4, 1)]
+    TF32_TABLE[("dq", _bd)] = [(64, 16, 4, 1), (32, 16, 4, 1)]
+TF32_TABLE[("dkdv", 64)] = [(16, 64, 8, 1), (16, 32, 4, 1)]
+TF32_TABLE[("fwd", 128)] = [(32, 16, 8, 1), (16, 16, 4, 1)]
+TF32_TABLE[("dkdv", 128)] = [(32, 32, 8, 2), (16, 32, 8, 2)]
+TF32_TABLE[("dq", 128)] = [(64, 32, 8, 1), (32, 16, 4, 1)]
+TF32_TABLE[("fwd", 256)] = [(16, 16, 4, 2)]
+TF32_TABLE[("dkdv", 256)] = [(16, 16, 8, 1)]
+TF32_TABLE[("dq", 256)] = [(32, 16, 8, 1)]
 
 # fixed picks for the interpreter: BLOCK_M != BLOCK_N so tile-edge logic is exercised
 INTERP_FWD = (32, 16, 4, 1)
@@ -77,11 +102,11 @@ def smem_estimate(kind, bm, bn, bd, elem, stages):
     raise ValueError(f"kind: unknown kernel kind {kind!r}")
 
 
-def table_tiles(kind, block_d, elem, prec="ieee"):
-    """The tiles of `kind` for this head-dim block, element size and dot precision."""
+def table_tiles(kind, block_d, elem, prec="ieee", arch=None):
+    """The tiles of `kind` for this head-dim block, element size, dot precision and arch."""
     if elem == 4 and prec == "tf32":
-        return TF32_TABLE.get((kind, block_d), TABLE[(kind, 4, block_d)])
-    return TABLE[(kind, elem, block_d)]
+        return TF32_TABLE[(kind, block_d)]
+    return ARCH_TABLE.get((arch, kind, elem, block_d), TABLE[(kind, elem, block_d)])
 
 
 def valid_configs(kind, arch, block_d, elem, prec="ieee"):
@@ -92,7 +117,7 @@ def valid_configs(kind, arch, block_d, elem, prec="ieee"):
     table was checked with; unaligned inputs are copied first.)
     """
     limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
-    out = [c for c in table_tiles(kind, block_d, elem, prec)
+    out = [c for c in table_tiles(kind, block_d, elem, prec, arch)
            if smem_estimate(kind, c[0], c[1], block_d, elem, c[3]) <= limit]
     if not out:
         raise ValueError(f"block_d: no {kind} tile fits sm_{arch} for BLOCK_D={block_d}")
@@ -103,6 +128,7 @@ def all_configs(kind):
     """Every tile of `kind` in the table (the autotuner's config list; pruned per call)."""
     seen = []
     lists = [(k, tiles) for (k, _, _), tiles in TABLE.items()]
+    lists += [(k, tiles) for (_, k, _, _), tiles in ARCH_TABLE.items()]
     lists += [(k, tiles) for (k, _), tiles in TF32_TABLE.items()]
     for k, tiles in lists:
         for t in tiles:
@@ -152,13 +178,13 @@ def decode_tiles(group, Sq, head_dim, elem=2, interpret=None, prec="ieee"):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel.
 
     Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64,
-    16..32 for fp32, 16 for fp32 with TF32 dots at head dims above 128);
+    16..32 for fp32, 16 for fp32 at head dims above 128);
     BLOCK_N / warps follow the head dim and element size (checked spill-free like TABLE).
     """
     # fp32 (CUDA-core dots) spills at 64 rows; more row blocks are cheap at decode sizes
     bm_max = 64 if elem == 2 else 32
-    if elem == 4 and prec == "tf32" and block_d_of(head_dim) > 128:
-        bm_max = 16                    # 32 rows spilled on sm_80 (TF32 operands in registers)
+    if elem == 4 and block_d_of(head_dim) > 128:
+        bm_max = 16                    # 32 rows spilled on sm_80 (IEEE and TF32)
     bm = min(bm_max, max(16, triton.next_power_of_2(group * Sq)))
     if interpreting() if interpret is None else interpret:
         return bm, INTERP_DECODE_BLOCK_N, 4, 1
@@ -167,7 +193,11 @@ def decode_tiles(group, Sq, head_dim, elem=2, interpret=None, prec="ieee"):
         if bd <= 64:
             return bm, 64, 4, 2        # 3 stages spill a few registers on sm_80 here
         return (bm, 64, 4, 3) if bd == 128 else (bm, 32, 8, 2)
-    return (bm, 16, 4, 2) if bd <= 64 else (bm, 16, 8, 1)
+    if bd <= 64:
+        return bm, 16, 4, 2
+    if bd == 256 and prec != "tf32":
+        return bm, 16, 4, 2            # IEEE: w=8 s=1 spilled a few registers on both archs
+    return bm, 16, 8, 1
 
 
 def preprocess_block_m(block_d):

@@ -359,13 +359,16 @@ def test_autotune_prune_respects_arch_and_lengths(monkeypatch):
 
 
 def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
-    # fp32 with TF32 dots spills on some IEEE tiles: the pruner must follow DOT_PREC, and the
-    # static report must list exactly the tiles the pruner can return
+    # fp32 with TF32 dots spills on some IEEE tiles: the pruner must follow DOT_PREC (and the
+    # arch), and the static report must list exactly the tiles the pruner can return
     from fastattn.kernels import _attention_configs as cfg
     q = torch.zeros(1, 1, 1, 1, dtype=torch.float32)
+    listed = {arch: {(v.name, v.config) for v in ta.static_variants(arch)} for arch in (80, 90)}
     for kind, block_d in cfg.TF32_TABLE:
         configs = cfg.autotune_configs(kind)
         prune = cfg.make_prune(kind, "Sq", "Sk")
+        name = {"fwd": "attention_fwd", "dkdv": "attention_bwd_dkdv",
+                "dq": "attention_bwd_dq"}[kind]
         for arch in (80, 90):
             monkeypatch.setattr(cfg, "device_arch", lambda t: arch)
 
@@ -375,13 +378,14 @@ def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
                 return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                         for c in kept}
 
-            assert tiles("tf32") == set(cfg.valid_configs(kind, arch, block_d, 4, "tf32"))
+            for prec, label in (("tf32", "tf32"), ("ieee", "fp32")):
+                assert tiles(prec) == set(cfg.valid_configs(kind, arch, block_d, 4, prec))
+                assert tiles(prec) <= set(cfg.table_tiles(kind, block_d, 4, prec, arch))
+                for bm, bn, w, s in tiles(prec):
+                    assert (name, f"{label} d={block_d} BM={bm} BN={bn} w={w} s={s}") \
+                        in listed[arch]
             assert tiles("tf32") <= set(cfg.TF32_TABLE[(kind, block_d)])
-            assert tiles("ieee") <= set(cfg.TABLE[(kind, 4, block_d)])
-            listed = {v.config for v in ta.static_variants(arch) if v.config.startswith("tf32 ")
-                      and v.name.endswith(kind) and f"d={block_d} BM" in v.config}
-            assert listed == {f"tf32 d={block_d} BM={bm} BN={bn} w={w} s={s}"
-                              for bm, bn, w, s in tiles("tf32")}
+    assert (32, 64, 8, 1) not in set(cfg.valid_configs("dkdv", 80, 64, 4, "tf32"))
 
 
 def test_static_variants_cover_every_kernel():
