@@ -31,17 +31,20 @@ TOLERANCE = 0.20
 ROUNDS = 9
 MIN_ROUND_MS = 40.0
 
-# Fixed CPU cases, each tens of milliseconds per call so a median of 9 rounds is stable.
+# Fixed CPU cases; each round repeats a call for >= MIN_ROUND_MS so a median of 9 rounds is
+# stable. The row-wise ops use N=4096 rows (64 MiB, out of cache): at N=1024 the data is
+# partly cache-resident and the ratio measured bimodal on the idle machine (0.6x-1.8x for
+# layer_norm), which no threshold can gate reliably.
 GATE_CASES = (
     "attention/causal/B=4,H=8,S=512,D=64/fp32/fwd/cpu",
     "attention/full/B=4,H=8,S=512,D=64/fp32/fwd/cpu",
     "attention/causal/B=4,H=8,S=512,D=64/fp32/fwd+bwd/cpu",
-    "softmax/M=4096,N=1024/fp32/fwd/cpu",
-    "softmax/M=4096,N=1024/fp32/fwd+bwd/cpu",
-    "layer_norm/M=4096,N=1024/fp32/fwd/cpu",
-    "layer_norm/M=4096,N=1024/fp32/fwd+bwd/cpu",
-    "rms_norm/M=4096,N=1024/fp32/fwd/cpu",
-    "rms_norm/M=4096,N=1024/fp32/fwd+bwd/cpu",
+    "softmax/M=4096,N=4096/fp32/fwd/cpu",
+    "softmax/M=4096,N=4096/fp32/fwd+bwd/cpu",
+    "layer_norm/M=4096,N=4096/fp32/fwd/cpu",
+    "layer_norm/M=4096,N=4096/fp32/fwd+bwd/cpu",
+    "rms_norm/M=4096,N=4096/fp32/fwd/cpu",
+    "rms_norm/M=4096,N=4096/fp32/fwd+bwd/cpu",
     "rotary/B=4,H=8,S=2048,D=64/fp32/fwd+bwd/cpu",
     "mha/causal/B=4,L=512,E=512,H=8/fp32/fwd+bwd/cpu",
 )
