@@ -3,44 +3,17 @@
 Given the log-sum-exp saved by the attention forward, each probability is one exp of its
 score: no max or sum pass. One program per (b*h, query block) loops over the visible key
 blocks; masks, causal/window rules, key_lengths and softcap follow the attention contract
-(docs/backend-contract.md), so P matches the softmax the attention used. The visibility
-rules are written out here (not shared with the attention kernels, which change often).
+(docs/backend-contract.md): the scores come from the attention kernels' own `scores`, so P
+matches the softmax the attention used.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from ._attention_common import scores
+
 LOG2E = tl.constexpr(1.4426950408889634)   # a constexpr: jit code may read it
-
-
-@triton.jit
-def _scores2(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
-             window_left, window_right, sm_scale, softcap,
-             IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-             MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Scores in log2 units, -inf on invisible keys. rows (BLOCK_M, 1), cols (1, BLOCK_N)."""
-    if HAS_SOFTCAP:
-        x = qk * (sm_scale / softcap)
-        e = tl.exp2(x * (2.0 * LOG2E))
-        s2 = (1.0 - 2.0 / (e + 1.0)) * (softcap * LOG2E)       # softcap * tanh(x), no NaN
-    else:
-        s2 = qk * (sm_scale * LOG2E)
-    vis = cols < kv_len
-    if IS_CAUSAL:
-        vis = vis & (cols <= rows + shift)
-    if HAS_WL:
-        vis = vis & (cols >= rows + (shift - window_left))
-    if HAS_WR:
-        vis = vis & (cols <= rows + (shift + window_right))
-    if MASK_KIND != 0:
-        m_ptrs = mask_base + rows.to(tl.int64) * stride_mm + cols.to(tl.int64) * stride_mn
-        in_bounds = (rows < Sq) & (cols < kv_len)
-        if MASK_KIND == 1:
-            vis = vis & (tl.load(m_ptrs, mask=in_bounds, other=0) != 0)
-        else:
-            s2 = s2 + tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
-    return tl.where(vis, s2, float("-inf"))
 
 
 @triton.jit
@@ -99,9 +72,9 @@ def attn_weights_kernel(
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(offs_n[:, None] < kv_len) & d_ok, other=0.0)   # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
-        s2 = _scores2(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
-                      Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
-                      IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+        s2, _ = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
+                       Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
+                       IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
         p = tl.where(empty[:, None], 0.0, tl.exp2(s2 - lse2[:, None]))
         tl.store(p_base + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :],
                  p.to(P.dtype.element_ty), mask=m_ok[:, None] & (offs_n[None, :] < Sk))
