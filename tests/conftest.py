@@ -48,17 +48,26 @@ def pytest_terminal_summary(terminalreporter):
 
 # ------------------------------------------------------------------ interpreter bf16 tl.dot fix
 
-def _patch_interpreter_bf16_dot():
-    """The Triton interpreter keeps bf16 as raw uint16 and multiplies those in tl.dot. Upcast
-    bf16 operands to fp32 before the matmul (test-harness fix; kernels stay unchanged)."""
+def _interpreter_modules():
+    """(numpy, triton.language, triton.runtime.interpreter) when running interpreted, else None."""
     if os.environ.get("TRITON_INTERPRET") != "1":
-        return
+        return None
     try:
         import numpy as np
         import triton.language as tl
         from triton.runtime import interpreter
     except ImportError:
+        return None
+    return np, tl, interpreter
+
+
+def _patch_interpreter_bf16_dot():
+    """The Triton interpreter keeps bf16 as raw uint16 and multiplies those in tl.dot. Upcast
+    bf16 operands to fp32 before the matmul (test-harness fix; kernels stay unchanged)."""
+    mods = _interpreter_modules()
+    if mods is None:
         return
+    np, tl, interpreter = mods
     builder = interpreter.InterpreterBuilder
     if getattr(builder.create_dot, "_fastattn_bf16_fix", False):
         return
@@ -83,14 +92,10 @@ def _patch_interpreter_bf16_rounding():
     """The interpreter casts fp32 -> bf16 by truncating the mantissa; GPUs round to nearest
     even. Truncation makes every bf16 kernel output up to one ulp low, so use torch's
     (round-to-nearest-even) conversion in the interpreter's cast (test-harness fix)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    mods = _interpreter_modules()
+    if mods is None:
         return
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
+    np, tl, interpreter = mods
     builder = interpreter.InterpreterBuilder
     if getattr(builder.cast_impl, "_fastattn_bf16_fix", False):
         return
