@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "cpu/gemm.h"
+
 #if FASTATTN_WITH_CUDA
 #include "cuda/launch.h"
 #endif
@@ -44,6 +46,8 @@ std::string build_info() {
   json += std::string(", \"nvcc\": \"") + cuda::nvcc_version() + "\"";
 #endif
   json += ", \"cpu_simd\": \"" + simd() + "\"";
+  // Decided at run time (FASTATTN_CPU_GEMM, and whether oneDNN's brgemm works here).
+  json += std::string(", \"cpu_gemm\": \"") + cpu::gemm_engine_name(cpu::gemm_engine()) + "\"";
 #if defined(__SANITIZE_ADDRESS__)
   json += ", \"asan\": true";
 #else

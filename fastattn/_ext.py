@@ -52,6 +52,8 @@ def build_info():
 
     Keys: extension (bool, fastattn._C importable), cuda_compiled, cuda_archs, cpu_kernels,
     compiler, torch, torch_cuda, triton, python, and extension_error when it failed to load.
+    With the extension also cpu_simd and cpu_gemm: the GEMM engine of the CPU attention tiles,
+    "onednn-brgemm" where it works, else "mkl-sgemm" (forced by FASTATTN_CPU_GEMM=mkl).
     """
     info = {
         "extension": extension_loaded(),

@@ -449,3 +449,31 @@ def test_dropout_lse_is_undropped_and_runs_are_bitwise_equal():
     assert torch.equal(first[1], plain[1])  # lse of the undropped P
     other = ours(q, k, v, dout, dropout_p=0.5, seed=8, offset=4)
     assert not torch.equal(other[0], first[0])
+
+
+# ------------------------------------------------------------------ GEMM engines
+
+def test_gemm_engine_reported():
+    import fastattn
+    assert fastattn.build_info()["cpu_gemm"] in ("onednn-brgemm", "mkl-sgemm")
+
+
+def test_parity_on_the_mkl_fallback():
+    """The tiles' GEMMs run on oneDNN brgemm where it works and on MKL sgemm otherwise (chosen
+    once per process). Rerun this file's parity tests in a process forced onto MKL, so the
+    fallback is proven on machines where brgemm is the default."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, FASTATTN_CPU_GEMM="mkl")
+    here = os.path.abspath(__file__)
+    check = subprocess.run(
+        [sys.executable, "-c", "import fastattn; print(fastattn.build_info()['cpu_gemm'])"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert check.stdout.strip() == "mkl-sgemm", check.stdout + check.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", here,
+         "-k", "not mkl_fallback and not gemm_engine and not bad_ and not dropout_mask_definition"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(here))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-500:]

@@ -16,8 +16,9 @@
 namespace fastattn::cpu {
 namespace {
 
-// Tuned at (4,8,512,64) fp32, single thread: 64x128 ~ 128x128 ~ 64x64 > 32x128 > 64x256
-// (causal); 64x128 was best non-causal (~100 GFLOP/s of backward GEMM work).
+// Tuned at (4,8,512,64) fp32, single thread, on MKL sgemm: 64x128 ~ 128x128 ~ 64x64 > 32x128 >
+// 64x256 (causal); 64x128 was best non-causal. On brgemm (gemm.h) every choice among 32/64/128
+// x 64/128 gave the same causal forward+backward time within the machine's noise.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
 
@@ -73,7 +74,7 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
 
   // Per-thread scratch: P, dS, tanh tiles, dK/dV accumulators, converted / transposed tiles,
   // and with dropout the dropped P tile.
-  const int64_t n_scratch = (p.dropout ? 4 : 3) * kBlockQ * kBlockK + 5 * kBlockK * D +
+  const int64_t n_scratch = (p.dropout ? 5 : 4) * kBlockQ * kBlockK + 5 * kBlockK * D +
                             2 * kBlockQ * D;
   tile::parallel_tasks(pairs * nchunk, 1, [&] {
     return [&, scratch = std::unique_ptr<float[]>(new float[n_scratch])](int64_t begin,
@@ -87,8 +88,9 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
       float* dos = qs + kBlockQ * D;
       float* ks = dos + kBlockQ * D;
       float* kT = ks + kBlockK * D;             // (D, BK) K^T and V^T: as plain row-major
-      float* vT = kT + kBlockK * D;             // operands MKL needs no packing copy
-      float* pdbuf = vT + kBlockK * D;          // (BQ, BK) P * keep / (1 - p) (dropout only)
+      float* vT = kT + kBlockK * D;             // operands for gemm_nn
+      float* xT = vT + kBlockK * D;             // gemm_tn's transpose scratch
+      float* pdbuf = xT + kBlockQ * kBlockK;    // (BQ, BK) P * keep / (1 - p) (dropout only)
 
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % nchunk, pair = task / nchunk;
@@ -124,9 +126,8 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
                                              p.q_ss, qs, ldq);
               const float* dot = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + i0 * g.do_ss,
                                               nq, D, g.do_ss, dos, ldo);
-              // P = exp(scale * Q K^T (finished) - lse)
-              tile::gemm(false, false, nq, nk, D, p.scale, qt, ldq, kT, kBlockK, 0.f, pbuf,
-                         kBlockK);
+              // P = exp(finish(Q K^T) - lse); finish_scores applies the scale
+              gemm_nn(nq, nk, D, qt, ldq, kT, kBlockK, pbuf, kBlockK, false);
               for (int64_t r = 0; r < nq; ++r) {
                 float* s = pbuf + r * kBlockK;
                 const float l = lse[i0 + r];
@@ -145,11 +146,11 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
               }
               // dV += P_drop^T dO  (P_drop = P without dropout)
               const float* pv = p.dropout ? pdbuf : pbuf;
-              tile::gemm(true, false, nk, D, nq, 1.f, pv, kBlockK, dot, ldo, 1.f, dv_acc, D);
+              gemm_tn(nk, D, nq, pv, kBlockK, dot, ldo, dv_acc, D, true, xT);
               // dP = dO V^T, then dS = P * (dP - delta), the gradient of the finished score.
               // With dropout dP is the gradient of P_drop times keep / (1 - p), so
               // dS = P_drop * dP_drop - P * delta.
-              tile::gemm(false, false, nq, nk, D, 1.f, dot, ldo, vT, kBlockK, 0.f, dsbuf, kBlockK);
+              gemm_nn(nq, nk, D, dot, ldo, vT, kBlockK, dsbuf, kBlockK, false);
               for (int64_t r = 0; r < nq; ++r) {
                 float* ds = dsbuf + r * kBlockK;
                 const float* pr = pbuf + r * kBlockK;
@@ -172,11 +173,14 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
                     return d * (tile::Vec(1.f) - tt * tt);
                   }, ds, ds, t, nk);
                 }
+                // Times the score scale now, so both GEMMs below are plain products.
+                at::vec::map([sc = tile::Vec(p.scale)](tile::Vec x) { return x * sc; }, ds, ds,
+                             nk);
               }
-              // dK += scale * dS^T Q ;  dQ += scale * dS K
-              tile::gemm(true, false, nk, D, nq, p.scale, dsbuf, kBlockK, qt, ldq, 1.f, dk_acc, D);
-              tile::gemm(false, false, nq, D, nk, p.scale, dsbuf, kBlockK, kt, ldk, 1.f,
-                         dq_acc + ((b * p.H + h) * p.Sq + i0) * D, D);
+              // dK += (scale dS)^T Q ;  dQ += (scale dS) K
+              gemm_tn(nk, D, nq, dsbuf, kBlockK, qt, ldq, dk_acc, D, true, xT);
+              gemm_nn(nq, D, nk, dsbuf, kBlockK, kt, ldk, dq_acc + ((b * p.H + h) * p.Sq + i0) * D,
+                      D, true);
             }
           }
           T* dk = static_cast<T*>(g.dk) + ((b * p.Hkv + hk) * p.Sk + j0) * D;

@@ -31,11 +31,12 @@ void forward_impl(const AttentionParams& p) {
   // Each thread keeps K^T (and fp32 V for low precision) of the head it is working on, one
   // (D, BK) panel per key block, built on first use: the tasks of one thread are consecutive
   // query blocks of the same head, so each panel is built about once per head and thread.
-  // With K^T as a plain row-major operand MKL runs its no-copy kernel instead of packing K
-  // for every query block. Heads too long to cache get one rebuilt panel.
+  // K^T is a plain row-major operand for gemm_nn (brgemm reads it in place, and MKL picks its
+  // no-copy kernel for it), built once per head instead of once per query block. Heads too
+  // long to cache get one rebuilt panel.
   const bool cache_all = nkb * kBlockK * D <= (int64_t{1} << 22);  // <= 16 MB per thread
   const int64_t nslots = cache_all ? nkb : 1;
-  // fp32 V is read in place unless its row stride is too large for BLAS's 32-bit ld.
+  // fp32 V is read in place unless its row stride is too large for MKL's 32-bit ld.
   const bool v_direct = std::is_same_v<T, float> && p.v_ss <= (int64_t{1} << 30);
 
   const int64_t n_tasks = p.B * p.H * nqb;
@@ -106,14 +107,14 @@ void forward_impl(const AttentionParams& p) {
             vt = reinterpret_cast<const float*>(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss);
             ldv = p.v_ss;
           }
-          // S = scale * Q K^T  (nq, nk). The top half of the rows sees no key at or past
-          // khi_top (causal diagonal), so columns [split, nk) are computed for the bottom half
-          // only: half of the diagonal tile's waste is skipped. Top rows never read them.
+          // S = Q K^T  (nq, nk), unscaled (finish_scores scales). The top half of the rows
+          // sees no key at or past khi_top (causal diagonal), so columns [split, nk) are
+          // computed for the bottom half only: half of the diagonal tile's waste is skipped.
+          // Top rows never read them.
           const int64_t split = std::clamp<int64_t>(khi_top - j0, 0, nk);
-          tile::gemm(false, false, nq, split, D, p.scale, qt, ldq, kt, kBlockK, 0.f, sbuf,
-                     kBlockK);
-          tile::gemm(false, false, nq - half, nk - split, D, p.scale, qt + half * ldq, ldq,
-                     kt + split, kBlockK, 0.f, sbuf + half * kBlockK + split, kBlockK);
+          gemm_nn(nq, split, D, qt, ldq, kt, kBlockK, sbuf, kBlockK, false);
+          gemm_nn(nq - half, nk - split, D, qt + half * ldq, ldq, kt + split, kBlockK,
+                  sbuf + half * kBlockK + split, kBlockK, false);
           for (int64_t r = 0; r < nq; ++r) {
             float* s = sbuf + r * kBlockK;
             const tile::Row row = tile::finish_scores(p, b, h, i0 + r, j0, nk, s);
@@ -136,9 +137,9 @@ void forward_impl(const AttentionParams& p) {
             row_max[r] = m_new;
           }
           // acc += P V  (nq, D), with the same split (top rows' P is 0 past `split`).
-          tile::gemm(false, false, nq, D, split, 1.f, sbuf, kBlockK, vt, ldv, 1.f, acc, D);
-          tile::gemm(false, false, nq - half, D, nk - split, 1.f, sbuf + half * kBlockK + split,
-                     kBlockK, vt + split * ldv, ldv, 1.f, acc + half * D, D);
+          gemm_nn(nq, D, split, sbuf, kBlockK, vt, ldv, acc, D, true);
+          gemm_nn(nq - half, D, nk - split, sbuf + half * kBlockK + split, kBlockK,
+                  vt + split * ldv, ldv, acc + half * D, D, true);
           j0 += nk;
         }
 

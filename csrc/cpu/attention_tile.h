@@ -1,5 +1,6 @@
-// Tile helpers shared by the CPU attention forward and backward kernels: row-major GEMM on fp32
-// tiles, dtype conversion of tiles, per-row key visibility and score finishing (softcap, masks).
+// Tile helpers shared by the CPU attention forward and backward kernels: task scheduling,
+// dtype conversion of tiles, per-row key visibility and score finishing (softcap, masks). The
+// GEMMs on the tiles are in gemm.h.
 #pragma once
 
 #include "cpu/attention_vec.h"  // must come first: picks the at::vec width
@@ -17,35 +18,12 @@
 #include <vector>
 
 #include "cpu/attention.h"
-
-// Fortran BLAS (LP64), provided by the MKL inside libtorch_cpu.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
+#include "cpu/gemm.h"
 
 namespace fastattn::cpu::tile {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// Row-major C(M,N) = alpha * op(A) * op(B) + beta * C on fp32 tiles. ta: A is stored (K, M);
-// tb: B is stored (N, K). BLAS is column-major, so we compute C^T = op(B)^T op(A)^T.
-//
-// ATen's float overload of at::native::cpublas::gemm is not exported from libtorch_cpu, so we
-// call the BLAS it forwards to (MKL's sgemm_, exported by the torch wheels) directly.
-inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
-                 float* C, int64_t ldc) {
-  if (M <= 0 || N <= 0) return;
-  const char opa = tb ? 'T' : 'N', opb = ta ? 'T' : 'N';
-  // BLAS wants ld >= rows of the stored matrix even when that dim is 1.
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(std::max<int64_t>(ldb, tb ? K : N));
-  const int lb = static_cast<int>(std::max<int64_t>(lda, ta ? M : K));
-  const int lc = static_cast<int>(std::max<int64_t>(ldc, N));
-  sgemm_(&opa, &opb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-}
 
 // Runs tasks [0, n) on at::parallel_for's threads, handing out chunks of `grain` tasks from a
 // shared counter instead of one fixed range per thread: when a core is shared with other
@@ -187,16 +165,21 @@ inline float row_max(const float* x, int64_t n) {
       [](const Vec& u, const Vec& w) { return at::vec::maximum(u, w); }, m);
 }
 
-// Visible part [a, e) of a row of scores and the max logit in it.
+// Visible part [a, e) of a row of scores and the max logit in it. The logits are
+// mul * s[a:e): finish_scores may leave the score scale for probs() to apply inside its exp.
 struct Row {
   float max;
   int64_t a, e;
+  float mul = 1.f;
 };
 
-// Turns the scaled scores s[a:e) of query i against keys j0 + [a, e) into logits: softcap,
-// float mask, -inf where a bool mask hides the key. [a, e) is the structurally visible part of
-// keys j0..j0+n; entries outside it are left untouched (probs() zeroes them). With softcap,
-// `tanh_out` (if given) receives tanh(s / softcap) for the backward's chain rule, 0 outside.
+// Turns the raw scores s[a:e) = q_i . k_j (unscaled) of query i against keys j0 + [a, e) into
+// logits: scale, softcap, float mask, -inf where a bool mask hides the key (in the plain case
+// only the max is computed and Row::mul carries the scale). [a, e) is the
+// structurally visible part of keys j0..j0+n; entries outside it are left untouched (probs()
+// zeroes them). With softcap, `tanh_out` (if given) receives tanh(scale * s / softcap) for the
+// backward's chain rule, 0 outside. The scale is applied here rather than in the GEMM so the
+// GEMM can be a plain product (gemm_nn) and the multiply rides on a pass made anyway.
 inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t i,
                          int64_t j0, int64_t n, float* s, float* tanh_out = nullptr) {
   const Interval iv = visible_keys(p, b, i);
@@ -207,8 +190,14 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
     std::fill(tanh_out + e, tanh_out + n, 0.f);
   }
   if (a == e) return {kNegInf, a, e};
+  const bool masked = p.mask_kind != MaskKind::none;
+  // Plain scores: max(scale * s) = scale * max(s) for scale > 0 (rounding is monotonic), and
+  // probs() folds the scale into its exp, so the row is not rewritten here.
+  if (p.softcap <= 0.f && !masked && p.scale > 0.f)
+    return {p.scale * row_max(s + a, e - a), a, e, p.scale};
   if (p.softcap > 0.f) {
-    const Vec inv(1.f / p.softcap), cap(p.softcap);
+    const float inv_s = p.scale / p.softcap;
+    const Vec inv(inv_s), cap(p.softcap);
     int64_t j = a;
     for (; j + Vec::size() <= e; j += Vec::size()) {
       Vec t = (Vec::loadu(s + j) * inv).tanh();
@@ -216,12 +205,14 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
       (t * cap).store(s + j);
     }
     for (; j < e; ++j) {
-      const float t = std::tanh(s[j] / p.softcap);
+      const float t = std::tanh(s[j] * inv_s);
       if (tanh_out) tanh_out[j] = t;
       s[j] = t * p.softcap;
     }
+  } else {
+    at::vec::map([sc = Vec(p.scale)](Vec x) { return x * sc; }, s + a, s + a, e - a);
   }
-  if (p.mask_kind != MaskKind::none) {
+  if (masked) {
     const int64_t off = b * p.m_sb + h * p.m_sh + i * p.m_sq + j0 * p.m_sk;
     switch (p.mask_kind) {
       case MaskKind::boolean:
@@ -238,8 +229,8 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
   return {row_max(s + a, e - a), a, e};
 }
 
-// Probabilities of a finished row in place: s[a:e) = exp(s - m), 0 elsewhere in [0, n) and
-// everywhere when m = -inf (nothing visible). Returns their sum.
+// Probabilities of a finished row in place: s[a:e) = exp(mul * s - m), 0 elsewhere in [0, n)
+// and everywhere when m = -inf (nothing visible). Returns their sum.
 inline float probs(float* s, int64_t n, const Row& row, float m) {
   if (m == kNegInf) {
     std::fill(s, s + n, 0.f);
@@ -249,13 +240,14 @@ inline float probs(float* s, int64_t n, const Row& row, float m) {
   std::fill(s + row.e, s + n, 0.f);
   float* x = s + row.a;
   const int64_t len = row.e - row.a;
-  const Vec vm(m);
+  const Vec vneg_m(-m), vmul(row.mul);
+  auto logit_exp = [&](const Vec& raw) { return at::vec::fmadd(raw, vmul, vneg_m).exp_u20(); };
   Vec acc(0.f), acc1(0.f);
   constexpr int64_t V = Vec::size();
   int64_t j = 0;
   for (; j + 2 * V <= len; j += 2 * V) {
-    Vec y0 = (Vec::loadu(x + j) - vm).exp_u20();
-    Vec y1 = (Vec::loadu(x + j + V) - vm).exp_u20();
+    Vec y0 = logit_exp(Vec::loadu(x + j));
+    Vec y1 = logit_exp(Vec::loadu(x + j + V));
     y0.store(x + j);
     y1.store(x + j + V);
     acc = acc + y0;
@@ -263,13 +255,13 @@ inline float probs(float* s, int64_t n, const Row& row, float m) {
   }
   acc = acc + acc1;
   for (; j + V <= len; j += V) {
-    Vec y = (Vec::loadu(x + j) - vm).exp_u20();
+    Vec y = logit_exp(Vec::loadu(x + j));
     y.store(x + j);
     acc = acc + y;
   }
   if (j < len) {  // masked tail: causal rows end anywhere, and scalar expf is slow
     const int64_t rest = len - j;
-    Vec y = (Vec::loadu(x + j, rest) - vm).exp_u20();
+    Vec y = logit_exp(Vec::loadu(x + j, rest));
     y.store(x + j, rest);
     acc = acc + Vec::set(Vec(0.f), y, rest);
   }

@@ -52,7 +52,7 @@ void row_stats(const T* h, int64_t cols, float eps, bool rms, float& mean, float
 template <typename T>
 void forward(const NormParams& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
-  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_output(p.rows * p.cols * int64_t(sizeof(T)));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* h = static_cast<const T*>(p.x) + r * p.x_stride;
@@ -90,7 +90,7 @@ void backward(const NormBackwardParams& p) {
   const int64_t chunks = p.partial_rows;
   const int64_t per_chunk = (p.rows + chunks - 1) / chunks;
   const float inv_cols = 1.f / static_cast<float>(p.cols);
-  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_output(p.rows * p.cols * int64_t(sizeof(T)));
   // One fixed row range per chunk so the dweight/dbias sums do not depend on scheduling.
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
     for (int64_t c = cbegin; c < cend; ++c) {

@@ -64,7 +64,7 @@ template <typename T>
 void forward(const SoftmaxParams& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
   // Large outputs are streamed past the cache, so the scores need their own scratch row.
-  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_output(p.rows * p.cols * int64_t(sizeof(T)));
   const bool scratch_in_y = std::is_same_v<T, float> && !stream;
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(scratch_in_y ? 0 : p.cols);
@@ -91,7 +91,7 @@ template <typename T>
 void backward(const SoftmaxBackwardParams& p) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(p.cols, 1));
   const fVec vscale(p.scale);
-  const bool stream = p.rows * p.cols * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool stream = stream_output(p.rows * p.cols * int64_t(sizeof(T)));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* dy = static_cast<const T*>(p.dy) + row_offset(p.dy_rows, r);

@@ -1,0 +1,119 @@
+// Engine choice and the two implementations behind gemm_nn (see gemm.h).
+#include "cpu/attention_vec.h"  // first: picks the at::vec width
+
+#include "cpu/gemm.h"
+
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+// Fortran BLAS (LP64), provided by the MKL inside libtorch_cpu.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace fastattn::cpu {
+namespace {
+
+// BLAS is column-major: the row-major C = A B is C^T = B^T A^T.
+void mkl_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(std::max<int64_t>(ldb, N));
+  const int lb = static_cast<int>(std::max<int64_t>(lda, std::max<int64_t>(K, 1)));
+  const int lc = static_cast<int>(std::max<int64_t>(ldc, N));
+  const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+  sgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+}
+
+// C^T = B^T A with A stored (K, M): op(A) = 'T' on the BLAS side.
+void mkl_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(std::max<int64_t>(ldb, N));
+  const int lb = static_cast<int>(std::max<int64_t>(lda, M));
+  const int lc = static_cast<int>(std::max<int64_t>(ldc, N));
+  const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+  sgemm_("N", "T", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+}
+
+void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+               int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+
+// True when brgemm runs here and agrees with a plain loop on an awkward small product
+// (odd sizes, leading dims larger than the rows, both store and accumulate).
+bool brgemm_works() {
+  constexpr int64_t M = 5, N = 19, K = 7, lda = 9, ldb = 23, ldc = 21;
+  std::vector<float> a(M * lda), b(K * ldb), c(M * ldc, 0.f), want(M * ldc, 0.f);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i % 7) - 3.f;
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>(i % 5) * 0.5f - 1.f;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += a[i * lda + k] * b[k * ldb + j];
+      want[i * ldc + j] = s;
+    }
+  try {
+    brgemm_nn(M, N, K, a.data(), lda, b.data(), ldb, c.data(), ldc, false);
+    brgemm_nn(M, N, K, a.data(), lda, b.data(), ldb, c.data(), ldc, true);
+  } catch (...) {  // not built with oneDNN ukernels, or no kernel for this CPU
+    return false;
+  }
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j)
+      if (std::abs(c[i * ldc + j] - 2.f * want[i * ldc + j]) > 1e-4f) return false;
+  return true;
+}
+
+GemmEngine choose_engine() {
+  const char* env = std::getenv("FASTATTN_CPU_GEMM");
+  if (env != nullptr && std::strcmp(env, "mkl") == 0) return GemmEngine::mkl;
+  return brgemm_works() ? GemmEngine::brgemm : GemmEngine::mkl;
+}
+
+}  // namespace
+
+GemmEngine gemm_engine() {
+  static const GemmEngine engine = choose_engine();  // thread-safe one-time init
+  return engine;
+}
+
+const char* gemm_engine_name(GemmEngine e) {
+  return e == GemmEngine::brgemm ? "onednn-brgemm" : "mkl-sgemm";
+}
+
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill_n(C + i * ldc, N, 0.f);
+    return;
+  }
+  if (gemm_engine() == GemmEngine::brgemm) {
+    brgemm_nn(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  } else {
+    mkl_nn(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+}
+
+void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate, float* scratch) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) return gemm_nn(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  if (gemm_engine() == GemmEngine::brgemm) {
+    at::vec::transpose_mxn<float>(A, lda, scratch, K, static_cast<int>(K), static_cast<int>(M));
+    brgemm_nn(M, N, K, scratch, K, B, ldb, C, ldc, accumulate);
+  } else {
+    mkl_tn(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+}
+
+}  // namespace fastattn::cpu
