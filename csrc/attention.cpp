@@ -200,6 +200,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   return {dq, dk, dv, dmask};
 }
 
+at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& lse_in, const std::optional<at::Tensor>& mask,
+                                 double scale, bool causal, bool bottom_right,
+                                 int64_t window_left, int64_t window_right, double softcap,
+                                 const std::optional<at::Tensor>& key_lengths, bool average) {
+  std::vector<at::Tensor> keep;
+  // k stands in for v, which the weights never read.
+  AttentionParams p = make_params(q, k, k, mask, scale, causal, bottom_right, window_left,
+                                  window_right, softcap, key_lengths, 0.0, 0, 0, keep);
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat &&
+                  lse_in.dim() == 3 && lse_in.size(0) == p.B && lse_in.size(1) == p.H &&
+                  lse_in.size(2) == p.Sq,
+              "attention_weights (cpu): lse must be a float32 CPU tensor (B, H, Sq) = (", p.B,
+              ", ", p.H, ", ", p.Sq, "), got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  const at::Tensor lse = lse_in.contiguous();
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  at::Tensor out = average ? at::empty({p.B, p.Sq, p.Sk}, q.options())
+                           : at::empty({p.B, p.H, p.Sq, p.Sk}, q.options());
+  if (out.numel() == 0) return out;
+  if (p.H == 0) return out.zero_();
+  cpu::attention_weights(p, average, out.data_ptr());
+  return out;
+}
+
 at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t Sq, int64_t Sk,
                                       double dropout_p, int64_t seed, int64_t offset) {
   TORCH_CHECK(B >= 0 && H >= 0 && Sq >= 0 && Sk >= 0,
@@ -224,6 +248,11 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         "int window_right, float softcap, Tensor? key_lengths, bool mask_needs_grad, "
         "float dropout_p, int seed, int offset) -> (Tensor dq, Tensor dk, Tensor dv, "
         "Tensor dmask)");
+  // Probabilities exp(s - lse) from the forward's lse (need_weights=True), per head
+  // (B, H, Sq, Sk) or averaged over heads (B, Sq, Sk).
+  m.def("attention_weights_forward(Tensor q, Tensor k, Tensor lse, Tensor? mask, float scale, "
+        "bool causal, bool bottom_right, int window_left, int window_right, float softcap, "
+        "Tensor? key_lengths, bool average) -> Tensor");
   // The keep mask (bool (B, H, Sq, Sk)) of attention_forward/backward's dropout, for callers
   // that rebuild the dropped probabilities (need_weights=True) and for tests.
   m.def("attention_dropout_mask(int B, int H, int Sq, int Sk, float dropout_p, int seed, "
@@ -233,6 +262,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("attention_weights_forward", &attention_weights_cpu);
 }
 
 // No tensor argument to dispatch on: the mask is built on the CPU whatever the caller wants.

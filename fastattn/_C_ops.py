@@ -16,6 +16,7 @@ except ImportError as exc:  # not built: the ops layer falls back to another bac
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_OPS = {
     "attention": ("attention_forward", "attention_backward"),
+    "attention_weights": ("attention_weights_forward",),
     "softmax": ("softmax_forward", "softmax_backward"),
     "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),

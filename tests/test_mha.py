@@ -98,6 +98,8 @@ def fused_only(calls, backend, need_weights):
     assert all(b == backend for op, b in calls if op == "attention"), calls
     if need_weights:
         assert "attention_weights" in ops
+        if backend in ("cpu", "triton"):  # the backend's own weights kernel, not torch ops
+            assert ("attention_weights", backend) in calls, calls
     else:
         assert "attention_weights" not in ops
 
@@ -465,9 +467,14 @@ def _weights_case(case, device, b=2, h=4, hkv=2, sq=11, sk=13, d=16, dtype=torch
     return q, k, kw
 
 
+def _weights_label(backend):
+    return backend if backend in ("triton", "cpu") else "torch"
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["per_head", "head_mean"])
 @pytest.mark.parametrize("case", WEIGHT_CASES, ids=lambda c: "-".join(map(str, c.values()))
                          or "plain")
-def test_attention_weights_op(backend, case):
+def test_attention_weights_op(backend, case, average):
     device = backend_device(backend)
     q, k, kw = _weights_case(case, device)
     q.requires_grad_(), k.requires_grad_()
@@ -479,10 +486,11 @@ def test_attention_weights_op(backend, case):
                                                            else val)
                                                      for key, val in ref_kw.items()})
     with fastattn.record_dispatch() as calls:
-        p = attention_weights(q, k, lse, scale=0.3, **kw)
-    label = "triton" if backend == "triton" else "torch"
-    assert calls == [("attention_weights", label)]
+        p = attention_weights(q, k, lse, scale=0.3, average=average, **kw)
+    assert calls == [("attention_weights", _weights_label(backend))]
     p_ref = reference.attention_weights(q, k, scale=0.3, **ref_kw)
+    if average:
+        p_ref = p_ref.mean(dim=1)
     torch.testing.assert_close(p, p_ref, atol=1e-5, rtol=1e-4)
     assert torch.isfinite(p).all()
     g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(device)
@@ -493,15 +501,35 @@ def test_attention_weights_op(backend, case):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_attention_weights_empty_rows_and_opcheck():
+@pytest.mark.parametrize("op_backend", ["torch", "cpu"])
+def test_attention_weights_empty_rows_and_opcheck(op_backend):
+    from fastattn import _C_ops
+    if op_backend == "cpu" and _C_ops.unsupported("attention_weights") is not None:
+        pytest.fail("fastattn._C is built by make test; its weights kernel must be there")
     q, k, kw = _weights_case(dict(mask="bool", key_lengths=True), "cpu")
     _, lse = reference.attention(q, k, k, scale=0.25, return_lse=True, **kw)
     assert torch.isneginf(lse).any()
-    p = attention_weights(q, k, lse, scale=0.25, **kw)
+    p = attention_weights(q, k, lse, scale=0.25, backend=op_backend, **kw)
     assert (p[torch.isneginf(lse)] == 0).all()
-    args = (q.requires_grad_(), k.requires_grad_(), lse, kw["mask"], kw["key_lengths"], 0.25,
-            True, False, -1, -1, 0.0, "torch")
-    torch.library.opcheck(attention_weights_op, args)
+    for average in (False, True):
+        args = (q.requires_grad_(), k.requires_grad_(), lse, kw["mask"], kw["key_lengths"],
+                0.25, True, False, -1, -1, 0.0, average, op_backend)
+        torch.library.opcheck(attention_weights_op, args)
+
+
+def test_attention_weights_cpu_kernel_long_keys_and_bad_lse():
+    """Sk past one 512-key tile, causal bottom-right, GQA; and a wrong lse names itself."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 70, 32, generator=g)
+    k = torch.randn(2, 2, 1100, 32, generator=g)
+    kw = dict(causal=True, alignment="bottom_right", window_left=700)
+    _, lse = reference.attention(q, k, k, scale=0.2, return_lse=True, **kw)
+    ref = reference.attention_weights(q, k, scale=0.2, **kw)
+    for average in (False, True):
+        p = attention_weights(q, k, lse, scale=0.2, average=average, backend="cpu", **kw)
+        torch.testing.assert_close(p, ref.mean(1) if average else ref, atol=1e-6, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        attention_weights(q, k, lse[:, :2], scale=0.2, backend="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -517,3 +545,6 @@ def test_attention_weights_low_precision(backend, dtype):
     ref = reference.attention_weights(q32, k32, scale=0.25, **kw)
     pt = reference.attention_weights(q, k, scale=0.25, **kw)
     assert_close_2x(p, ref, pt, name="weights")
+    mean = attention_weights(q, k, lse_lp, scale=0.25, average=True, **kw)
+    assert mean.dtype == dtype
+    assert_close_2x(mean, ref.mean(1), pt.mean(1), name="head-mean weights")

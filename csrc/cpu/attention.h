@@ -63,5 +63,8 @@ void attention_forward(const AttentionParams& p);
 // keep (B, H, Sq, Sk) contiguous: the keep decisions of p.dropout_key (only B, H, Sq, Sk used).
 void attention_dropout_mask(const AttentionParams& p, bool* keep);
 void attention_backward(const AttentionParams& p, const AttentionGrads& g);
+// Probabilities exp(finish(q k^T) - lse) with p.lse as input (v, out and dropout unused): out
+// contiguous (B, H, Sq, Sk), or (B, Sq, Sk) averaged over heads when `average`, q's dtype.
+void attention_weights(const AttentionParams& p, bool average, void* out);
 
 }  // namespace fastattn::cpu

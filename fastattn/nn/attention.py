@@ -8,7 +8,7 @@ import torch.nn.functional as TF
 
 from .. import _backend
 from ..ops import attention as _attention_ops
-from ..ops.attention_weights import attention_weights, dropout_keep_op
+from ..ops.attention_weights import attention_weights, dropout_keep_op, head_mean
 from . import _masks
 from .rotary import RotaryEmbedding
 
@@ -25,15 +25,6 @@ def _window_pair(window):
     return int(window[0]), int(window[1])
 
 
-def _head_mean(w):
-    """w (N, H, L, S) -> mean over heads (N, L, S). In fp32/fp64 as a GEMM with a 1/H row:
-    several times faster on CPU than mean(dim=1), which reduces over a strided dim."""
-    if w.dtype not in (torch.float32, torch.float64):
-        return w.mean(dim=1)
-    n, h = w.shape[:2]
-    return torch.matmul(w.new_full((1, h), 1.0 / h), w.reshape(n, h, -1)).view(n, *w.shape[2:])
-
-
 class MultiHeadAttention(nn.MultiheadAttention):
     """Drop-in replacement for torch.nn.MultiheadAttention on fused attention kernels.
 
@@ -41,7 +32,8 @@ class MultiHeadAttention(nn.MultiheadAttention):
     (it subclasses it); forward takes and returns what PyTorch's does. Every case runs on the
     fused attention op (training and dropout included); need_weights=True reads the
     probabilities off the kernel's log-sum-exp in one more pass (fastattn::attention_weights:
-    a Triton kernel on the triton backend, a GEMM + exp in torch ops otherwise) instead of
+    a C++ kernel on the cpu backend, which also averages the heads in its tiles, a Triton
+    kernel on the triton backend, a GEMM + exp in torch ops otherwise) instead of
     materialising a softmax in the autograd graph.
 
     Differences from PyTorch, by design:
@@ -273,9 +265,8 @@ class MultiHeadAttention(nn.MultiheadAttention):
             out = out.squeeze(0)
         if not need_weights:
             return out, None
-        weights = self._weights(q, k, lse, mask, key_lengths, causal, dropout_p, backend, rng)
-        if average_attn_weights:
-            weights = _head_mean(weights)
+        weights = self._weights(q, k, lse, mask, key_lengths, causal, dropout_p, backend, rng,
+                                average_attn_weights)
         return out, (weights if batched else weights.squeeze(0))
 
     def _case(self, q, k, mask, key_lengths, causal, dropout_p):
@@ -308,16 +299,19 @@ class MultiHeadAttention(nn.MultiheadAttention):
             dropout_p, False, backend)
         return out, lse, backend, rng
 
-    def _weights(self, q, k, lse, mask, key_lengths, causal, dropout_p, backend, rng):
-        """(N, H, L, S') probabilities from the lse; with dropout, the kernel's dropped ones."""
+    def _weights(self, q, k, lse, mask, key_lengths, causal, dropout_p, backend, rng, average):
+        """(N, H, L, S') probabilities from the lse, or their head mean (N, L, S') with
+        `average`; with dropout, the kernel's dropped ones (averaged after dropping)."""
         n, h, q_len, d = q.shape
         if mask is not None:
             mask = mask.expand(n, h, q_len, k.shape[2])
         wl, wr = self.window if self.window is not None else (-1, -1)
+        # Without dropout the weights op averages in its kernel (no per-head tensor).
+        fused_mean = average and dropout_p == 0
         w = attention_weights(q, k, lse, mask=mask, key_lengths=key_lengths,
                               scale=1.0 / math.sqrt(d), causal=causal, window_left=wl,
-                              window_right=wr)
+                              window_right=wr, average=fused_mean)
         if dropout_p > 0:
             keep = dropout_keep_op(w.detach(), rng, dropout_p, backend)
             w = w * keep.to(w.dtype) / (1.0 - dropout_p)
-        return w
+        return head_mean(w) if average and not fused_mean else w
