@@ -5,6 +5,8 @@ Imports cleanly without the extension (every function then raises, and unsupport
 Also registers fake (meta) implementations of the C++ ops so torch.compile can trace them.
 """
 
+import functools
+
 import torch
 
 try:
@@ -25,7 +27,12 @@ _KERNEL_OPS = {
 
 
 def _has_op(name):
-    return _IMPORT_ERROR is None and hasattr(torch.ops.fastattn, name)
+    return _IMPORT_ERROR is None and _registered(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(name):  # ops are never unregistered; the lookup is slow on every kernel call
+    return hasattr(torch.ops.fastattn, name)
 
 
 def _ops():

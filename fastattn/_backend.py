@@ -129,10 +129,13 @@ def select(op, device_type, **case):
     `case` describes the call for the modules' unsupported() checks (dtype, dropout_p, ...).
     Under torch.compile the choice is made once at trace time and baked into the graph.
     """
-    return _select(op, device_type, tuple(sorted(case.items())))
+    case_items = tuple(sorted(case.items()))
+    if torch.compiler.is_compiling():
+        return _select_at_trace_time(op, device_type, case_items)
+    # Eager: a direct call; assume_constant_result's wrapper alone costs microseconds per op.
+    return _select(op, device_type, case_items)
 
 
-@torch.compiler.assume_constant_result
 def _select(op, device_type, case_items):
     case = dict(case_items)
     requested = requested_backend()
@@ -148,6 +151,9 @@ def _select(op, device_type, case_items):
         reasons.append(f"{name}: {reason}")
     raise RuntimeError(f"fastattn backend {requested!r} cannot run {op} on {device_type} "
                        f"tensors ({'; '.join(reasons)}); use backend 'auto' to fall back to torch")
+
+
+_select_at_trace_time = torch.compiler.assume_constant_result(_select)
 
 
 def log_dispatch(op, backend):
