@@ -135,3 +135,18 @@ def test_large_outputs(device, dtype, cols):
     ref = 0.5 * yd * (dyd - (dyd * yd).sum(-1, keepdim=True))
     pt = 0.5 * y * (dy - (dy * y).sum(-1, keepdim=True))
     assert_close_2x(dx, ref.float(), pt, name="dx")
+
+
+def test_exp_range_underflow_and_special_values():
+    """The kernel's own exp (csrc/cpu/fast_exp.h): relative accuracy over the whole range of
+    softmax arguments, 0 where the true value underflows, exact 0 for -inf, NaN kept."""
+    x = torch.linspace(-120.0, 0.0, 4001).repeat(3, 1)
+    x[1, ::7] = float("-inf")
+    x[2, 5] = float("nan")
+    y = _C_ops.softmax_forward(x, scale=1.0, mask=None, causal=False)
+    ref = torch.softmax(x[:2].double(), -1)
+    big = ref > 1e-30
+    torch.testing.assert_close(y[:2][big].double(), ref[big], rtol=2e-6, atol=0)
+    assert (y[:2][ref == 0] == 0).all() and (y[1, ::7] == 0).all()
+    assert (y[:2][~big] <= 1e-30).all()
+    assert torch.isnan(y[2]).all()

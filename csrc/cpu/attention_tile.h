@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu/attention.h"
+#include "cpu/fast_exp.h"
 #include "cpu/gemm.h"
 
 namespace fastattn::cpu::tile {
@@ -241,7 +242,7 @@ inline float probs(float* s, int64_t n, const Row& row, float m) {
   float* x = s + row.a;
   const int64_t len = row.e - row.a;
   const Vec vneg_m(-m), vmul(row.mul);
-  auto logit_exp = [&](const Vec& raw) { return at::vec::fmadd(raw, vmul, vneg_m).exp_u20(); };
+  auto logit_exp = [&](const Vec& raw) { return exp_softmax(at::vec::fmadd(raw, vmul, vneg_m)); };
   Vec acc(0.f), acc1(0.f);
   constexpr int64_t V = Vec::size();
   int64_t j = 0;
