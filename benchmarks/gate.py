@@ -68,6 +68,15 @@ def measure(cases, slowdown=1, rounds=ROUNDS, min_round_ms=MIN_ROUND_MS, progres
     return records
 
 
+def bar(base):
+    """The speedup a case is held to: the slowest of the baseline's passes (its speedup when
+    the passes are not recorded). The row-wise cases at 64 MiB swing between a cache-resident
+    and a memory-bound mode from minute to minute on the shared VM (rms_norm fwd measured
+    2.3x, 2.9x and 4.8x in three passes of one refresh), and CI must not fail on the low mode;
+    an injected 8x slowdown still fails (tests/test_benchmarks.py)."""
+    return min(base.get("speedup_runs") or [base["speedup"]])
+
+
 def verdict(record, baseline_cases, tolerance=TOLERANCE):
     """(status, failed): ok / SLOWER / NEW / UNAVAILABLE / MISMATCH."""
     if record["status"] == "unavailable":
@@ -77,7 +86,7 @@ def verdict(record, baseline_cases, tolerance=TOLERANCE):
     base = baseline_cases.get(record["case"])
     if base is None:
         return "NEW", False
-    if record["speedup"] < (1.0 - tolerance) * base["speedup"]:
+    if record["speedup"] < (1.0 - tolerance) * bar(base):
         return "SLOWER", True
     return "ok", False
 
@@ -109,7 +118,7 @@ def format_table(rows, tolerance=TOLERANCE):
                          f"{status}: {rec['error']}")
             continue
         b = base["speedup"] if base else None
-        lo = f"{(1 - tolerance) * b:7.2f}" if b else f"{'-':>7}"
+        lo = f"{(1 - tolerance) * bar(base):7.2f}" if b else f"{'-':>7}"
         line = (f"{rec['case'][:52]:52} {rec['fastattn_ms']:11.3f} {rec['torch_ms']:9.3f} "
                 f"{rec['speedup']:7.2f}x {b if b else float('nan'):8.2f} {lo}  {status}")
         if rec["status"] != "ok":

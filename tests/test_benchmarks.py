@@ -71,6 +71,15 @@ def test_gate_threshold():
     assert failed
 
 
+def test_gate_bar_is_the_slowest_baseline_pass():
+    rec = {"case": "c", "status": "ok", "speedup": 2.0, "fastattn_ms": 1.0, "torch_ms": 2.0}
+    baseline = {"c": {"speedup": 4.0, "speedup_runs": [4.0, 2.3, 4.8]}}
+    _, failed = gate.compare([dict(rec, speedup=1.9)], baseline)     # >= 0.8 * 2.3
+    assert not failed
+    _, failed = gate.compare([dict(rec, speedup=1.8)], baseline)     # <  0.8 * 2.3
+    assert failed
+
+
 def test_gate_fails_on_missing_kernel_but_not_on_new_case():
     def build(device):
         raise NotImplementedError("kernel not written")
