@@ -52,8 +52,12 @@ TABLE[("dq", 4, 256)] = [(32, 16, 8, 1)]
 # Entries that differ per arch: (arch, kind, element bytes, BLOCK_D) -> tiles, replacing TABLE's.
 # fp32 IEEE dK/dV at d=256: no tile found clean on both (16x16 w=8 s=1 spills on sm_90, s=2 on
 # sm_80 padded, 16x32 w=8 s=2 on sm_90).
+# fp16/bf16 dK/dV at d=256 on sm_90: the 32-key tiles above use mma.sync (HMMA; wgmma needs an
+# MMA M of 64, here the key count); 64 keys with 8 warps and 2 stages compiled spill-free with
+# HGMMA (1 stage spilled 63 registers, 4 warps 384).
 ARCH_TABLE = {
     (90, "dkdv", 4, 256): [(16, 16, 8, 2)],
+    (90, "dkdv", 2, 256): [(16, 64, 8, 2)],
 }
 
 # fp32 with TF32 dots (DOT_PREC "tf32", torch.backends.cuda.matmul.allow_tf32): tensor-core
@@ -75,6 +79,20 @@ TF32_TABLE[("dq", 128)] = [(64, 32, 8, 1), (32, 16, 4, 1)]
 TF32_TABLE[("fwd", 256)] = [(16, 16, 4, 2)]
 TF32_TABLE[("dkdv", 256)] = [(16, 16, 8, 1)]
 TF32_TABLE[("dq", 256)] = [(32, 16, 8, 1)]
+
+# TF32 on sm_90: wgmma (HGMMA) needs an MMA M of 64 (queries for fwd/dq, keys for dK/dV), which
+# none of TF32_TABLE's tiles has; these compiled spill-free with HGMMA for every head-dim block,
+# exact and padded, causal or not (swept over BLOCK_N 16/32/64, 4/8 warps, 1/2 stages, largest
+# first). dK/dV at d=128 and d=256 has none: every 64-key tile spilled (27 to 591 registers),
+# so those keep TF32_TABLE's mma.sync tiles on sm_90.
+ARCH_TF32_TABLE = {}
+for _bd in (16, 32, 64, 128):
+    ARCH_TF32_TABLE[(90, "fwd", _bd)] = [(64, 64, 8, 2)]
+    ARCH_TF32_TABLE[(90, "dq", _bd)] = [(64, 64, 8, 2)]
+for _bd in _SMALL_D:
+    ARCH_TF32_TABLE[(90, "dkdv", _bd)] = [(32, 64, 8, 2)]
+ARCH_TF32_TABLE[(90, "fwd", 256)] = [(64, 64, 8, 1)]
+ARCH_TF32_TABLE[(90, "dq", 256)] = [(64, 16, 8, 2)]
 
 # fixed picks for the interpreter: BLOCK_M != BLOCK_N so tile-edge logic is exercised
 INTERP_FWD = (32, 16, 4, 1)
@@ -105,7 +123,7 @@ def smem_estimate(kind, bm, bn, bd, elem, stages):
 def table_tiles(kind, block_d, elem, prec="ieee", arch=None):
     """The tiles of `kind` for this head-dim block, element size, dot precision and arch."""
     if elem == 4 and prec == "tf32":
-        return TF32_TABLE[(kind, block_d)]
+        return ARCH_TF32_TABLE.get((arch, kind, block_d), TF32_TABLE[(kind, block_d)])
     return ARCH_TABLE.get((arch, kind, elem, block_d), TABLE[(kind, elem, block_d)])
 
 
@@ -130,6 +148,7 @@ def all_configs(kind):
     lists = [(k, tiles) for (k, _, _), tiles in TABLE.items()]
     lists += [(k, tiles) for (_, k, _, _), tiles in ARCH_TABLE.items()]
     lists += [(k, tiles) for (k, _), tiles in TF32_TABLE.items()]
+    lists += [(k, tiles) for (_, k, _), tiles in ARCH_TF32_TABLE.items()]
     for k, tiles in lists:
         for t in tiles:
             if k == kind and t not in seen:
@@ -174,12 +193,15 @@ def make_prune(kind, rows_arg, cols_arg):
 MERGE_BLOCK_S = 16   # splits merged per step; one compiled merge kernel serves any count
 
 
-def decode_tiles(group, Sq, head_dim, elem=2, interpret=None, prec="ieee"):
+def decode_tiles(group, Sq, head_dim, elem=2, interpret=None, prec="ieee", arch=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the decode split kernel.
 
     Rows are the group's (query head, query) pairs, so BLOCK_M follows group * Sq (16..64,
     16..32 for fp32, 16 for fp32 at head dims above 128);
     BLOCK_N / warps follow the head dim and element size (checked spill-free like TABLE).
+    On sm_90 (arch >= 90) tensor-core dots (fp16/bf16, TF32) always take 64 rows: wgmma
+    (HGMMA) needs an MMA M of 64, and decode is bound by reading K/V, not by the padded rows'
+    MMAs (every such tile compiled spill-free with HGMMA).
     """
     # fp32 (CUDA-core dots) spills at 64 rows; more row blocks are cheap at decode sizes
     bm_max = 64 if elem == 2 else 32
@@ -189,10 +211,15 @@ def decode_tiles(group, Sq, head_dim, elem=2, interpret=None, prec="ieee"):
     if interpreting() if interpret is None else interpret:
         return bm, INTERP_DECODE_BLOCK_N, 4, 1
     bd = block_d_of(head_dim)
+    wgmma = arch is not None and arch >= 90 and (elem == 2 or prec == "tf32")
+    if wgmma:
+        bm = 64
     if elem == 2:
         if bd <= 64:
             return bm, 64, 4, 2        # 3 stages spill a few registers on sm_80 here
         return (bm, 64, 4, 3) if bd == 128 else (bm, 32, 8, 2)
+    if wgmma:                          # TF32 on sm_90
+        return (64, 32, 4, 2) if bd <= 128 else (64, 32, 8, 2)
     if bd <= 64:
         return bm, 16, 4, 2
     if bd == 256 and prec != "tf32":

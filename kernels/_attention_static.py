@@ -75,7 +75,7 @@ def static_variants(arch):
                         out.append(_variant(kernel, name, label, sig_dtype,
                                             f"{clabel} BM={bm} BN={bn}", consts, w, s))
                 # decode: BLOCK_M follows group * Sq (16, 32 or 64), fixed BLOCK_N
-                for bm_, bn, w, s in sorted({_decode_tiles(bm, block_d, elem, prec)
+                for bm_, bn, w, s in sorted({_decode_tiles(bm, block_d, elem, prec, arch)
                                              for bm in (16, 32, 64)}):
                     consts = dict(flags, BLOCK_M=bm_, BLOCK_N=bn)
                     out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
@@ -91,6 +91,6 @@ def static_variants(arch):
     return out
 
 
-def _decode_tiles(bm, block_d, elem, prec):
+def _decode_tiles(bm, block_d, elem, prec, arch):
     # decode_tiles takes (group, Sq, head_dim, ...); group * Sq = bm gives BLOCK_M = bm
-    return cfg.decode_tiles(bm, 1, block_d, elem, interpret=False, prec=prec)
+    return cfg.decode_tiles(bm, 1, block_d, elem, interpret=False, prec=prec, arch=arch)

@@ -315,7 +315,8 @@ def _decode(c, num_splits=None):
         return out.zero_(), lse.fill_(float("-inf"))
     # (the merge kernel writes `out` without vector hints: any row length is fine)
     bm, bn, warps, stages = decode_tiles(c.group, c.Sq, c.D, c.q.element_size(),
-                                         prec=c.consts["DOT_PREC"])
+                                         prec=c.consts["DOT_PREC"],
+                                         arch=None if cfg.interpreting() else cfg.device_arch(c.q))
     if num_splits is None:
         num_splits = _num_splits(c, bm, bn, c.q.device)
     num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn), 1024))

@@ -384,8 +384,31 @@ def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
                 for bm, bn, w, s in tiles(prec):
                     assert (name, f"{label} d={block_d} BM={bm} BN={bn} w={w} s={s}") \
                         in listed[arch]
-            assert tiles("tf32") <= set(cfg.TF32_TABLE[(kind, block_d)])
+            assert tiles("tf32") <= set(cfg.ARCH_TF32_TABLE.get((arch, kind, block_d),
+                                                                cfg.TF32_TABLE[(kind, block_d)]))
     assert (32, 64, 8, 1) not in set(cfg.valid_configs("dkdv", 80, 64, 4, "tf32"))
+
+
+def test_sm90_tensor_core_tiles_have_a_64_row_mma():
+    """wgmma (HGMMA) needs an MMA M of 64: queries for fwd/dq/decode, keys for dK/dV. Every
+    sm_90 tile of a tensor-core dtype must have it, except TF32 dK/dV at d >= 128, where every
+    64-key tile spilled (documented in _attention_configs.py)."""
+    from fastattn.kernels import _attention_configs as cfg
+    for elem, prec in ((2, "tf32"), (4, "tf32")):
+        for block_d in (16, 32, 64, 128, 256):
+            for kind in ("fwd", "dq", "dkdv"):
+                for bm, bn, _, _ in cfg.valid_configs(kind, 90, block_d, elem, prec):
+                    mma_m = bn if kind == "dkdv" else bm
+                    if elem == 4 and kind == "dkdv" and block_d >= 128:
+                        continue
+                    assert mma_m % 64 == 0, (kind, elem, block_d, bm, bn)
+            for rows in (1, 3, 16, 40, 64):
+                bm, *_ = cfg.decode_tiles(rows, 1, block_d, elem, interpret=False, prec=prec,
+                                          arch=90)
+                assert bm == 64, (elem, block_d, rows)
+                bm80, *_ = cfg.decode_tiles(rows, 1, block_d, elem, interpret=False, prec=prec,
+                                            arch=80)
+                assert bm80 <= max(16, 1 << (rows - 1).bit_length())
 
 
 def test_static_variants_cover_every_kernel():
