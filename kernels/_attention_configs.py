@@ -83,14 +83,16 @@ TF32_TABLE[("dq", 256)] = [(32, 16, 8, 1)]
 # TF32 on sm_90: wgmma (HGMMA) needs an MMA M of 64 (queries for fwd/dq, keys for dK/dV), which
 # none of TF32_TABLE's tiles has; these compiled spill-free with HGMMA for every head-dim block,
 # exact and padded, causal or not (swept over BLOCK_N 16/32/64, 4/8 warps, 1/2 stages, largest
-# first). dK/dV at d=128 and d=256 has none: every 64-key tile spilled (27 to 591 registers),
-# so those keep TF32_TABLE's mma.sync tiles on sm_90.
+# first). dK/dV at d=128 takes 128 keys over two warpgroups (its 64-key tiles spilled 4 to 97
+# registers). dK/dV at d=256 has none: 64-key tiles spilled 81 to 591 registers and 128 keys
+# exceed shared memory, so it keeps TF32_TABLE's mma.sync tiles on sm_90.
 ARCH_TF32_TABLE = {}
 for _bd in (16, 32, 64, 128):
     ARCH_TF32_TABLE[(90, "fwd", _bd)] = [(64, 64, 8, 2)]
     ARCH_TF32_TABLE[(90, "dq", _bd)] = [(64, 64, 8, 2)]
 for _bd in _SMALL_D:
     ARCH_TF32_TABLE[(90, "dkdv", _bd)] = [(32, 64, 8, 2)]
+ARCH_TF32_TABLE[(90, "dkdv", 128)] = [(16, 128, 8, 2)]
 ARCH_TF32_TABLE[(90, "fwd", 256)] = [(64, 64, 8, 1)]
 ARCH_TF32_TABLE[(90, "dq", 256)] = [(64, 16, 8, 2)]
 
