@@ -166,7 +166,8 @@ def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
     backend = _backend.select("softmax", x.device.type, dtype=x.dtype, n=xt.shape[-1],
                                  mask=_checks.mask_kind(mask), causal=bool(causal),
                                  device=x.device.type)
-    y = _softmax_ops.softmax_op(xt, mask, scale, bool(causal), backend)
+    y = _backend.eager_call(_softmax_ops.softmax_op, _softmax_ops.softmax_impl, backend,
+                            xt, mask, scale, bool(causal), backend)
     return y if last else y.movedim(-1, dim)
 
 
@@ -212,7 +213,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         "layer_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
         weight=w is not None, bias=b is not None,
         weight_dtype=None if w is None else w.dtype, device=input.device.type)
-    y, _, _, h = _norm_ops.layer_norm_op(x2, w, b, r2, float(eps), backend)
+    y, _, _, h = _backend.eager_call(_norm_ops.layer_norm_op, _norm_ops.layer_norm_impl, backend,
+                                     x2, w, b, r2, float(eps), backend)
     y = y.view(input.shape)
     return y if residual is None else (y, h.view(input.shape))
 
@@ -229,7 +231,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
         "rms_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
         weight=w is not None, bias=False, weight_dtype=None if w is None else w.dtype,
         device=input.device.type)
-    y, _, h = _norm_ops.rms_norm_op(x2, w, r2, eps, backend)
+    y, _, h = _backend.eager_call(_norm_ops.rms_norm_op, _norm_ops.rms_norm_impl, backend,
+                                  x2, w, r2, eps, backend)
     y = y.view(input.shape)
     return y if residual is None else (y, h.view(input.shape))
 
@@ -313,7 +316,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, in
                              "grad")
         _rotary_ops.rotary_inplace_op(x4, cos, sin, offsets, bool(interleaved), False, backend)
         return x
-    y4 = _rotary_ops.rotary_op(x4, cos, sin, offsets, bool(interleaved), False, backend)
+    y4 = _backend.eager_call(_rotary_ops.rotary_op, _rotary_ops.rotary_impl, backend,
+                             x4, cos, sin, offsets, bool(interleaved), False, backend)
     return _undo_rotary_view(y4, x, seq_dim)
 
 
@@ -335,8 +339,8 @@ def apply_rotary_qk(q, k, cos, sin, *, interleaved=False, seq_dim=-2, offsets=No
     _checks.check_same("k", k, "q", q)
     rot, offsets = _check_rotary_tables(q4, cos, sin, offsets)
     backend = _rotary_backend(q4, rot, interleaved, offsets, False)
-    qo, ko = _rotary_ops.rotary_qk_op(q4, k4, cos, sin, offsets, bool(interleaved), False,
-                                      backend)
+    qo, ko = _backend.eager_call(_rotary_ops.rotary_qk_op, _rotary_ops.rotary_qk_impl, backend,
+                                 q4, k4, cos, sin, offsets, bool(interleaved), False, backend)
     return _undo_rotary_view(qo, q, seq_dim), _undo_rotary_view(ko, k, seq_dim)
 
 

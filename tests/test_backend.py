@@ -95,3 +95,27 @@ def test_public_names_exist():
                  "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm",
                  "apply_rotary", "patch", "use_backend", "build_info"):
         assert hasattr(fastattn, name), name
+
+
+def test_eager_call_skips_the_custom_op_only_when_nothing_needs_it():
+    from fastattn import _backend
+    calls = []
+    op = lambda *a: calls.append("op")        # noqa: E731
+    impl = lambda *a: calls.append("impl")    # noqa: E731
+    x = torch.ones(2)
+    xg = torch.ones(2, requires_grad=True)
+    for backend in ("cpu", "cuda", "torch"):
+        _backend.eager_call(op, impl, backend, x, None, 1.0, backend)
+        assert calls.pop() == "impl"
+        _backend.eager_call(op, impl, backend, xg, backend)         # autograd needed
+        assert calls.pop() == "op"
+        with torch.no_grad():
+            _backend.eager_call(op, impl, backend, xg, backend)
+        assert calls.pop() == "impl"
+    _backend.eager_call(op, impl, "triton", x, "triton")             # kernels need real tensors
+    assert calls.pop() == "op"
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        _backend.eager_call(op, impl, "cpu", fake, "cpu")            # tracing: the op's fake
+    assert calls.pop() == "op"

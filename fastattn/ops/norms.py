@@ -19,13 +19,16 @@ def _empty(like):
 
 # ------------------------------------------------------------------ layer norm
 
-@torch.library.custom_op("fastattn::layer_norm", mutates_args=())
-def layer_norm_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                  residual: Optional[Tensor], eps: float,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def layer_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    residual: Optional[Tensor], eps: float,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.backend_module(backend, "layer_norm")
     y, mean, rstd, h = impl.layer_norm_forward(x, weight, bias, eps, residual)
     return y, mean, rstd, (_empty(x) if h is None else h)
+
+
+layer_norm_op = torch.library.custom_op("fastattn::layer_norm", layer_norm_impl,
+                                        mutates_args=())
 
 
 @layer_norm_op.register_fake
@@ -75,12 +78,14 @@ torch.library.register_autograd("fastattn::layer_norm", _ln_backward, setup_cont
 
 # ------------------------------------------------------------------ rms norm
 
-@torch.library.custom_op("fastattn::rms_norm", mutates_args=())
-def rms_norm_op(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
-                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def rms_norm_impl(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _backend.backend_module(backend, "rms_norm")
     y, rstd, h = impl.rms_norm_forward(x, weight, eps, residual)
     return y, rstd, (_empty(x) if h is None else h)
+
+
+rms_norm_op = torch.library.custom_op("fastattn::rms_norm", rms_norm_impl, mutates_args=())
 
 
 @rms_norm_op.register_fake

@@ -19,12 +19,14 @@ def _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend):
                                conjugate=conjugate, out=out)
 
 
-@torch.library.custom_op("fastattn::rotary", mutates_args=())
-def rotary_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], interleaved: bool,
-              conjugate: bool, backend: str) -> Tensor:
+def rotary_impl(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
+                interleaved: bool, conjugate: bool, backend: str) -> Tensor:
     out = torch.empty_like(x)
     _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend)
     return out
+
+
+rotary_op = torch.library.custom_op("fastattn::rotary", rotary_impl, mutates_args=())
 
 
 @rotary_op.register_fake
@@ -60,15 +62,17 @@ def _(x, cos, sin, offsets, interleaved, conjugate, backend):
     return None
 
 
-@torch.library.custom_op("fastattn::rotary_qk", mutates_args=())
-def rotary_qk_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
-                 interleaved: bool, conjugate: bool, backend: str) -> tuple[Tensor, Tensor]:
+def rotary_qk_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
+                   interleaved: bool, conjugate: bool, backend: str) -> tuple[Tensor, Tensor]:
     """q and k rotated by one launch."""
     impl = _backend.backend_module(backend, "rotary")
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     impl.rotary_forward_qk(q, k, cos, sin, interleaved=interleaved, offsets=offsets,
                            conjugate=conjugate, q_out=q_out, k_out=k_out)
     return q_out, k_out
+
+
+rotary_qk_op = torch.library.custom_op("fastattn::rotary_qk", rotary_qk_impl, mutates_args=())
 
 
 @rotary_qk_op.register_fake

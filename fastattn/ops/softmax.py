@@ -8,11 +8,13 @@ from torch import Tensor
 from .. import _backend
 
 
-@torch.library.custom_op("fastattn::softmax", mutates_args=())
-def softmax_op(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
-               backend: str) -> Tensor:
+def softmax_impl(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
+                 backend: str) -> Tensor:
     impl = _backend.backend_module(backend, "softmax")
     return impl.softmax_forward(x, scale=scale, mask=mask, causal=causal).contiguous()
+
+
+softmax_op = torch.library.custom_op("fastattn::softmax", softmax_impl, mutates_args=())
 
 
 @softmax_op.register_fake
