@@ -19,34 +19,39 @@ inline fVec ld_or(const float* p, int64_t j, int64_t n, float fill) {
 }
 
 // Row statistics: fills mean (0 for RMSNorm) and rstd. Two passes (mean, then centred squares)
-// for accuracy; both run on a row already in L1/L2.
+// for accuracy; both run on a row already in L1/L2. Four accumulators per pass: with fewer,
+// each vector waits on the previous add's latency.
 template <typename T>
 void row_stats(const T* h, int64_t cols, float eps, bool rms, float& mean, float& rstd) {
   mean = 0.f;
+  int64_t j = 0;
   if (!rms) {
-    fVec a0(0.f), a1(0.f);
-    int64_t j = 0;
-    for (; j + 2 * kF <= cols; j += 2 * kF) {
+    fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    for (; j + 4 * kF <= cols; j += 4 * kF) {
       a0 = a0 + load_f(h + j);
       a1 = a1 + load_f(h + j + kF);
+      a2 = a2 + load_f(h + j + 2 * kF);
+      a3 = a3 + load_f(h + j + 3 * kF);
     }
     for (; j < cols; j += kF) a0 = a0 + ld(h, j, std::min<int64_t>(kF, cols - j));
-    mean = hsum(a0 + a1) / static_cast<float>(cols);
+    mean = hsum((a0 + a1) + (a2 + a3)) / static_cast<float>(cols);
   }
   const fVec vmean(mean);
-  fVec a0(0.f), a1(0.f);
-  int64_t j = 0;
-  for (; j + 2 * kF <= cols; j += 2 * kF) {
+  fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  for (j = 0; j + 4 * kF <= cols; j += 4 * kF) {
     const fVec d0 = load_f(h + j) - vmean, d1 = load_f(h + j + kF) - vmean;
+    const fVec d2 = load_f(h + j + 2 * kF) - vmean, d3 = load_f(h + j + 3 * kF) - vmean;
     a0 = at::vec::fmadd(d0, d0, a0);
     a1 = at::vec::fmadd(d1, d1, a1);
+    a2 = at::vec::fmadd(d2, d2, a2);
+    a3 = at::vec::fmadd(d3, d3, a3);
   }
   for (; j < cols; j += kF) {
     const int64_t n = std::min<int64_t>(kF, cols - j);
     const fVec d = head(ld(h, j, n) - vmean, n, 0.f);
     a0 = at::vec::fmadd(d, d, a0);
   }
-  rstd = norm_rstd(hsum(a0 + a1) / static_cast<float>(cols), eps);
+  rstd = norm_rstd(hsum((a0 + a1) + (a2 + a3)) / static_cast<float>(cols), eps);
 }
 
 template <typename T>
