@@ -20,26 +20,18 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 namespace fastattn::cpu {
 namespace {
 
-// BLAS is column-major: the row-major C = A B is C^T = B^T A^T.
-void mkl_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+// Row-major C (+)= op(A) B, op(A) = A (M, K) or, with a_transposed, A stored (K, M) taken
+// transposed. BLAS is column-major: it computes C^T = B^T op(A)^T, so B is its first operand.
+void mkl(bool a_transposed, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+         const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  // BLAS wants ld >= the rows of each stored (column-major) matrix, even when a dim is 1.
   const int la = static_cast<int>(std::max<int64_t>(ldb, N));
-  const int lb = static_cast<int>(std::max<int64_t>(lda, std::max<int64_t>(K, 1)));
+  const int64_t a_rows = a_transposed ? M : std::max<int64_t>(K, 1);
+  const int lb = static_cast<int>(std::max<int64_t>(lda, a_rows));
   const int lc = static_cast<int>(std::max<int64_t>(ldc, N));
   const float one = 1.f, beta = accumulate ? 1.f : 0.f;
-  sgemm_("N", "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-}
-
-// C^T = B^T A with A stored (K, M): op(A) = 'T' on the BLAS side.
-void mkl_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-            int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-  const int la = static_cast<int>(std::max<int64_t>(ldb, N));
-  const int lb = static_cast<int>(std::max<int64_t>(lda, M));
-  const int lc = static_cast<int>(std::max<int64_t>(ldc, N));
-  const float one = 1.f, beta = accumulate ? 1.f : 0.f;
-  sgemm_("N", "T", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+  sgemm_("N", a_transposed ? "T" : "N", &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
 }
 
 void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
@@ -100,7 +92,7 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
   if (gemm_engine() == GemmEngine::brgemm) {
     brgemm_nn(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   } else {
-    mkl_nn(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    mkl(false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   }
 }
 
@@ -112,7 +104,7 @@ void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
     at::vec::transpose_mxn<float>(A, lda, scratch, K, static_cast<int>(K), static_cast<int>(M));
     brgemm_nn(M, N, K, scratch, K, B, ldb, C, ldc, accumulate);
   } else {
-    mkl_tn(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+    mkl(true, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
   }
 }
 

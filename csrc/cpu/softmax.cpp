@@ -31,6 +31,20 @@ inline fVec score_vec(const T* x, const void* mask, MaskKind kind, int64_t j, in
   return softmax_score(s, vscale, add);
 }
 
+// The last pass of both row kernels: y = buf / sum on the visible columns (0 for an empty row),
+// 0 past them (causal).
+template <typename T>
+void normalise_row(const float* buf, const fVec& vsum, T* y, int64_t cols, int64_t visible,
+                   bool stream) {
+  const fVec vinv(softmax_safe_inv(hsum(vsum)));
+  for (int64_t j = 0; j < visible; j += kF) {
+    const int64_t n = std::min<int64_t>(kF, visible - j);
+    const fVec out = fVec::loadu(buf + j, n) * vinv;
+    stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
+  }
+  for (int64_t j = visible; j < cols; ++j) y[j] = T(0.f);
+}
+
 // Three passes over a row that stays in L1/L2: max of the scores; exp(score - max) into buf
 // (fp32) and its sum; buf / sum into y. Columns >= visible (causal) are 0.
 template <typename T>
@@ -52,13 +66,7 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
     e.store(buf + j, n);
     vsum = vsum + e;
   }
-  const fVec vinv(softmax_safe_inv(hsum(vsum)));
-  for (int64_t j = 0; j < visible; j += kF) {
-    const int64_t n = std::min<int64_t>(kF, visible - j);
-    const fVec out = fVec::loadu(buf + j, n) * vinv;
-    stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
-  }
-  for (int64_t j = visible; j < cols; ++j) y[j] = T(0.f);
+  normalise_row(buf, vsum, y, cols, visible, stream);
 }
 
 // softmax_row without a mask and with scale > 0, which is nearly every call: the max is taken
@@ -105,13 +113,7 @@ void softmax_row_plain(const T* x, T* y, float* buf, int64_t cols, int64_t visib
     e.store(buf + j, n);
     s0 = s0 + e;
   }
-  const fVec vinv(softmax_safe_inv(hsum(s0 + s1)));
-  for (j = 0; j < visible; j += kF) {
-    const int64_t n = std::min<int64_t>(kF, visible - j);
-    const fVec out = fVec::loadu(buf + j, n) * vinv;
-    stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
-  }
-  for (j = visible; j < cols; ++j) y[j] = T(0.f);
+  normalise_row(buf, s0 + s1, y, cols, visible, stream);
 }
 
 template <typename T>
