@@ -147,11 +147,9 @@ cudaError_t launch(const NormParams& p, cudaStream_t stream) {
                      (!p.weight || aligned(p.weight, kParamAlign)) &&
                      (!p.bias || aligned(p.bias, kParamAlign));
     const dim3 grid(static_cast<unsigned>(grid_for(p.rows)));
-    if (vec) {
-      forward_kernel<T, kVec><<<grid, kBlock, 0, stream>>>(p);
-    } else {
-      forward_kernel<T, 1><<<grid, kBlock, 0, stream>>>(p);
-    }
+    with_width<kVec>(vec, [&](auto width) {
+      forward_kernel<T, decltype(width)::value><<<grid, kBlock, 0, stream>>>(p);
+    });
   });
   return cudaGetLastError();
 }
@@ -177,11 +175,9 @@ cudaError_t launch(const NormBackwardParams& p, cudaStream_t stream) {
                      (!p.dbias_partial || aligned(p.dbias_partial, kParamAlign));
     // One block per partial row: the grid must match the buffer the caller allocated.
     const dim3 grid(static_cast<unsigned>(p.partial_rows));
-    if (vec) {
-      backward_kernel<T, kVec><<<grid, kBlock, 0, stream>>>(p);
-    } else {
-      backward_kernel<T, 1><<<grid, kBlock, 0, stream>>>(p);
-    }
+    with_width<kVec>(vec, [&](auto width) {
+      backward_kernel<T, decltype(width)::value><<<grid, kBlock, 0, stream>>>(p);
+    });
   });
   return cudaGetLastError();
 }

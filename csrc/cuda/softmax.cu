@@ -112,11 +112,9 @@ cudaError_t launch(const SoftmaxParams& p, cudaStream_t stream) {
     const bool vec = p.cols % kVec == 0 && aligned(p.x, 16) && aligned(p.y, 16) &&
                      rows_aligned(p.x_rows, kVec) && mask_ok;
     const dim3 grid(static_cast<unsigned>(grid_for(p.rows)));
-    if (vec) {
-      forward_kernel<T, kVec><<<grid, kBlock, 0, stream>>>(p);
-    } else {
-      forward_kernel<T, 1><<<grid, kBlock, 0, stream>>>(p);
-    }
+    with_width<kVec>(vec, [&](auto width) {
+      forward_kernel<T, decltype(width)::value><<<grid, kBlock, 0, stream>>>(p);
+    });
   });
   return cudaGetLastError();
 }
@@ -129,11 +127,9 @@ cudaError_t launch(const SoftmaxBackwardParams& p, cudaStream_t stream) {
                      aligned(p.dx, 16) && rows_aligned(p.dy_rows, kVec) &&
                      rows_aligned(p.y_rows, kVec);
     const dim3 grid(static_cast<unsigned>(grid_for(p.rows)));
-    if (vec) {
-      backward_kernel<T, kVec><<<grid, kBlock, 0, stream>>>(p);
-    } else {
-      backward_kernel<T, 1><<<grid, kBlock, 0, stream>>>(p);
-    }
+    with_width<kVec>(vec, [&](auto width) {
+      backward_kernel<T, decltype(width)::value><<<grid, kBlock, 0, stream>>>(p);
+    });
   });
   return cudaGetLastError();
 }

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <cub/block/block_reduce.cuh>
 
 #include "common/types.h"
@@ -68,6 +69,17 @@ void dispatch_dtype(DType d, F&& f) {
     case DType::kFloat32: f(float{}); break;
     case DType::kFloat16: f(__half{}); break;
     case DType::kBFloat16: f(__nv_bfloat16{}); break;
+  }
+}
+
+// Calls launch(std::integral_constant<int, N>{}) with N = kVec when `vec` (every access of the
+// call is aligned for it), else N = 1: the one place the row-wise launchers pick their width.
+template <int kVec, typename Launch>
+void with_width(bool vec, Launch&& launch) {
+  if (vec) {
+    launch(std::integral_constant<int, kVec>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
   }
 }
 
