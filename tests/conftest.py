@@ -193,3 +193,18 @@ def lowp_copies(*tensors):
             continue
         out.append(t.detach().clone().requires_grad_(t.requires_grad))
     return out
+
+
+def rerun_tests(files, select, **env):
+    """Run pytest on `files` (in tests/) with `-k select` in a fresh process whose environment
+    adds `env`, and assert that it ran tests and they all passed: for behaviour chosen once
+    per process (the CPU kernels' GEMM engine, their streaming threshold)."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         *files, "-k", select],
+        env=dict(os.environ, **env), capture_output=True, text=True, timeout=900, cwd=here)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-500:]

@@ -465,15 +465,12 @@ def test_parity_on_the_mkl_fallback():
     import os
     import subprocess
     import sys
+    from conftest import rerun_tests
     env = dict(os.environ, FASTATTN_CPU_GEMM="mkl")
-    here = os.path.abspath(__file__)
     check = subprocess.run(
         [sys.executable, "-c", "import fastattn; print(fastattn.build_info()['cpu_gemm'])"],
         env=env, capture_output=True, text=True, timeout=300)
     assert check.stdout.strip() == "mkl-sgemm", check.stdout + check.stderr
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", here,
-         "-k", "not mkl_fallback and not gemm_engine and not bad_ and not dropout_mask_definition"],
-        env=env, capture_output=True, text=True, timeout=900, cwd=os.path.dirname(here))
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-500:]
+    rerun_tests([os.path.basename(__file__)],
+                "not mkl_fallback and not gemm_engine and not bad_ and not dropout_mask_definition",
+                FASTATTN_CPU_GEMM="mkl")

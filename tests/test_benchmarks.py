@@ -125,9 +125,7 @@ def test_e2e_losses_agree_and_a_broken_model_is_caught():
     import fastattn
     from benchmarks import e2e
     train, prefill = e2e.run("cpu", backend, rounds=1, model=_tiny_gpt())
-    if train["status"] == "unavailable":
-        pytest.skip(f"fastattn modules unavailable: {train['error']}")
-    assert train["status"] == "ok", train
+    assert train["status"] == "ok", train   # "unavailable" would mean the modules broke
     assert train["loss_max_rel_diff"] <= e2e.LOSS_RTOL
     assert train["fastattn_tokens_per_s"] > 0 and prefill["fastattn_tokens_per_s"] > 0
 
