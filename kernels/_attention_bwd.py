@@ -66,11 +66,17 @@ def attn_bwd_dkdv_kernel(
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    D_SPLIT: tl.constexpr = 1,
 ):
+    """dK, dV of one key block; with D_SPLIT > 1, D_SPLIT adjacent programs share the block and
+    each writes BLOCK_D // D_SPLIT head-dim columns (S and dP need every column, so each
+    recomputes them: 1.5x the FLOPs at D_SPLIT=2, for accumulators that fit the registers)."""
+    BLOCK_DO: tl.constexpr = BLOCK_D // D_SPLIT
     num_n = tl.cdiv(Sk, BLOCK_N)
     pid = tl.program_id(0)
-    pid_n = pid % num_n
-    bhk = pid // num_n
+    pid_s = pid % D_SPLIT
+    pid_n = (pid // D_SPLIT) % num_n
+    bhk = pid // (D_SPLIT * num_n)
     b = bhk // Hkv
     hk = bhk % Hkv
 
@@ -80,6 +86,9 @@ def attn_bwd_dkdv_kernel(
                      Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
     kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
     n_ok = (offs_n[:, None] < kv_len) & d_ok                          # (BLOCK_N, BLOCK_D)
+    offs_do = pid_s * BLOCK_DO + tl.arange(0, BLOCK_DO)               # columns written here
+    do_ok = head_mask(offs_do, D, BLOCK_D, EVEN_D, ALIGNED,
+                      Q.dtype.element_ty.primitive_bitwidth)         # (1, BLOCK_DO)
     k_rows = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
               + offs_n[:, None].to(tl.int64) * stride_kn)                  # (BLOCK_N, 1)
     v_rows = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -93,8 +102,8 @@ def attn_bwd_dkdv_kernel(
                      BLOCK_M, IS_CAUSAL, HAS_WL, HAS_WR)
     hi = tl.where(col_lo < kv_len, hi, 0)                             # block past key_lengths
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     offs_m0 = tl.arange(0, BLOCK_M)
     # GQA: this kv head's gradient is the sum over its query heads, in a fixed order.
     for g in range(0, group):
@@ -112,6 +121,15 @@ def attn_bwd_dkdv_kernel(
                         mask=m_ok, other=0.0)                         # (BLOCK_M, BLOCK_D)
             do = tl.load(tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom, offs_d, ALIGNED),
                          mask=m_ok, other=0.0)                        # (BLOCK_M, BLOCK_D)
+            if D_SPLIT == 1:
+                q_o = q
+                do_o = do
+            else:                                                     # this program's columns
+                mo_ok = (offs_m[:, None] < Sq) & do_ok
+                q_o = tl.load(tile(q_base + offs_m[:, None].to(tl.int64) * stride_qm, offs_do,
+                                   ALIGNED), mask=mo_ok, other=0.0)   # (BLOCK_M, BLOCK_DO)
+                do_o = tl.load(tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom, offs_do,
+                                    ALIGNED), mask=mo_ok, other=0.0)  # (BLOCK_M, BLOCK_DO)
             lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_M)
             s2_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], mask_base, stride_mm,
@@ -128,19 +146,19 @@ def attn_bwd_dkdv_kernel(
                 dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
             else:
                 pd_t = p_t
-            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_D)
+            dv = tl.dot(pd_t.to(do.dtype), do_o, dv, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_DO)
             ds_t = p_t * (dp_t - delta[None, :])                      # d(score after softcap)
             if HAS_SOFTCAP:
                 ds_t = ds_t * (1.0 - t_t * t_t)
-            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)     # (BLOCK_N, BLOCK_D)
+            dk = tl.dot(ds_t.to(q.dtype), q_o, dk, input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_DO)
 
     dk = dk * sm_scale
-    st_ok = (offs_n[:, None] < Sk) & d_ok
+    st_ok = (offs_n[:, None] < Sk) & do_ok
     tl.store(tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-                         + offs_n[:, None].to(tl.int64) * stride_dkn, offs_d, ALIGNED),
+                         + offs_n[:, None].to(tl.int64) * stride_dkn, offs_do, ALIGNED),
              dk.to(DK.dtype.element_ty), mask=st_ok)
     tl.store(tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-                         + offs_n[:, None].to(tl.int64) * stride_dvn, offs_d, ALIGNED),
+                         + offs_n[:, None].to(tl.int64) * stride_dvn, offs_do, ALIGNED),
              dv.to(DV.dtype.element_ty), mask=st_ok)
 
 

@@ -84,8 +84,10 @@ TF32_TABLE[("dq", 256)] = [(32, 16, 8, 1)]
 # none of TF32_TABLE's tiles has; these compiled spill-free with HGMMA for every head-dim block,
 # exact and padded, causal or not (swept over BLOCK_N 16/32/64, 4/8 warps, 1/2 stages, largest
 # first). dK/dV at d=128 takes 128 keys over two warpgroups (its 64-key tiles spilled 4 to 97
-# registers). dK/dV at d=256 has none: 64-key tiles spilled 81 to 591 registers and 128 keys
-# exceed shared memory, so it keeps TF32_TABLE's mma.sync tiles on sm_90.
+# registers). dK/dV at d=256: with the whole head dim per program every 64-key tile spilled
+# (81 to 591 registers) and 128 keys exceed shared memory; with the head dim split over two
+# programs (D_SPLIT, `dkdv_d_split`) 16x64 w=8 s=2 is clean (255 registers, 225 KiB shared;
+# s=1, w=4, 32x64 and D_SPLIT = 4 spilled 1 to 72).
 ARCH_TF32_TABLE = {}
 for _bd in (16, 32, 64, 128):
     ARCH_TF32_TABLE[(90, "fwd", _bd)] = [(64, 64, 8, 2)]
@@ -93,6 +95,7 @@ for _bd in (16, 32, 64, 128):
 for _bd in _SMALL_D:
     ARCH_TF32_TABLE[(90, "dkdv", _bd)] = [(32, 64, 8, 2)]
 ARCH_TF32_TABLE[(90, "dkdv", 128)] = [(16, 128, 8, 2)]
+ARCH_TF32_TABLE[(90, "dkdv", 256)] = [(16, 64, 8, 2)]          # with D_SPLIT = 2, see below
 ARCH_TF32_TABLE[(90, "fwd", 256)] = [(64, 64, 8, 1)]
 ARCH_TF32_TABLE[(90, "dq", 256)] = [(64, 16, 8, 2)]
 
@@ -101,6 +104,9 @@ INTERP_FWD = (32, 16, 4, 1)
 INTERP_DKDV = (16, 32, 4, 1)
 INTERP_DQ = (32, 16, 4, 1)
 INTERP_DECODE_BLOCK_N = 32
+# the interpreter splits dK/dV head-dim blocks from this size on, so the parity tests run both
+# the D_SPLIT = 1 and the D_SPLIT = 2 code of the dK/dV kernel
+INTERP_DKDV_SPLIT_FROM = 64
 
 
 def interpreting():
@@ -111,15 +117,46 @@ def block_d_of(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def smem_estimate(kind, bm, bn, bd, elem, stages):
-    """Bytes of shared memory a config needs (an upper estimate; checked on compiled kernels)."""
+# dK/dV programs per key block, each writing BLOCK_D // D_SPLIT head-dim columns of dK and dV:
+# (arch, BLOCK_D) -> D_SPLIT for TF32 (1 everywhere else). Halves the accumulators that must stay
+# in registers, at the price of recomputing S and dP in both programs (1.5x the dK/dV FLOPs).
+TF32_DKDV_D_SPLIT = {(90, 256): 2}
+
+
+def dkdv_d_split(arch, block_d, elem, prec, interpret=None):
+    """D_SPLIT of the dK/dV kernel for this arch, head-dim block, element size and precision."""
+    if interpreting() if interpret is None else interpret:
+        return 2 if block_d >= INTERP_DKDV_SPLIT_FROM else 1
+    if elem == 4 and prec == "tf32":
+        return TF32_DKDV_D_SPLIT.get((arch, block_d), 1)
+    return 1
+
+
+def smem_estimate(kind, bm, bn, bd, elem, stages, d_split=1, wgmma=False):
+    """Bytes of shared memory a config needs: an estimate for pruning, mostly high (the
+    compiled kernels of the static report use 0.33x to 1.0x of it, dK/dV up to 1.21x on
+    sm_80 at d=256); the static report checks the real figure against each arch's limit.
+    d_split: dK/dV's D_SPLIT; wgmma: dK/dV's MMAs run as wgmma (sm_90)."""
     if kind == "fwd":      # Q once, K and V multi-buffered
         return bm * bd * elem + stages * 2 * bn * bd * elem + bm * bn * elem
-    if kind == "dkdv":     # K, V resident; Q, dO multi-buffered; P^T and dS^T staged
-        return 2 * bn * bd * elem + stages * 2 * bm * bd * elem + 2 * bm * bn * elem
+    if kind == "dkdv":     # K, V resident; Q, dO multi-buffered (and their column slices)
+        est = 2 * bn * bd * elem + stages * 2 * bm * bd * elem
+        if d_split > 1:
+            est += stages * 2 * bm * (bd // d_split) * elem
+        if not wgmma:      # P^T and dS^T staged for mma.sync; wgmma reads them from registers
+            est += 2 * bm * bn * elem
+        return est
     if kind == "dq":       # Q, dO resident; K, V multi-buffered; dS staged
         return 2 * bm * bd * elem + stages * 2 * bn * bd * elem + bm * bn * elem
     raise ValueError(f"kind: unknown kernel kind {kind!r}")
+
+
+def uses_wgmma(kind, arch, bm, bn, elem, prec):
+    """Whether the tile's dots compile to wgmma (HGMMA): sm_90, tensor-core operands (fp16/bf16
+    or TF32) and an MMA M (queries, or keys for dK/dV) that is a multiple of 64."""
+    mma_m = bn if kind == "dkdv" else bm
+    return (arch is not None and arch >= 90 and (elem == 2 or prec == "tf32")
+            and mma_m % 64 == 0)
 
 
 def table_tiles(kind, block_d, elem, prec="ieee", arch=None):
@@ -137,8 +174,10 @@ def valid_configs(kind, arch, block_d, elem, prec="ieee"):
     table was checked with; unaligned inputs are copied first.)
     """
     limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
+    d_split = dkdv_d_split(arch, block_d, elem, prec, interpret=False) if kind == "dkdv" else 1
     out = [c for c in table_tiles(kind, block_d, elem, prec, arch)
-           if smem_estimate(kind, c[0], c[1], block_d, elem, c[3]) <= limit]
+           if smem_estimate(kind, c[0], c[1], block_d, elem, c[3], d_split,
+                            uses_wgmma(kind, arch, c[0], c[1], elem, prec)) <= limit]
     if not out:
         raise ValueError(f"block_d: no {kind} tile fits sm_{arch} for BLOCK_D={block_d}")
     return out

@@ -72,8 +72,14 @@ def static_variants(arch):
                 for kind, name, kernel, extra in _KERNELS:
                     for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem, prec):
                         consts = dict(flags, **extra, BLOCK_M=bm, BLOCK_N=bn)
-                        out.append(_variant(kernel, name, label, sig_dtype,
-                                            f"{clabel} BM={bm} BN={bn}", consts, w, s))
+                        tile_label = f"{clabel} BM={bm} BN={bn}"
+                        if kind == "dkdv":
+                            consts["D_SPLIT"] = cfg.dkdv_d_split(arch, block_d, elem, prec,
+                                                                 interpret=False)
+                            if consts["D_SPLIT"] > 1:
+                                tile_label += f" DS={consts['D_SPLIT']}"
+                        out.append(_variant(kernel, name, label, sig_dtype, tile_label, consts,
+                                            w, s))
                 # decode: BLOCK_M follows group * Sq (16, 32 or 64), fixed BLOCK_N
                 for bm_, bn, w, s in sorted({_decode_tiles(bm, block_d, elem, prec, arch)
                                              for bm in (16, 32, 64)}):

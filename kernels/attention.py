@@ -282,8 +282,11 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
     args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
             *_strides3(dk), *_strides3(dv), *c.mask_strides, c.H, c.Hkv, *c.scalars()]
+    arch = None if cfg.interpreting() else cfg.device_arch(c.q)
+    d_split = cfg.dkdv_d_split(arch, c.block_d, c.q.element_size(), consts["DOT_PREC"])
     _launch(attn_bwd_dkdv_kernel, _dkdv_tuned, cfg.INTERP_DKDV,
-            lambda bm, bn: triton.cdiv(c.Sk, bn) * c.B * c.Hkv, args, consts)
+            lambda bm, bn: triton.cdiv(c.Sk, bn) * c.B * c.Hkv * d_split, args,
+            dict(consts, D_SPLIT=d_split))
 
     args = [c.q, c.k, c.v, dout, lse, delta, dq, dmask if dmask is not None else delta,
             c.mask, c.key_lengths,

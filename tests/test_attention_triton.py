@@ -217,6 +217,34 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+def test_dkdv_head_dim_split_matches_the_whole_head_dim(monkeypatch):
+    """D_SPLIT = 2 (two programs per key block, each writing half the head-dim columns; what
+    TF32 takes at d = 256 on sm_90) gives the dK, dV of the unsplit kernel. Head dim 80 puts
+    padded columns (80..127) in the second program's half; every feature is on."""
+    from fastattn.kernels import _attention_configs as cfg
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 21, 45, 80
+    q, k, v, do = make_inputs(B, H, Hkv, Sq, Sk, D, torch.float32)
+    mask = bcast_float_mask(B, H, Sq, Sk).expand(B, H, Sq, Sk)
+    kw = dict(mask=mask, causal=True, alignment="bottom_right", window_left=30, softcap=2.5,
+              key_lengths=torch.tensor([40, 45], device=DEVICE), dropout_p=0.2, seed=7)
+    out, lse = ta.attention_forward(q, k, v, **kw)
+    splits = []
+    real_split = cfg.dkdv_d_split
+
+    def spy(*args, **kwargs):
+        splits.append(real_split(*args, **kwargs))
+        return splits[-1]
+
+    monkeypatch.setattr(cfg, "dkdv_d_split", spy)
+    _, dk2, dv2, _ = ta.attention_backward(do, q, k, v, out, lse, **kw)
+    monkeypatch.setattr(cfg, "INTERP_DKDV_SPLIT_FROM", 1024)
+    _, dk1, dv1, _ = ta.attention_backward(do, q, k, v, out, lse, **kw)
+    assert splits == [2, 1]
+    for name, a, b in (("dk", dk2, dk1), ("dv", dv2, dv1)):
+        assert a.abs().max() > 0, name
+        assert_close(name, a, b, b, torch.float32)
+
+
 # ----------------------------------------------------------------------------- dropout
 
 def test_dropout_keep_mask_statistics_and_indexing():
@@ -381,8 +409,10 @@ def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
             for prec, label in (("tf32", "tf32"), ("ieee", "fp32")):
                 assert tiles(prec) == set(cfg.valid_configs(kind, arch, block_d, 4, prec))
                 assert tiles(prec) <= set(cfg.table_tiles(kind, block_d, 4, prec, arch))
+                split = cfg.dkdv_d_split(arch, block_d, 4, prec, interpret=False)
+                ds = f" DS={split}" if kind == "dkdv" and split > 1 else ""
                 for bm, bn, w, s in tiles(prec):
-                    assert (name, f"{label} d={block_d} BM={bm} BN={bn} w={w} s={s}") \
+                    assert (name, f"{label} d={block_d} BM={bm} BN={bn}{ds} w={w} s={s}") \
                         in listed[arch]
             assert tiles("tf32") <= set(cfg.ARCH_TF32_TABLE.get((arch, kind, block_d),
                                                                 cfg.TF32_TABLE[(kind, block_d)]))
@@ -391,17 +421,16 @@ def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
 
 def test_sm90_tensor_core_tiles_have_a_64_row_mma():
     """wgmma (HGMMA) needs an MMA M of 64: queries for fwd/dq/decode, keys for dK/dV. Every
-    sm_90 tile of a tensor-core dtype must have it, except TF32 dK/dV at d = 256, where every
-    64-key tile spilled and 128 keys do not fit (documented in _attention_configs.py)."""
+    sm_90 tile of a tensor-core dtype (fp16/bf16, TF32) must have it."""
     from fastattn.kernels import _attention_configs as cfg
     for elem, prec in ((2, "tf32"), (4, "tf32")):
         for block_d in (16, 32, 64, 128, 256):
             for kind in ("fwd", "dq", "dkdv"):
                 for bm, bn, _, _ in cfg.valid_configs(kind, 90, block_d, elem, prec):
                     mma_m = bn if kind == "dkdv" else bm
-                    if elem == 4 and kind == "dkdv" and block_d == 256:
-                        continue
                     assert mma_m % 64 == 0, (kind, elem, block_d, bm, bn)
+                    assert cfg.uses_wgmma(kind, 90, bm, bn, elem, prec)
+                    assert not cfg.uses_wgmma(kind, 80, bm, bn, elem, prec)
             for rows in (1, 3, 16, 40, 64):
                 bm, *_ = cfg.decode_tiles(rows, 1, block_d, elem, interpret=False, prec=prec,
                                           arch=90)
