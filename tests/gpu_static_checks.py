@@ -49,7 +49,9 @@ def _subset(arch):
         "rotary": [("rotary", "fp32", "gptj", "BH=16 BK=64"), ("rotary", "bf16", "neox",
                     "BH=16 BK=64")],
         "attention": [("attention_fwd", "fp16", "d=128"), ("attention_bwd_dkdv", "bf16", "d=64"),
-                      ("attention_bwd_dq", "fp16", "d=64")],
+                      ("attention_bwd_dq", "fp16", "d=64"),
+                      # the tightest tile: TF32 dK/dV at d=256 (head dim split on sm_90)
+                      ("attention_bwd_dkdv", "tf32", "d=256 padded causal")],
     }
     for family, picks_of in wanted.items():
         if family not in mods:
@@ -92,8 +94,9 @@ def test_no_spills_and_within_limits(records, family):
 def test_attention_uses_tensor_cores(records):
     att = [r for f, r in records if f == "attention"]
     assert att, "no static records for kernels/attention.py"
+    assert any(r["config"].startswith("tf32") and "DS=2" in r["config"] for r in att)
     for r in att:
-        if r["config"].startswith(("fp16", "bf16")):
+        if r["config"].startswith(("fp16", "bf16", "tf32")):
             op = "HMMA" if r["arch"] == "sm_80" else "HGMMA"
             assert r["mma"][op] > 0, f"{r['kernel']} {r['config']} on {r['arch']}: no {op}"
 
