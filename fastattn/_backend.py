@@ -10,6 +10,7 @@ the case it raises a RuntimeError that says why.
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
 
@@ -114,8 +115,10 @@ def use_backend(name):
         _override.reset(token)
 
 
+@functools.lru_cache(maxsize=None)
 def backend_module(name, op):
-    """The module implementing the contract functions of `op` for backend `name`."""
+    """The module implementing the contract functions of `op` for backend `name` (cached: it
+    is looked up on every eager call)."""
     if name == "triton":
         return importlib.import_module(f"fastattn.kernels.{TRITON_MODULES[op]}")
     if name in ("cpu", "cuda"):

@@ -78,9 +78,11 @@ void forward(const NormParams& p) {
       p.rstd[r] = rstd;
       const fVec vmean(mean), vrstd(rstd);
       T* y = static_cast<T*>(p.y) + r * p.cols;
+      T* next_y = next != nullptr && !stream ? y + p.cols : nullptr;
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
         prefetch_line(next ? next + j : nullptr);
+        prefetch_line_for_write(next_y ? next_y + j : nullptr);
         const fVec xhat = norm_xhat(ld(h, j, n), vmean, vrstd);
         const fVec out = norm_affine(xhat, ld_or(p.weight, j, n, 1.f), ld_or(p.bias, j, n, 0.f));
         stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
@@ -122,8 +124,15 @@ void backward(const NormBackwardParams& p) {
         // Pass 2: dx (+ the gradient that reached the returned h directly).
         T* dx = static_cast<T*>(p.dx) + r * p.cols;
         const T* extra = p.dh_extra ? static_cast<const T*>(p.dh_extra) + r * p.cols : nullptr;
+        const bool more = r + 1 < rend;
+        const T* next_dy = more ? dy + p.cols : nullptr;
+        const T* next_h = more ? h + p.cols : nullptr;
+        T* next_dx = more && !stream ? dx + p.cols : nullptr;
         for (int64_t j = 0; j < p.cols; j += kF) {
           const int64_t n = std::min<int64_t>(kF, p.cols - j);
+          prefetch_line(next_dy ? next_dy + j : nullptr);
+          prefetch_line(next_h ? next_h + j : nullptr);
+          prefetch_line_for_write(next_dx ? next_dx + j : nullptr);
           const fVec xhat = norm_xhat(ld(h, j, n), vmean, vrstd);
           const fVec g = ld(dy, j, n) * ld_or(p.weight, j, n, 1.f);
           fVec d = norm_dx(g, xhat, vrstd, mean_g, mean_gx);

@@ -49,7 +49,7 @@ void normalise_row(const float* buf, const fVec& vsum, T* y, int64_t cols, int64
 // (fp32) and its sum; buf / sum into y. Columns >= visible (causal) are 0.
 template <typename T>
 void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, int64_t cols,
-                 int64_t visible, float scale, bool stream, const T* next) {
+                 int64_t visible, float scale, bool stream, const T* next, T* next_y) {
   const fVec vscale(scale);
   fVec vmax(kNegInf);
   for (int64_t j = 0; j < visible; j += kF) {
@@ -62,6 +62,7 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
     const int64_t n = std::min<int64_t>(kF, visible - j);
     // Lanes past n are -inf, so they add exp(-inf) = 0 to the sum.
     prefetch_line(next ? next + j : nullptr);
+    prefetch_line_for_write(next_y ? next_y + j : nullptr);
     const fVec e = exp_softmax(head(score_vec(x, mask, kind, j, n, vscale), n, kNegInf) - vrow_max);
     e.store(buf + j, n);
     vsum = vsum + e;
@@ -76,7 +77,7 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
 // which made the max pass a third of an in-cache softmax.
 template <typename T>
 void softmax_row_plain(const T* x, T* y, float* buf, int64_t cols, int64_t visible, float scale,
-                       bool stream, const T* next) {
+                       bool stream, const T* next, T* next_y) {
   const fVec ninf(kNegInf);
   fVec m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
   int64_t j = 0;
@@ -97,6 +98,8 @@ void softmax_row_plain(const T* x, T* y, float* buf, int64_t cols, int64_t visib
   for (; j + 2 * kF <= visible; j += 2 * kF) {
     prefetch_line(next ? next + j : nullptr);
     prefetch_line(next ? next + j + kF : nullptr);
+    prefetch_line_for_write(next_y ? next_y + j : nullptr);
+    prefetch_line_for_write(next_y ? next_y + j + kF : nullptr);
     const fVec e0 = exp_softmax(at::vec::fmadd(load_f(x + j), vscale, vneg_max));
     const fVec e1 = exp_softmax(at::vec::fmadd(load_f(x + j + kF), vscale, vneg_max));
     e0.store(buf + j);
@@ -107,6 +110,7 @@ void softmax_row_plain(const T* x, T* y, float* buf, int64_t cols, int64_t visib
   for (; j < visible; j += kF) {
     const int64_t n = std::min<int64_t>(kF, visible - j);
     prefetch_line(next ? next + j : nullptr);
+    prefetch_line_for_write(next_y ? next_y + j : nullptr);
     // Lanes past n are -inf, so they add exp(-inf) = 0 to the sum.
     const fVec xv = head(n == kF ? load_f(x + j) : load_f(x + j, n), n, kNegInf);
     const fVec e = exp_softmax(at::vec::fmadd(xv, vscale, vneg_max));
@@ -136,12 +140,14 @@ void forward(const SoftmaxParams& p) {
       }
       const T* next = r + 1 < end ? static_cast<const T*>(p.x) + row_offset(p.x_rows, r + 1)
                                   : nullptr;
+      T* next_y = r + 1 < end && !stream ? y + p.cols : nullptr;
       float* buf = scratch_in_y ? reinterpret_cast<float*>(y) : scratch.data();
       const int64_t visible = softmax_visible_cols(r, p.m, p.cols, p.causal);
       if (plain) {
-        softmax_row_plain(x, y, buf, p.cols, visible, p.scale, stream, next);
+        softmax_row_plain(x, y, buf, p.cols, visible, p.scale, stream, next, next_y);
       } else {
-        softmax_row(x, mask, p.mask_kind, y, buf, p.cols, visible, p.scale, stream, next);
+        softmax_row(x, mask, p.mask_kind, y, buf, p.cols, visible, p.scale, stream, next,
+                    next_y);
       }
     }
     stream_fence();
@@ -158,6 +164,10 @@ void backward(const SoftmaxBackwardParams& p) {
       const T* dy = static_cast<const T*>(p.dy) + row_offset(p.dy_rows, r);
       const T* y = static_cast<const T*>(p.y) + row_offset(p.y_rows, r);
       T* dx = static_cast<T*>(p.dx) + r * p.cols;
+      const bool more = r + 1 < end;
+      const T* next_dy = more ? static_cast<const T*>(p.dy) + row_offset(p.dy_rows, r + 1) : nullptr;
+      const T* next_y = more ? static_cast<const T*>(p.y) + row_offset(p.y_rows, r + 1) : nullptr;
+      T* next_dx = more && !stream ? dx + p.cols : nullptr;
       fVec vdot(0.f);
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
@@ -167,6 +177,9 @@ void backward(const SoftmaxBackwardParams& p) {
       const fVec dot(hsum(vdot));
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
+        prefetch_line(next_dy ? next_dy + j : nullptr);
+        prefetch_line(next_y ? next_y + j : nullptr);
+        prefetch_line_for_write(next_dx ? next_dx + j : nullptr);
         const fVec g = n == kF ? softmax_grad(load_f(y + j), load_f(dy + j), dot, vscale)
                                : softmax_grad(load_f(y + j, n), load_f(dy + j, n), dot, vscale);
         stream ? store_stream(dx + j, g, n) : store_f(dx + j, g, n);

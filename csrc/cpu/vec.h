@@ -125,6 +125,15 @@ inline void prefetch_line(const T* p) {
   if (p != nullptr) __builtin_prefetch(p, 0, 3);
 }
 
+// Asks for ownership of the cache line at p, of an output row written next (prefetchw): rows
+// of 4 KiB or more start on a new page, so without it each row's first stores wait on their
+// read-for-ownership. Measured 5-15% on 16 MiB softmax/LayerNorm outputs. Not for streamed
+// outputs: non-temporal stores need no ownership.
+template <typename T>
+inline void prefetch_line_for_write(T* p) {
+  if (p != nullptr) __builtin_prefetch(p, 1, 3);
+}
+
 // Lanes [0, n) of v, the rest `fill` (for reductions over a partial vector).
 inline fVec head(const fVec& v, int64_t n, float fill) {
   if (n == kF) return v;
