@@ -2,7 +2,8 @@
 
 Reports PyTorch time / ours (median of several interleaved rounds; > 1 means we are faster)
 against the targets of the extension's issue. Usage: python benchmarks/_dev_rowwise_cpu.py
-[--threads 2] [--rounds 7] [--only softmax,layer_norm,...]
+[--threads 2] [--rounds 7] [--rows 4096] [--only softmax,layer_norm,...]
+(--rows 256 keeps the 1024-wide rows' input and output in the two cores' L2: the in-cache speed)
 """
 
 import argparse
@@ -48,35 +49,36 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--only", default="")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     only = set(filter(None, args.only.split(",")))
     run = lambda n: not only or n in only  # noqa: E731
-    r, n = 4096, 1024
+    r, n = args.rows, 1024
     x = torch.randn(r, n)
     w, b = torch.randn(n), torch.randn(n)
     nb = 2 * x.numel() * 4
-    print(f"threads={args.threads} rounds={args.rounds} reps={args.reps}")
+    print(f"threads={args.threads} rounds={args.rounds} reps={args.reps} rows={r} x {n}")
     if run("softmax"):
-        _compare("softmax 4096x1024 fp32", lambda: _C_ops.softmax_forward(
+        _compare(f"softmax {r}x{n} fp32", lambda: _C_ops.softmax_forward(
             x, scale=None, mask=None, causal=False), lambda: torch.softmax(x, -1), 1.5,
             args.rounds, args.reps, nb)
         y = torch.softmax(x, -1)
         dy = torch.randn_like(x)
-        _compare("softmax bwd 4096x1024 fp32", lambda: _C_ops.softmax_backward(dy, y, scale=1.0),
+        _compare(f"softmax bwd {r}x{n} fp32", lambda: _C_ops.softmax_backward(dy, y, scale=1.0),
                  lambda: torch.ops.aten._softmax_backward_data(dy, y, -1, torch.float32), 0.0,
                  args.rounds, args.reps, 3 * x.numel() * 4)
         xb = x.bfloat16()
-        _compare("softmax 4096x1024 bf16", lambda: _C_ops.softmax_forward(
+        _compare(f"softmax {r}x{n} bf16", lambda: _C_ops.softmax_forward(
             xb, scale=None, mask=None, causal=False), lambda: torch.softmax(xb, -1), 0.0,
             args.rounds, args.reps, nb // 2)
     if run("layer_norm"):
-        _compare("layer_norm 4096x1024 fp32", lambda: _C_ops.layer_norm_forward(
+        _compare(f"layer_norm {r}x{n} fp32", lambda: _C_ops.layer_norm_forward(
             x, w, b, 1e-5, None), lambda: F.layer_norm(x, (n,), w, b, 1e-5), 1.0,
             args.rounds, args.reps, nb)
     if run("rms_norm"):
-        _compare("rms_norm 4096x1024 fp32", lambda: _C_ops.rms_norm_forward(x, w, 1e-5, None),
+        _compare(f"rms_norm {r}x{n} fp32", lambda: _C_ops.rms_norm_forward(x, w, 1e-5, None),
                  lambda: F.rms_norm(x, (n,), w, 1e-5), 2.0, args.rounds, args.reps, nb)
     if run("norm_backward"):
         _, mean, rstd, _ = _C_ops.layer_norm_forward(x, w, b, 1e-5, None)
@@ -88,7 +90,7 @@ def main():
             out = F.layer_norm(xr, (n,), wr, br, 1e-5)
             torch.autograd.grad(out, (xr, wr, br), dy)
 
-        _compare("layer_norm fwd+bwd 4096x1024 fp32", lambda: (
+        _compare(f"layer_norm fwd+bwd {r}x{n} fp32", lambda: (
             _C_ops.layer_norm_forward(x, w, b, 1e-5, None),
             _C_ops.layer_norm_backward(dy, x, w, b, mean, rstd, None)), torch_ln_bwd, 0.0,
             args.rounds, max(1, args.reps // 2), 3 * nb)
