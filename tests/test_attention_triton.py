@@ -228,21 +228,34 @@ def test_dkdv_head_dim_split_matches_the_whole_head_dim(monkeypatch):
     kw = dict(mask=mask, causal=True, alignment="bottom_right", window_left=30, softcap=2.5,
               key_lengths=torch.tensor([40, 45], device=DEVICE), dropout_p=0.2, seed=7)
     out, lse = ta.attention_forward(q, k, v, **kw)
-    splits = []
-    real_split = cfg.dkdv_d_split
+    used = []
 
-    def spy(*args, **kwargs):
-        splits.append(real_split(*args, **kwargs))
-        return splits[-1]
+    def force(split):
+        def d_split(*args, **kwargs):
+            used.append(split)
+            return split
+        return d_split
 
-    monkeypatch.setattr(cfg, "dkdv_d_split", spy)
+    monkeypatch.setattr(cfg, "dkdv_d_split", force(2))
     _, dk2, dv2, _ = ta.attention_backward(do, q, k, v, out, lse, **kw)
-    monkeypatch.setattr(cfg, "INTERP_DKDV_SPLIT_FROM", 1024)
+    monkeypatch.setattr(cfg, "dkdv_d_split", force(1))
     _, dk1, dv1, _ = ta.attention_backward(do, q, k, v, out, lse, **kw)
-    assert splits == [2, 1]
+    assert used == [2, 1]
     for name, a, b in (("dk", dk2, dk1), ("dv", dv2, dv1)):
         assert a.abs().max() > 0, name
         assert_close(name, a, b, b, torch.float32)
+
+
+def test_dkdv_head_dim_split_choice():
+    from fastattn.kernels import _attention_configs as cfg
+    split = cfg.dkdv_d_split
+    assert split(90, 256, 4, "tf32", interpret=False) == 2     # the one split GPU tile
+    for case in ((80, 256, 4, "tf32"), (90, 256, 2, "tf32"), (90, 256, 4, "ieee"),
+                 (90, 128, 4, "tf32")):
+        assert split(*case, interpret=False) == 1, case
+    # the interpreter splits from 64 columns on, so the parity tests run both code paths
+    assert split(None, 64, 2, "tf32", interpret=True) == 2
+    assert split(None, 32, 2, "tf32", interpret=True) == 1
 
 
 # ----------------------------------------------------------------------------- dropout
