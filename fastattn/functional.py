@@ -127,7 +127,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         window=window_left >= 0 or window_right >= 0, softcap=float(softcap),
         key_lengths=key_lengths is not None, dropout_p=float(dropout_p), gqa=h != hkv,
         deterministic=bool(deterministic), device=query.device.type)
-    out, lse = _attention_ops.attention_op(
+    out, lse = _backend.eager_call(
+        _attention_ops.attention_op, _attention_ops.attention_impl, backend,
         query, key, value, mask, key_lengths, rng, scale, bool(is_causal),
         causal_alignment == "bottom_right", window_left, window_right, float(softcap),
         float(dropout_p), bool(deterministic), backend)

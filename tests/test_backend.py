@@ -119,3 +119,33 @@ def test_eager_call_skips_the_custom_op_only_when_nothing_needs_it():
         fake = mode.from_tensor(x)
         _backend.eager_call(op, impl, "cpu", fake, "cpu")            # tracing: the op's fake
     assert calls.pop() == "op"
+
+
+def test_attention_skips_the_custom_op_only_without_autograd(monkeypatch):
+    """Eager attention calls (functional and MultiHeadAttention) that need no gradient run the
+    op's body directly; a call that needs autograd goes through the custom op."""
+    if _backend.unavailable_reason("cpu", "cpu") is not None:
+        pytest.skip("needs the cpu backend (fastattn._C)")
+    from fastattn.ops import attention as attention_ops
+    seen = []
+    real = attention_ops.attention_impl
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(attention_ops, "attention_impl", spy)
+    q = torch.randn(1, 2, 3, 16)
+    mha = fastattn.MultiHeadAttention(32, 2, batch_first=True)
+    x = torch.randn(1, 3, 32)
+    with fastattn.use_backend("cpu"):
+        out = fastattn.scaled_dot_product_attention(q, q, q)
+        assert seen == ["cpu"] and out.grad_fn is None
+        with torch.no_grad():
+            mha(x, x, x, need_weights=False)
+        assert seen == ["cpu", "cpu"]
+        qg = q.clone().requires_grad_()
+        out = fastattn.scaled_dot_product_attention(qg, q, q)
+        mha(x, x, x, need_weights=False)                         # parameters need grad
+    assert seen == ["cpu", "cpu"] and out.grad_fn is not None
+    torch.testing.assert_close(out, fastattn.reference.attention(q, q, q))

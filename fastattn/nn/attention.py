@@ -294,7 +294,8 @@ class MultiHeadAttention(nn.MultiheadAttention):
             # (seed, offset) from torch's default generator, as fastattn's functional API
             rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
         wl, wr = self.window if self.window is not None else (-1, -1)
-        out, lse = _attention_ops.attention_op(
+        out, lse = _backend.eager_call(
+            _attention_ops.attention_op, _attention_ops.attention_impl, backend,
             q, k, v, mask, key_lengths, rng, 1.0 / math.sqrt(d), causal, False, wl, wr, 0.0,
             dropout_p, False, backend)
         return out, lse, backend, rng

@@ -21,13 +21,14 @@ def _alignment(bottom_right):
     return "bottom_right" if bottom_right else "top_left"
 
 
-@torch.library.custom_op("fastattn::attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-                 key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
-                 causal: bool, bottom_right: bool, window_left: int, window_right: int,
-                 softcap: float, dropout_p: float, deterministic: bool,
-                 backend: str) -> tuple[Tensor, Tensor]:
-    """out (B, H, Sq, Dv), lse (B, H, Sq) fp32. `deterministic` is used by the backward only."""
+def attention_impl(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+                   key_lengths: Optional[Tensor], rng: Optional[Tensor], scale: float,
+                   causal: bool, bottom_right: bool, window_left: int, window_right: int,
+                   softcap: float, dropout_p: float, deterministic: bool,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """out (B, H, Sq, Dv), lse (B, H, Sq) fp32. `deterministic` is used by the backward only.
+    (The body of `attention_op`; `_backend.eager_call` calls it directly when nothing needs
+    the custom op.)"""
     seed, offset = rng.tolist() if rng is not None else (0, 0)
     impl = _backend.backend_module(backend, "attention")
     out, lse = impl.attention_forward(
@@ -36,6 +37,9 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
         key_lengths=key_lengths, dropout_p=dropout_p, seed=seed, offset=offset)
     # Outputs are contiguous whatever the backend, as the fake implementation promises.
     return out.contiguous(), lse.contiguous()
+
+
+attention_op = torch.library.custom_op("fastattn::attention", attention_impl, mutates_args=())
 
 
 @attention_op.register_fake
