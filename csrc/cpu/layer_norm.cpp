@@ -8,14 +8,9 @@
 namespace fastattn::cpu {
 namespace {
 
-// Loads kF (or the n < kF tail) elements of row p at column j.
-template <typename T>
-inline fVec ld(const T* p, int64_t j, int64_t n) {
-  return n == kF ? load_f(p + j) : load_f(p + j, n);
-}
-
+// Columns [j, j + n) of an optional parameter row; `fill` everywhere when it is absent.
 inline fVec ld_or(const float* p, int64_t j, int64_t n, float fill) {
-  return p == nullptr ? fVec(fill) : ld(p, j, n);
+  return p == nullptr ? fVec(fill) : load_f(p + j, n);
 }
 
 // Row statistics: fills mean (0 for RMSNorm) and rstd. Two passes (mean, then centred squares)
@@ -33,7 +28,7 @@ void row_stats(const T* h, int64_t cols, float eps, bool rms, float& mean, float
       a2 = a2 + load_f(h + j + 2 * kF);
       a3 = a3 + load_f(h + j + 3 * kF);
     }
-    for (; j < cols; j += kF) a0 = a0 + ld(h, j, std::min<int64_t>(kF, cols - j));
+    for (; j < cols; j += kF) a0 = a0 + load_f(h + j, std::min<int64_t>(kF, cols - j));
     mean = hsum((a0 + a1) + (a2 + a3)) / static_cast<float>(cols);
   }
   const fVec vmean(mean);
@@ -48,7 +43,7 @@ void row_stats(const T* h, int64_t cols, float eps, bool rms, float& mean, float
   }
   for (; j < cols; j += kF) {
     const int64_t n = std::min<int64_t>(kF, cols - j);
-    const fVec d = head(ld(h, j, n) - vmean, n, 0.f);
+    const fVec d = head(load_f(h + j, n) - vmean, n, 0.f);
     a0 = at::vec::fmadd(d, d, a0);
   }
   rstd = norm_rstd(hsum((a0 + a1) + (a2 + a3)) / static_cast<float>(cols), eps);
@@ -68,7 +63,7 @@ void forward(const NormParams& p) {
         T* hout = static_cast<T*>(p.h) + r * p.cols;
         for (int64_t j = 0; j < p.cols; j += kF) {
           const int64_t n = std::min<int64_t>(kF, p.cols - j);
-          store_f(hout + j, ld(h, j, n) + ld(res, j, n), n);
+          store_f(hout + j, load_f(h + j, n) + load_f(res + j, n), n);
         }
         h = hout;
       }
@@ -81,9 +76,9 @@ void forward(const NormParams& p) {
       T* next_y = next != nullptr && !stream ? y + p.cols : nullptr;
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
-        prefetch_line(next ? next + j : nullptr);
-        prefetch_line_for_write(next_y ? next_y + j : nullptr);
-        const fVec xhat = norm_xhat(ld(h, j, n), vmean, vrstd);
+        prefetch_line(next, j);
+        prefetch_line_for_write(next_y, j);
+        const fVec xhat = norm_xhat(load_f(h + j, n), vmean, vrstd);
         const fVec out = norm_affine(xhat, ld_or(p.weight, j, n, 1.f), ld_or(p.bias, j, n, 0.f));
         stream ? store_stream(y + j, out, n) : store_f(y + j, out, n);
       }
@@ -112,13 +107,13 @@ void backward(const NormBackwardParams& p) {
         fVec sg(0.f), sgx(0.f);
         for (int64_t j = 0; j < p.cols; j += kF) {
           const int64_t n = std::min<int64_t>(kF, p.cols - j);
-          const fVec vdy = ld(dy, j, n);
-          const fVec xhat = head(norm_xhat(ld(h, j, n), vmean, vrstd), n, 0.f);
+          const fVec vdy = load_f(dy + j, n);
+          const fVec xhat = head(norm_xhat(load_f(h + j, n), vmean, vrstd), n, 0.f);
           const fVec g = vdy * ld_or(p.weight, j, n, 1.f);
           sg = sg + g;
           sgx = at::vec::fmadd(g, xhat, sgx);
-          if (dw) at::vec::fmadd(vdy, xhat, ld(dw, j, n)).store(dw + j, n);
-          if (db) (vdy + ld(db, j, n)).store(db + j, n);
+          if (dw) at::vec::fmadd(vdy, xhat, load_f(dw + j, n)).store(dw + j, n);
+          if (db) (vdy + load_f(db + j, n)).store(db + j, n);
         }
         const fVec mean_g(p.rms ? 0.f : hsum(sg) * inv_cols), mean_gx(hsum(sgx) * inv_cols);
         // Pass 2: dx (+ the gradient that reached the returned h directly).
@@ -130,13 +125,13 @@ void backward(const NormBackwardParams& p) {
         T* next_dx = more && !stream ? dx + p.cols : nullptr;
         for (int64_t j = 0; j < p.cols; j += kF) {
           const int64_t n = std::min<int64_t>(kF, p.cols - j);
-          prefetch_line(next_dy ? next_dy + j : nullptr);
-          prefetch_line(next_h ? next_h + j : nullptr);
-          prefetch_line_for_write(next_dx ? next_dx + j : nullptr);
-          const fVec xhat = norm_xhat(ld(h, j, n), vmean, vrstd);
-          const fVec g = ld(dy, j, n) * ld_or(p.weight, j, n, 1.f);
+          prefetch_line(next_dy, j);
+          prefetch_line(next_h, j);
+          prefetch_line_for_write(next_dx, j);
+          const fVec xhat = norm_xhat(load_f(h + j, n), vmean, vrstd);
+          const fVec g = load_f(dy + j, n) * ld_or(p.weight, j, n, 1.f);
           fVec d = norm_dx(g, xhat, vrstd, mean_g, mean_gx);
-          if (extra) d = d + ld(extra, j, n);
+          if (extra) d = d + load_f(extra + j, n);
           stream ? store_stream(dx + j, d, n) : store_f(dx + j, d, n);
         }
       }

@@ -9,9 +9,6 @@
 namespace fastattn::cpu {
 namespace {
 
-template <typename T>
-inline fVec ld(const T* p, int64_t n) { return n == kF ? load_f(p) : load_f(p, n); }
-
 // One (b, s, h) row whose last dim is contiguous in x and out.
 template <typename T>
 void row_contiguous(const T* x, T* out, const float* c, const float* s, int64_t half,
@@ -22,7 +19,7 @@ void row_contiguous(const T* x, T* out, const float* c, const float* s, int64_t 
     for (; d < half; d += kF) {
       const int64_t n = std::min<int64_t>(kF, half - d);
       fVec oa, ob;
-      rotary_rotate(ld(x + d, n), ld(x + d + half, n), ld(c + d, n), ld(s + d, n) * vsign, oa, ob);
+      rotary_rotate(load_f(x + d, n), load_f(x + d + half, n), load_f(c + d, n), load_f(s + d, n) * vsign, oa, ob);
       store_f(out + d, oa, n);
       store_f(out + d + half, ob, n);
     }
@@ -47,7 +44,7 @@ void row_contiguous(const T* x, T* out, const float* c, const float* s, int64_t 
   if (out != x) {
     for (d = 2 * half; d < head_dim; d += kF) {
       const int64_t n = std::min<int64_t>(kF, head_dim - d);
-      store_f(out + d, ld(x + d, n), n);
+      store_f(out + d, load_f(x + d, n), n);
     }
   }
 }

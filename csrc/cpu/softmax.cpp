@@ -17,11 +17,11 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 template <typename T>
 inline fVec score_vec(const T* x, const void* mask, MaskKind kind, int64_t j, int64_t n,
                       const fVec& vscale) {
-  const fVec s = n == kF ? load_f(x + j) : load_f(x + j, n);
+  const fVec s = load_f(x + j, n);
   fVec add(0.f);
   if (kind == MaskKind::kFloat) {
     const T* m = static_cast<const T*>(mask) + j;
-    add = n == kF ? load_f(m) : load_f(m, n);
+    add = load_f(m, n);
   } else if (kind == MaskKind::kBool) {
     const uint8_t* m = static_cast<const uint8_t*>(mask) + j;
     __at_align__ float tmp[kF] = {};
@@ -61,8 +61,8 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
   for (int64_t j = 0; j < visible; j += kF) {
     const int64_t n = std::min<int64_t>(kF, visible - j);
     // Lanes past n are -inf, so they add exp(-inf) = 0 to the sum.
-    prefetch_line(next ? next + j : nullptr);
-    prefetch_line_for_write(next_y ? next_y + j : nullptr);
+    prefetch_line(next, j);
+    prefetch_line_for_write(next_y, j);
     const fVec e = exp_softmax(head(score_vec(x, mask, kind, j, n, vscale), n, kNegInf) - vrow_max);
     e.store(buf + j, n);
     vsum = vsum + e;
@@ -89,17 +89,17 @@ void softmax_row_plain(const T* x, T* y, float* buf, int64_t cols, int64_t visib
   }
   for (; j < visible; j += kF) {
     const int64_t n = std::min<int64_t>(kF, visible - j);
-    m0 = at::vec::maximum(m0, head(n == kF ? load_f(x + j) : load_f(x + j, n), n, kNegInf));
+    m0 = at::vec::maximum(m0, head(load_f(x + j, n), n, kNegInf));
   }
   const float raw_max = hmax(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
   const fVec vscale(scale), vneg_max(-softmax_safe_max(scale * raw_max));
   fVec s0(0.f), s1(0.f);
   j = 0;
   for (; j + 2 * kF <= visible; j += 2 * kF) {
-    prefetch_line(next ? next + j : nullptr);
-    prefetch_line(next ? next + j + kF : nullptr);
-    prefetch_line_for_write(next_y ? next_y + j : nullptr);
-    prefetch_line_for_write(next_y ? next_y + j + kF : nullptr);
+    prefetch_line(next, j);
+    prefetch_line(next, j + kF);
+    prefetch_line_for_write(next_y, j);
+    prefetch_line_for_write(next_y, j + kF);
     const fVec e0 = exp_softmax(at::vec::fmadd(load_f(x + j), vscale, vneg_max));
     const fVec e1 = exp_softmax(at::vec::fmadd(load_f(x + j + kF), vscale, vneg_max));
     e0.store(buf + j);
@@ -109,10 +109,10 @@ void softmax_row_plain(const T* x, T* y, float* buf, int64_t cols, int64_t visib
   }
   for (; j < visible; j += kF) {
     const int64_t n = std::min<int64_t>(kF, visible - j);
-    prefetch_line(next ? next + j : nullptr);
-    prefetch_line_for_write(next_y ? next_y + j : nullptr);
+    prefetch_line(next, j);
+    prefetch_line_for_write(next_y, j);
     // Lanes past n are -inf, so they add exp(-inf) = 0 to the sum.
-    const fVec xv = head(n == kF ? load_f(x + j) : load_f(x + j, n), n, kNegInf);
+    const fVec xv = head(load_f(x + j, n), n, kNegInf);
     const fVec e = exp_softmax(at::vec::fmadd(xv, vscale, vneg_max));
     e.store(buf + j, n);
     s0 = s0 + e;
@@ -171,17 +171,15 @@ void backward(const SoftmaxBackwardParams& p) {
       fVec vdot(0.f);
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
-        vdot = n == kF ? at::vec::fmadd(load_f(dy + j), load_f(y + j), vdot)
-                       : at::vec::fmadd(load_f(dy + j, n), load_f(y + j, n), vdot);
+        vdot = at::vec::fmadd(load_f(dy + j, n), load_f(y + j, n), vdot);
       }
       const fVec dot(hsum(vdot));
       for (int64_t j = 0; j < p.cols; j += kF) {
         const int64_t n = std::min<int64_t>(kF, p.cols - j);
-        prefetch_line(next_dy ? next_dy + j : nullptr);
-        prefetch_line(next_y ? next_y + j : nullptr);
-        prefetch_line_for_write(next_dx ? next_dx + j : nullptr);
-        const fVec g = n == kF ? softmax_grad(load_f(y + j), load_f(dy + j), dot, vscale)
-                               : softmax_grad(load_f(y + j, n), load_f(dy + j, n), dot, vscale);
+        prefetch_line(next_dy, j);
+        prefetch_line(next_y, j);
+        prefetch_line_for_write(next_dx, j);
+        const fVec g = softmax_grad(load_f(y + j, n), load_f(dy + j, n), dot, vscale);
         stream ? store_stream(dx + j, g, n) : store_f(dx + j, g, n);
       }
     }

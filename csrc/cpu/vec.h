@@ -52,9 +52,10 @@ inline fVec load_f(const T* p) {
   }
 }
 
-// n < kF elements of T as fp32, the rest of the lanes 0.
+// n <= kF elements of T as fp32, the rest of the lanes 0 (a full vector takes load_f(p)).
 template <typename T>
 inline fVec load_f(const T* p, int64_t n) {
+  if (n == kF) return load_f(p);
   if constexpr (std::is_same_v<T, float>) {
     return fVec::loadu(p, n);
   } else {
@@ -116,22 +117,23 @@ inline void stream_fence() {
 #endif
 }
 
-// Asks for the cache line at p, of a row processed next. Rows of 4 KiB or more start on a new
-// page, where the hardware prefetcher stops, so each row would otherwise begin with a
-// memory-latency stall. Issued one line per vector inside a compute loop, so the requests
-// overlap with work instead of filling the miss queue all at once.
+// Asks for the cache line holding element j of `row`, a row processed next (nothing when row
+// is nullptr: no next row). Rows of 4 KiB or more start on a new page, where the hardware
+// prefetcher stops, so each row would otherwise begin with a memory-latency stall. Issued one
+// line per vector inside a compute loop, so the requests overlap with work instead of filling
+// the miss queue all at once.
 template <typename T>
-inline void prefetch_line(const T* p) {
-  if (p != nullptr) __builtin_prefetch(p, 0, 3);
+inline void prefetch_line(const T* row, int64_t j) {
+  if (row != nullptr) __builtin_prefetch(row + j, 0, 3);
 }
 
-// Asks for ownership of the cache line at p, of an output row written next (prefetchw): rows
-// of 4 KiB or more start on a new page, so without it each row's first stores wait on their
-// read-for-ownership. Measured 5-15% on 16 MiB softmax/LayerNorm outputs. Not for streamed
+// Asks for ownership of the line holding element j of `row`, an output row written next
+// (prefetchw; nothing when row is nullptr): rows of 4 KiB or more start on a new page, so
+// without it each row's first stores wait on their read-for-ownership. Measured 5-15% on 16 MiB softmax/LayerNorm outputs. Not for streamed
 // outputs: non-temporal stores need no ownership.
 template <typename T>
-inline void prefetch_line_for_write(T* p) {
-  if (p != nullptr) __builtin_prefetch(p, 1, 3);
+inline void prefetch_line_for_write(T* row, int64_t j) {
+  if (row != nullptr) __builtin_prefetch(row + j, 1, 3);
 }
 
 // Lanes [0, n) of v, the rest `fill` (for reductions over a partial vector).
