@@ -203,6 +203,11 @@ class _Case:
             DOT_PREC=_dot_precision(q.dtype),
         )
 
+    @property
+    def arch(self):
+        """q's device as sm_XY -> XY (the tile tables' key); None under the interpreter."""
+        return None if cfg.interpreting() else cfg.device_arch(self.q)
+
     def scalars(self, dropout=True):
         s = [self.Sq, self.Sk, self.D, self.group, self.shift, self.wl, self.wr,
              self.scale, self.softcap]
@@ -282,8 +287,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
     args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
             *_strides3(dk), *_strides3(dv), *c.mask_strides, c.H, c.Hkv, *c.scalars()]
-    arch = None if cfg.interpreting() else cfg.device_arch(c.q)
-    d_split = cfg.dkdv_d_split(arch, c.block_d, c.q.element_size(), consts["DOT_PREC"])
+    d_split = cfg.dkdv_d_split(c.arch, c.block_d, c.q.element_size(), consts["DOT_PREC"])
     _launch(attn_bwd_dkdv_kernel, _dkdv_tuned, cfg.INTERP_DKDV,
             lambda bm, bn: triton.cdiv(c.Sk, bn) * c.B * c.Hkv * d_split, args,
             dict(consts, D_SPLIT=d_split))
@@ -319,7 +323,7 @@ def _decode(c, num_splits=None):
     # (the merge kernel writes `out` without vector hints: any row length is fine)
     bm, bn, warps, stages = decode_tiles(c.group, c.Sq, c.D, c.q.element_size(),
                                          prec=c.consts["DOT_PREC"],
-                                         arch=None if cfg.interpreting() else cfg.device_arch(c.q))
+                                         arch=c.arch)
     if num_splits is None:
         num_splits = _num_splits(c, bm, bn, c.q.device)
     num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn), 1024))
