@@ -3,6 +3,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "cpu/attention.h"
@@ -71,6 +72,8 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
                             int64_t seed, int64_t offset, std::vector<at::Tensor>& keep) {
   check_qkv(q_in, k_in, v_in);
   TORCH_CHECK(softcap >= 0, "attention (cpu): softcap must be >= 0 (0 = off), got ", softcap);
+  TORCH_CHECK(std::isfinite(softcap), "attention (cpu): softcap must be finite, got ", softcap);
+  TORCH_CHECK(std::isfinite(scale), "attention (cpu): scale must be finite, got ", scale);
   TORCH_CHECK(window_left >= -1 && window_right >= -1,
               "attention (cpu): window_left/window_right must be >= 0 or -1 (off), got ",
               window_left, " and ", window_right);
@@ -109,6 +112,11 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
         TORCH_CHECK(false, "attention (cpu): mask must be bool or float32/bfloat16/float16, got ",
                     m.scalar_type());
     }
+    // The kernels index mask[b, h, i, j] = data + b*s0 + h*s1 + i*s2 + j*s3 for indices inside
+    // its sizes, which stays in bounds for any view with non-negative strides.
+    for (int64_t d = 0; d < 4; ++d)
+      TORCH_CHECK(m.stride(d) >= 0, "attention (cpu): mask strides must be >= 0, got ",
+                  m.strides());
     p.mask = m.data_ptr();
     p.m_sb = m.stride(0); p.m_sh = m.stride(1); p.m_sq = m.stride(2); p.m_sk = m.stride(3);
     keep.push_back(m);
@@ -124,6 +132,12 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
                 "attention (cpu): key_lengths must be an integer tensor, got ",
                 kl.scalar_type());
     const at::Tensor kl64 = kl.to(at::kLong).contiguous();
+    // Checked, not clamped: a length outside [0, Sk] is a caller bug, not a request.
+    if (kl64.numel() > 0) {
+      const int64_t lo = kl64.min().item<int64_t>(), hi = kl64.max().item<int64_t>();
+      TORCH_CHECK(lo >= 0 && hi <= p.Sk, "attention (cpu): key_lengths must be in [0, Sk] = [0, ",
+                  p.Sk, "], got values in [", lo, ", ", hi, "]");
+    }
     p.key_lengths = kl64.data_ptr<int64_t>();
     keep.push_back(kl64);
   }

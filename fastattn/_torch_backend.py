@@ -39,11 +39,17 @@ def _reference_attention(q, k, v, mask, scale, causal, alignment, window_left, w
 
 def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, window_right,
                       softcap, key_lengths, dropout_p, seed, offset):
+    # Computed in fp32 (fp64 stays fp64) and rounded once at the end, as the kernels do
+    # (contract: accumulate in fp32). In the input dtype, fp16/bf16 scores and probabilities
+    # are rounded before the softmax, and the backward (fp32, from this lse) then differs from
+    # the forward's own P by more than the kernels' 2x-rule error.
+    acc = torch.promote_types(q.dtype, torch.float32)
+    m = mask.to(acc) if mask is not None and mask.is_floating_point() else mask
     with torch.no_grad():
-        out, lse = _reference_attention(q, k, v, mask, scale, causal, alignment, window_left,
-                                        window_right, softcap, key_lengths, dropout_p, seed,
-                                        offset, return_lse=True)
-    return out.contiguous(), lse.contiguous()
+        out, lse = _reference_attention(q.to(acc), k.to(acc), v.to(acc), m, scale, causal,
+                                        alignment, window_left, window_right, softcap,
+                                        key_lengths, dropout_p, seed, offset, return_lse=True)
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
 def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignment, window_left,

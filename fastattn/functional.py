@@ -23,13 +23,58 @@ ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _attention_window(window):
     if window is None:
         return -1, -1
-    if isinstance(window, int):
+    if isinstance(window, int) and not isinstance(window, bool):
         window = (window, window)
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) for w in window)):
-        raise ValueError(f"window must be None, an int or a (left, right) pair of ints "
-                         f"(-1 = unbounded), got {window!r}")
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+            or any(w < -1 for w in window)):
+        raise ValueError(f"window must be None, an int or a (left, right) pair of ints, each "
+                         f">= 0 or -1 (unbounded), got {window!r}")
     return int(window[0]), int(window[1])
+
+
+def _finite_float(name, x, *, minimum=None):
+    """float(x), or a ValueError naming `name` for NaN, +-inf or a value below `minimum`."""
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {x!r}") from None
+    if not math.isfinite(f) or (minimum is not None and f < minimum):
+        bound = "" if minimum is None else f" and >= {minimum}"
+        raise ValueError(f"{name} must be finite{bound}, got {x!r}")
+    return f
+
+
+def _check_key_lengths(key_lengths, b, sk, device):
+    """key_lengths as an int tensor (B,) on `device`; every value must lie in [0, Sk]
+    (checked, never clamped: a length outside it is a caller bug)."""
+    _checks.check_tensor("key_lengths", key_lengths, ndim=1, dtypes=(torch.int32, torch.int64))
+    if key_lengths.shape[0] != b:
+        raise ValueError(f"key_lengths must have shape ({b},), got {tuple(key_lengths.shape)}")
+    key_lengths = key_lengths.to(device)
+    # A data-dependent check: torch.compile traces without it (the CPU kernel still checks).
+    if key_lengths.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(key_lengths.min()), int(key_lengths.max())
+        if lo < 0 or hi > sk:
+            raise ValueError(f"key_lengths must be in [0, Sk] = [0, {sk}] (the key length), "
+                             f"got values in [{lo}, {hi}]")
+    return key_lengths
+
+
+def _empty_head_dim_attention(query, key, value, mask, key_lengths, is_causal, alignment,
+                              window_left, window_right, softcap):
+    """Head dim 0 (PyTorch returns an empty output): no kernel runs. The output is the empty
+    (B, H, Sq, 0) tensor and lse the log-sum-exp of the scores, which are 0 (+ a float mask),
+    over the visible keys; written with torch ops so autograd still reaches every input."""
+    from . import reference
+    h, hkv = query.shape[1], key.shape[1]
+    k = key.repeat_interleave(h // hkv, dim=1) if h != hkv else key
+    v = value.repeat_interleave(h // hkv, dim=1) if h != hkv else value
+    out, lse = reference.attention(query, k, v, mask=mask, scale=1.0, causal=is_causal,
+                                   alignment=alignment, window_left=window_left,
+                                   window_right=window_right, softcap=softcap,
+                                   key_lengths=key_lengths, return_lse=True)
+    return out, lse.float()
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -55,7 +100,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
       key_lengths: int tensor (B,): keys at positions >= key_lengths[b] are masked (padding),
         without materialising a mask.
       return_lse: also return the log-sum-exp (B, H, Sq) in fp32 (-inf for empty rows).
-      deterministic: a bitwise-reproducible backward.
+      deterministic: a bitwise-reproducible backward: two identical calls in one process give
+        bitwise equal gradients. Every backend keeps it (none uses atomics), so the flag never
+        raises: `triton` always (one autotuned config per process), `cpu` for a fixed
+        torch.get_num_threads() (the thread count picks how dQ is split), `torch` always.
+
+    Validation does not depend on the backend: window entries must be >= 0 or -1, softcap and
+    scale finite (softcap >= 0), key_lengths within [0, Sk]. Head dim 0 returns the empty
+    output (B, H, Sq, 0), as PyTorch does, without running a kernel.
     """
     _checks.check_tensor("query", query, ndim=(3, 4), dtypes=ATTENTION_DTYPES)
     _checks.check_tensor("key", key, ndim=query.dim(), dtypes=ATTENTION_DTYPES)
@@ -82,15 +134,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if hkv == 0 or h % hkv != 0:
             raise ValueError(f"enable_gqa: query heads ({h}) must be a multiple of key/value "
                              f"heads ({hkv})")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if causal_alignment not in _attention_ops.ALIGNMENTS:
         raise ValueError(f"causal_alignment must be one of {_attention_ops.ALIGNMENTS}, "
                          f"got {causal_alignment!r}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0, got {softcap}")
+    dropout_p = _finite_float("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    softcap = _finite_float("softcap", softcap, minimum=0.0)
     window_left, window_right = _attention_window(window)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if scale is not None:
+        scale = _finite_float("scale", scale)
+    elif d > 0:
+        scale = 1.0 / math.sqrt(d)
 
     mask = attn_mask
     if mask is not None:
@@ -106,12 +161,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             mask = mask.unsqueeze(0)
         mask = _checks.broadcast_to("attn_mask", mask, (b, h, sq, sk))
     if key_lengths is not None:
-        _checks.check_tensor("key_lengths", key_lengths, ndim=1,
-                             dtypes=(torch.int32, torch.int64))
-        if key_lengths.shape[0] != b:
-            raise ValueError(f"key_lengths must have shape ({b},), got "
-                             f"{tuple(key_lengths.shape)}")
-        key_lengths = key_lengths.to(query.device)
+        key_lengths = _check_key_lengths(key_lengths, b, sk, query.device)
+    if d == 0:
+        out, lse = _empty_head_dim_attention(query, key, value, mask, key_lengths,
+                                             bool(is_causal), causal_alignment, window_left,
+                                             window_right, softcap)
+        if unbatched:
+            out, lse = out.squeeze(0), lse.squeeze(0)
+        return (out, lse) if return_lse else out
 
     rng = None
     if dropout_p > 0:

@@ -116,8 +116,11 @@ inline void store_row(const float* src, float mul, T* dst, int64_t n) {
 }
 
 // Keys visible to query row i of batch b by the structural rules (causal, window,
-// key_lengths) form one interval [lo, hi); both ends never decrease with i, so a block of rows
-// sees the union [lo(first row), hi(last row)).
+// key_lengths) form one interval [lo, hi) with 0 <= lo <= hi <= Sk; both ends never decrease
+// with i, so a block of rows sees the union [lo(first row), hi(last row)), also inside [0, Sk].
+// lo is clamped to Sk: a row whose window starts past the last key (i + shift - window_left
+// >= Sk) sees nothing, and an unclamped lo (hence hi = lo) would carry that row's empty range
+// past Sk into its block's union, sending every caller's key loop out of bounds.
 struct Interval {
   int64_t lo, hi;
 };
@@ -127,7 +130,7 @@ inline Interval visible_keys(const AttentionParams& p, int64_t b, int64_t i) {
   const int64_t pos = i + p.shift;
   if (p.causal) hi = std::min(hi, pos + 1);
   if (p.window_right >= 0) hi = std::min(hi, pos + p.window_right + 1);
-  if (p.window_left >= 0) lo = std::max(lo, pos - p.window_left);
+  if (p.window_left >= 0) lo = std::clamp<int64_t>(pos - p.window_left, 0, p.Sk);
   return {lo, std::max(lo, hi)};
 }
 
@@ -230,6 +233,23 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
   return {row_max(s + a, e - a), a, e};
 }
 
+// x unchanged, but opaque to the optimiser: the product that made x is rounded and cannot be
+// fused into a following add (GCC contracts vector a * b + c into an fma by default).
+inline Vec rounded(Vec x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 r = x;
+  __asm__("" : "+v"(r));
+  return Vec(r);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 r = x;
+  __asm__("" : "+x"(r));
+  return Vec(r);
+#else
+  __asm__ volatile("" : "+m"(x));
+  return x;
+#endif
+}
+
 // Probabilities of a finished row in place: s[a:e) = exp(mul * s - m), 0 elsewhere in [0, n)
 // and everywhere when m = -inf (nothing visible). Returns their sum.
 inline float probs(float* s, int64_t n, const Row& row, float m) {
@@ -242,7 +262,12 @@ inline float probs(float* s, int64_t n, const Row& row, float m) {
   float* x = s + row.a;
   const int64_t len = row.e - row.a;
   const Vec vneg_m(-m), vmul(row.mul);
-  auto logit_exp = [&](const Vec& raw) { return exp_softmax(at::vec::fmadd(raw, vmul, vneg_m)); };
+  // logit - m with the logit rounded first, exactly as m = fl(mul * max raw) was
+  // (finish_scores): then the max logit gives exp(0) = 1 and every other exponent is <= 0. An
+  // fma (written, or contracted by the compiler from mul + add) subtracts m from the exact
+  // product instead, leaving up to half an ulp of the logit in the exponent: +-4096 at logits
+  // ~1e11 (scale = 1e10), and exp overflowed to inf or the row summed to 0.
+  auto logit_exp = [&](const Vec& raw) { return exp_softmax(rounded(raw * vmul) + vneg_m); };
   Vec acc(0.f), acc1(0.f);
   constexpr int64_t V = Vec::size();
   int64_t j = 0;
