@@ -84,7 +84,11 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
         keep = dropout_keep_mask((b, h, sq, sk), dropout_p, seed, offset, q.device)
         p_used = probs * keep / (1.0 - dropout_p)
         dp = dp * keep / (1.0 - dropout_p)
-    delta = (do * out.to(acc)).sum(-1, keepdim=True)                       # rowsum(dO * O)
+    # delta = rowsum(dO * O) = rowsum(P_drop * dP_raw), taken from the fp32 P here rather than
+    # from the stored O: O's rounding to the input dtype then does not leak into dS, and a
+    # one-hot row gives dS = 1 * (dP - dP) = 0 exactly (dO . O summed in another order left
+    # ~1e-7 that scale = 1e10 turned into gradients of 1e4).
+    delta = (probs * dp).sum(-1, keepdim=True)
     ds = probs * (dp - delta)                                              # dL/dscores
     ds_raw = ds * (1 - torch.tanh(raw / softcap) ** 2) if softcap > 0 else ds
     dq = torch.matmul(ds_raw, kf) * scale

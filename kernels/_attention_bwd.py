@@ -136,7 +136,9 @@ def attn_bwd_dkdv_kernel(
                                stride_mn, Sq, kv_len, shift, window_left, window_right,
                                sm_scale, softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND,
                                HAS_SOFTCAP)
-            p_t = tl.exp2(s2_t - lse2[None, :])                       # (BLOCK_N, BLOCK_M)
+            # P <= 1: lse's natural-log round trip can put lse2 below the max score at huge
+            # logits (~1e11 at scale=1e10), and exp2 of that overflowed to inf (NaN grads)
+            p_t = tl.exp2(tl.minimum(s2_t - lse2[None, :], 0.0))      # (BLOCK_N, BLOCK_M)
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[None, :],
@@ -221,7 +223,7 @@ def attn_bwd_dq_kernel(
         s2, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, Sq,
                        kv_len, shift, window_left, window_right, sm_scale, softcap,
                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
-        p = tl.exp2(s2 - lse2[:, None])                               # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(tl.minimum(s2 - lse2[:, None], 0.0))              # (BLOCK_M, BLOCK_N) <= 1
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)        # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[:, None], offs_n[None, :],

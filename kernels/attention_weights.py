@@ -75,7 +75,7 @@ def attn_weights_kernel(
         s2, _ = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
                        Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
-        p = tl.where(empty[:, None], 0.0, tl.exp2(s2 - lse2[:, None]))
+        p = tl.where(empty[:, None], 0.0, tl.exp2(tl.minimum(s2 - lse2[:, None], 0.0)))  # P <= 1
         tl.store(p_base + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :],
                  p.to(P.dtype.element_ty), mask=m_ok[:, None] & (offs_n[None, :] < Sk))
 

@@ -19,9 +19,10 @@ def _window_pair(window):
     if isinstance(window, int) and not isinstance(window, bool):
         window = (window, window)
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-        raise ValueError(f"window must be None, an int or a (left, right) pair of ints "
-                         f"(-1 = unbounded), got {window!r}")
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+            or any(w < -1 for w in window)):
+        raise ValueError(f"window must be None, an int or a (left, right) pair of ints, each "
+                         f">= 0 or -1 (unbounded), got {window!r}")
     return int(window[0]), int(window[1])
 
 
