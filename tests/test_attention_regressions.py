@@ -18,6 +18,8 @@ from conftest import ATOL_FLOOR, TESTABLE_BACKENDS, backend_device
 from test_fuzz_attention import oracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The child imports the fastattn this process imported (e.g. scripts/asan.sh's sanitized copy).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastattn.__file__)))
 
 
 def _run_isolated(code, backend, runs=1):
@@ -26,7 +28,7 @@ def _run_isolated(code, backend, runs=1):
         "    " + line + "\n" for line in code.strip().splitlines()) + "print('OK')\n"
     for _ in range(runs):
         r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True,
-                           timeout=600, cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE))
+                           timeout=600, cwd=HERE, env=dict(os.environ, PYTHONPATH=ROOT))
         assert r.returncode == 0 and "OK" in r.stdout, (
             f"exit {r.returncode} (negative = killed by that signal)\n{r.stdout[-2000:]}"
             f"\n{r.stderr[-3000:]}")
