@@ -40,7 +40,7 @@ def n_configs(default):
 
 # Defaults: a few hundred configs on the C++ kernels, fewer on the torch backend (it
 # materialises the scores) and a handful of small ones on the slow Triton interpreter.
-DEFAULTS = {"cpu": 200, "torch": 80, "triton": 10, "cuda": 40}
+DEFAULTS = {"cpu": 100, "torch": 40, "triton": 6, "cuda": 40}
 FP32_ATOL, FP32_RTOL = 2e-5, 2e-5
 
 # ------------------------------------------------------------------------------------ oracle
@@ -512,7 +512,7 @@ def _with_weight(mod, weight, fn):
         mod._parameters["in_proj_weight"] = saved
 
 
-MHA_DEFAULTS = {"cpu": 60, "torch": 30, "triton": 4, "cuda": 20}
+MHA_DEFAULTS = {"cpu": 30, "torch": 15, "triton": 3, "cuda": 20}
 
 
 @pytest.mark.parametrize("backend", FUZZ_BACKENDS)
