@@ -51,6 +51,12 @@ def requested_backend():
     return name
 
 
+def use_backend_override():
+    """The innermost use_backend() name, or None. Called from code torch.compile traces, dynamo
+    guards on the value of the context variable: a different use_backend() recompiles."""
+    return _override.get()
+
+
 def interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -139,7 +145,7 @@ def select(op, device_type, **case):
     """
     case_items = tuple(sorted(case.items()))
     if torch.compiler.is_compiling():
-        return _select_at_trace_time(op, device_type, case_items, _override.get())
+        return _select_at_trace_time(op, device_type, case_items, use_backend_override())
     # Eager: a direct call; assume_constant_result's wrapper alone costs microseconds per op.
     return _select(op, device_type, case_items)
 
