@@ -10,7 +10,7 @@ export FASTATTN_CUDA_ARCHS ?= 8.0;9.0
 # Two workers: the interpreter tests are single-threaded Python.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv build test bench bench-ci bench-baseline static asan clean
+.PHONY: venv build test fuzz bench bench-ci bench-baseline static asan clean
 
 venv: $(DEPS_STAMP)
 
@@ -33,6 +33,16 @@ build: $(DEPS_STAMP)
 # Inductor's on-disk caches would outlive a change to a fake implementation: keep tests honest.
 test: build
 	TRITON_INTERPRET=1 TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest tests $(PYTEST_ARGS)
+
+# Every seeded random-configuration fuzz test (tests/test_fuzz_*.py) with FUZZ_CONFIGS random
+# configs per test on the cpu and torch backends (the Triton interpreter runs one Python program
+# per row: its configs run in `make test`). Another seed: `FUZZ_SEED=7 make fuzz`.
+FUZZ_SEED ?= 0
+FUZZ_CONFIGS ?= 1000
+fuzz: build
+	FASTATTN_FUZZ_CONFIGS=$(FUZZ_CONFIGS) FASTATTN_FUZZ_SEED=$(FUZZ_SEED) TRITON_INTERPRET=1 \
+	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest tests/test_fuzz_*.py \
+	-k "not triton and not cuda" $(PYTEST_ARGS)
 
 bench: build
 	$(VPY) -m benchmarks

@@ -5,8 +5,8 @@
 
 Times a fixed set of CPU cases (fastattn against PyTorch, interleaved in this process, median
 of rounds), and compares each speedup (PyTorch time / fastattn time) with
-benchmarks/baseline.json. Exit 1 when any speedup is more than 20% below its baseline, or a
-case cannot run (missing backend or kernel, or a result that disagrees with PyTorch). A case
+benchmarks/baseline.json. Exit 1 when any speedup is more than 20% below its baseline (the
+median of the baseline's passes), or a case cannot run (missing backend or kernel, or a result that disagrees with PyTorch). A case
 absent from the baseline is reported as new and does not fail. A case below the threshold is
 measured once more and fails only if the second measurement is below it too (one noisy round
 on a shared machine is not a regression; a real one is slow both times).
@@ -69,12 +69,16 @@ def measure(cases, slowdown=1, rounds=ROUNDS, min_round_ms=MIN_ROUND_MS, progres
 
 
 def bar(base):
-    """The speedup a case is held to: the slowest of the baseline's passes (its speedup when
-    the passes are not recorded). The row-wise cases at 64 MiB swing between a cache-resident
-    and a memory-bound mode from minute to minute on the shared VM (rms_norm fwd measured
-    2.3x, 2.9x and 4.8x in three passes of one refresh), and CI must not fail on the low mode;
-    an injected 8x slowdown still fails (tests/test_benchmarks.py)."""
-    return min(base.get("speedup_runs") or [base["speedup"]])
+    """The speedup a case is held to: the median of the baseline's passes (its speedup when
+    the passes are not recorded). The slowest pass was the bar before, and on the bimodal
+    64 MiB row-wise cases it let a 2.2x slower layer_norm pass (its slow pass was 0.56 of the
+    median). With the median and TOLERANCE = 0.2, a 1.5x slowdown (0.67 of the median) fails
+    with 0.13 to spare for noise that flatters the slow kernel, and a noisy pass fails only
+    if its re-measurement is below 0.8 of the median too (compare(remeasure=...)).
+    tests/test_benchmarks.py injects a 1.5x slowdown into every gate case and checks it
+    fails."""
+    runs = base.get("speedup_runs")
+    return statistics.median(runs) if runs else base["speedup"]
 
 
 def verdict(record, baseline_cases, tolerance=TOLERANCE):

@@ -51,6 +51,12 @@ def requested_backend():
     return name
 
 
+def use_backend_override():
+    """The innermost use_backend() name, or None. Called from code torch.compile traces, dynamo
+    guards on the value of the context variable: a different use_backend() recompiles."""
+    return _override.get()
+
+
 def interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -130,18 +136,25 @@ def select(op, device_type, **case):
     """Return the name of the backend that runs `op` on `device_type` tensors.
 
     `case` describes the call for the modules' unsupported() checks (dtype, dropout_p, ...).
-    Under torch.compile the choice is made once at trace time and baked into the graph.
+    Under torch.compile the choice is made at trace time and baked into the graph, guarded on
+    the use_backend() in force: a compiled function called under another use_backend()
+    recompiles (dynamo guards on the value of the context variable read here, in traced code).
+    $FASTATTN_BACKEND is read when the function is traced; changing it later does not
+    recompile. The dispatch itself is logged by each op's body when it runs (log_dispatch), so
+    record_dispatch() sees compiled calls too.
     """
     case_items = tuple(sorted(case.items()))
     if torch.compiler.is_compiling():
-        return _select_at_trace_time(op, device_type, case_items)
+        return _select_at_trace_time(op, device_type, case_items, use_backend_override())
     # Eager: a direct call; assume_constant_result's wrapper alone costs microseconds per op.
     return _select(op, device_type, case_items)
 
 
-def _select(op, device_type, case_items):
+def _select(op, device_type, case_items, override=None):
+    """`override`: the use_backend() name (None: $FASTATTN_BACKEND or auto). An argument so that
+    under torch.compile the constant result is a function of it."""
     case = dict(case_items)
-    requested = requested_backend()
+    requested = requested_backend() if override is None else override
     candidates = AUTO_ORDER.get(device_type, ("torch",)) if requested == "auto" else (requested,)
     reasons = []
     for name in candidates:
@@ -149,7 +162,6 @@ def _select(op, device_type, case_items):
         if reason is None:
             reason = backend_module(name, op).unsupported(op, **case)
         if reason is None:
-            log_dispatch(op, name)
             return name
         reasons.append(f"{name}: {reason}")
     raise RuntimeError(f"fastattn backend {requested!r} cannot run {op} on {device_type} "
@@ -182,14 +194,18 @@ def eager_call(op, impl, backend, *args):
 
 
 def log_dispatch(op, backend):
-    """Record that `op` runs on `backend` in every active record_dispatch() block."""
+    """Record that `op` runs on `backend` in every active record_dispatch() block. Called by the
+    body of each forward op (fastattn/ops/*.py) as it runs: eagerly, through the custom op, and
+    from torch.compile'd graphs (custom ops are opaque to the compiler; their bodies run at
+    run time, not while tracing)."""
     for log in _dispatch_logs.get():
         log.append((op, backend))
 
 
 @contextlib.contextmanager
 def record_dispatch():
-    """Collect (op, backend) for every fastattn kernel call inside the block.
+    """Collect (op, backend) for every fastattn forward kernel call inside the block, eager or
+    compiled (backward calls are not logged).
 
     >>> with fastattn.record_dispatch() as calls:
     ...     out = fastattn.scaled_dot_product_attention(q, k, v)

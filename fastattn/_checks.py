@@ -12,6 +12,7 @@ def check_tensor(name, t, *, ndim=None, dtypes=FLOAT_DTYPES):
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        # "floating" only when every accepted dtype is one (offsets / key_lengths take ints).
         kind = "a floating dtype" if all(d.is_floating_point for d in dtypes) else "dtype"
         raise ValueError(f"{name} must have {kind} ({names}), got {t.dtype}")
     return t

@@ -211,6 +211,10 @@ def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
     if causal and (dim != x.dim() - 1 or x.dim() < 2):
         raise ValueError("softmax: causal=True needs dim=-1 and x with at least 2 dimensions")
     scale = 1.0 if scale is None else float(scale)
+    if x.numel() == 0:
+        # nothing to normalise (PyTorch returns an empty tensor); the torch backend's
+        # reduction would raise on an empty dim, so no backend is asked
+        return x * 0.0
     last = dim == x.dim() - 1
     xt = x if last else x.movedim(dim, -1)
     if xt.stride(-1) != 1:
@@ -219,6 +223,8 @@ def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
         _checks.check_tensor("mask", mask, dtypes=None)
         if mask.dtype != torch.bool and not mask.is_floating_point():
             raise ValueError(f"mask must be bool or floating, got {mask.dtype}")
+        if mask.device != x.device:
+            raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
         mask = _checks.broadcast_to("mask", mask, x.shape)
         mask = mask if last else mask.movedim(dim, -1)
     backend = _backend.select("softmax", x.device.type, dtype=x.dtype, n=xt.shape[-1],
@@ -246,7 +252,9 @@ def _norm_rows(name, input, normalized_shape, weight, bias, residual):
             if p.device != input.device:
                 raise ValueError(f"{name}: {pname} is on {p.device} but input is on "
                                  f"{input.device}")
-    x2 = input.reshape(-1, n)
+    # Explicit row count: reshape(-1, 0) is ambiguous when the normalised dims are empty.
+    rows = math.prod(input.shape[:input.dim() - len(shape)])
+    x2 = input.reshape(rows, n)
     r2 = None
     if residual is not None:
         _checks.check_tensor("residual", residual)
@@ -254,7 +262,7 @@ def _norm_rows(name, input, normalized_shape, weight, bias, residual):
         if residual.shape != input.shape:
             raise ValueError(f"{name}: residual shape {tuple(residual.shape)} must equal input "
                              f"shape {tuple(input.shape)}")
-        r2 = residual.reshape(-1, n).contiguous()
+        r2 = residual.reshape(rows, n).contiguous()
     w = weight.reshape(n) if weight is not None else None
     bb = bias.reshape(n) if bias is not None else None
     return x2.contiguous(), w, bb, r2, n
@@ -297,8 +305,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
 
 # --------------------------------------------------------------------------------------- rotary
 
-def _rotary_view(name, x, seq_dim):
-    """View x as (B, S, H, D) without copying: (batch, sequence, merged heads, features)."""
+def _rotary_moved(name, x, seq_dim):
+    """x viewed as (B, S, ..., D) (batch first, sequence second), always a view of x."""
     _checks.check_tensor(name, x)
     if x.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (S, D), got {tuple(x.shape)}")
@@ -310,12 +318,32 @@ def _rotary_view(name, x, seq_dim):
         raise ValueError(f"seq_dim must not be the last (feature) dim of {name}")
     v = x if seq > 0 else x.unsqueeze(0)
     seq = max(seq, 1)
-    v = v.movedim(seq, 1)                                 # (B, S, ..., D)
+    return v.movedim(seq, 1)                              # (B, S, ..., D)
+
+
+def _rotary_view(name, x, seq_dim):
+    """x as (B, S, H, D): (batch, sequence, merged heads, features). A view of x unless x has
+    more than 4 dims whose head dims cannot be merged into one strided dim: then a copy."""
+    v = _rotary_moved(name, x, seq_dim)
     if v.dim() == 3:
         v = v.unsqueeze(2)                                # (B, S, 1, D)
     elif v.dim() > 4:
-        v = v.flatten(2, -2)                              # may copy for exotic strides
+        v = v.flatten(2, -2)                              # copies for non-mergeable strides
     return v
+
+
+def _has_internal_overlap(x):
+    """True when two elements of x share memory (an expanded tensor): ATen's own test, the one
+    the extension's in-place kernels apply, so every backend refuses the same tensors."""
+    check = getattr(torch, "_debug_has_internal_overlap", None)
+    if check is not None:
+        return check(x) == 1                              # 0 no, 1 yes, 2 too hard to tell
+    return any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride()))
+
+
+def _shares_memory_with(v, x):
+    """v is a view of x's storage (not a copy)."""
+    return v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
 
 
 def _check_rotary_tables(x4, cos, sin, offsets):
@@ -362,17 +390,28 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, in
     x (..., S, ..., D) with the sequence at seq_dim and the batch at dim 0 (for `offsets`);
     cos, sin (S_cache, R/2), from fastattn.rotary_cache. interleaved=False is GPT-NeoX style
     (rotate halves), True is GPT-J style (adjacent pairs). offsets (B,): per-batch position
-    offsets (decoding with a KV cache). inplace=True writes into x (no autograd) and returns x.
-    Any strided layout is read without a copy.
+    offsets (decoding with a KV cache). inplace=True writes into x (no autograd) and returns x;
+    x must not overlap itself (an expanded tensor). Any strided layout of up to 4 dims is read
+    and written without a copy; with more dims whose head dims cannot be merged into one
+    strided dim, x is rotated in a contiguous copy (in place there too) that is written back.
     """
     x4 = _rotary_view("x", x, seq_dim)
     rot, offsets = _check_rotary_tables(x4, cos, sin, offsets)
-    backend = _rotary_backend(x4, rot, interleaved, offsets, inplace)
     if inplace:
         if x.requires_grad and torch.is_grad_enabled():
             raise ValueError("apply_rotary(inplace=True) does not support autograd; x requires "
                              "grad")
+        if _has_internal_overlap(x):
+            raise ValueError(f"apply_rotary(inplace=True): x of shape {tuple(x.shape)} and "
+                             f"strides {x.stride()} overlaps itself (an expanded tensor?); "
+                             f"rotate x.clone() or use inplace=False")
+    backend = _rotary_backend(x4, rot, interleaved, offsets, inplace)
+    if inplace:
         _rotary_ops.rotary_inplace_op(x4, cos, sin, offsets, bool(interleaved), False, backend)
+        if not _shares_memory_with(x4, x):
+            # the head dims did not merge and x4 is a contiguous copy: write it back into x
+            moved = _rotary_moved("x", x, seq_dim)        # (B, S, ..., D), a view of x
+            moved.copy_(x4.view(moved.shape))
         return x
     y4 = _backend.eager_call(_rotary_ops.rotary_op, _rotary_ops.rotary_impl, backend,
                              x4, cos, sin, offsets, bool(interleaved), False, backend)
@@ -389,7 +428,8 @@ def _undo_rotary_view(y4, x, seq_dim):
 
 
 def apply_rotary_qk(q, k, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None):
-    """Rotate q and k with one kernel launch; same arguments as apply_rotary."""
+    """Rotate q and k; same arguments as apply_rotary. One kernel launch for both on the triton
+    backend; the cpu and cuda backends launch once per tensor."""
     q4, k4 = _rotary_view("q", q, seq_dim), _rotary_view("k", k, seq_dim)
     if q4.shape[:2] != k4.shape[:2] or q4.shape[-1] != k4.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, sequence "

@@ -30,7 +30,10 @@ def _scores(x_row, m_row, cols, N, n_vis, stride_xn, stride_mn, scale,
     """fp32 scores of one block of a row; invisible columns are -inf.  # (BLOCK_N,)"""
     in_row = cols < N
     x = tl.load(x_row + cols * stride_xn, mask=in_row, other=0.0)
-    s = x.to(tl.float32) * scale
+    # round(x * scale) as an fma with +0: a plain multiply may be contracted with the later
+    # `s - m` into fma(x, scale, -m), which is exact where m is rounded, so the max column's
+    # argument can be -hundreds for logits ~1e9 (an all-zero row; the CPU kernel had this bug)
+    s = tl.fma(x.to(tl.float32), scale, 0.0)
     visible = cols < n_vis
     if MASK_KIND == 1:
         keep = tl.load(m_row + cols * stride_mn, mask=in_row, other=0)

@@ -127,3 +127,94 @@ def test_mha_training_with_dropout_and_weights_compiles():
         expected = m.out_proj((w @ v).transpose(1, 2).reshape(2, 10, 32))
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
     assert 0.15 < (w == 0).float().mean().item() < 0.45
+
+
+# ------------------------------------------------------------------ backend choice under compile
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs dynamo hands it (one per (re)compile)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def test_changing_backend_recompiles_and_dispatch_is_recorded():
+    """Issue #12 item 6: a function compiled under use_backend("torch") must run the cpu
+    backend under use_backend("cpu") (a guarded recompile, not the frozen first choice), and
+    record_dispatch() must see the calls the compiled code makes."""
+    counting = CountingBackend()
+    f = torch.compile(lambda t: fastattn.softmax(t, dim=-1) * 2, fullgraph=True,
+                      backend=counting)
+    x = torch.randn(3, 17)
+    expected = torch.softmax(x, dim=-1) * 2
+    seen = []
+    for name in ("torch", "cpu", "torch", "cpu"):
+        with fastattn.use_backend(name), fastattn.record_dispatch() as calls:
+            out = f(x)
+        torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+        seen.append((name, calls, counting.graphs))
+    assert [calls for _, calls, _ in seen] == [[("softmax", "torch")], [("softmax", "cpu")],
+                                               [("softmax", "torch")], [("softmax", "cpu")]]
+    # one graph per backend; going back to a backend reuses its graph
+    assert [graphs for _, _, graphs in seen] == [1, 2, 2, 2]
+
+
+def test_dispatch_recorded_in_compiled_forward_and_backward_graphs():
+    """record_dispatch() logs each forward kernel call as it runs in a compiled (aot_eager)
+    graph, every call, not once at trace time; backward kernels are not logged."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 6, 16, requires_grad=True)
+    w = torch.randn(16, requires_grad=True)
+    cos, sin = fastattn.rotary_cache(6, 16)
+
+    def block(t, ww):
+        h = fastattn.rms_norm(t, (16,), ww)
+        h = fastattn.layer_norm(h, (16,))
+        return fastattn.apply_rotary(h, cos, sin)
+
+    f = torch.compile(block, fullgraph=True, backend="aot_eager")
+    with fastattn.use_backend("cpu"):
+        for _ in range(2):
+            with fastattn.record_dispatch() as calls:
+                f(x, w).sum().backward()
+            assert calls == [("rms_norm", "cpu"), ("layer_norm", "cpu"), ("rotary", "cpu")]
+        with fastattn.record_dispatch() as eager_calls:
+            block(x, w).sum().backward()
+    assert eager_calls == calls
+
+
+def test_env_var_is_read_when_tracing_and_use_backend_overrides_it(monkeypatch):
+    """What holds for $FASTATTN_BACKEND under torch.compile (documented in fastattn/_backend.py
+    select()): it is read when the function is traced; use_backend() overrides it and is
+    guarded."""
+    monkeypatch.setenv("FASTATTN_BACKEND", "torch")
+    f = torch.compile(lambda t: fastattn.softmax(t), fullgraph=True, backend="eager")
+    x = torch.randn(2, 9)
+    with fastattn.record_dispatch() as calls:
+        f(x)
+    assert calls == [("softmax", "torch")]
+    with fastattn.use_backend("cpu"), fastattn.record_dispatch() as calls:
+        f(x)
+    assert calls == [("softmax", "cpu")]
+
+
+def test_mha_with_weights_follows_the_backend_when_compiled():
+    """The attention and the attention-weights op of a compiled MultiHeadAttention both follow
+    use_backend() (the weights op has its own selection, guarded the same way)."""
+    torch.manual_seed(0)
+    m = fastattn.MultiHeadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    f = torch.compile(lambda t: m(t, t, t, need_weights=True), fullgraph=True,
+                      backend="aot_eager")
+    with torch.no_grad():
+        eager = m(x, x, x, need_weights=True)
+        for name in ("torch", "cpu", "torch"):
+            with fastattn.use_backend(name), fastattn.record_dispatch() as calls:
+                out, w = f(x)
+            assert calls == [("attention", name), ("attention_weights", name)], (name, calls)
+            torch.testing.assert_close(out, eager[0], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(w, eager[1], atol=ATOL, rtol=RTOL)

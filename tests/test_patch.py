@@ -169,16 +169,46 @@ def test_transformer_decoder_trains_like_pytorch(fast_backend):
     assert calls.count(("attention", fast_backend)) >= 4
 
 
-def test_transformer_eval_inference_path():
-    """In eval/no-grad, PyTorch's layers may take their native fast path; results agree."""
+@pytest.mark.parametrize("padding", [False, True], ids=["dense", "key_padding"])
+def test_transformer_eval_inference_runs_fastattn(fast_backend, padding):
+    """Issue #12 item 7: in eval/no_grad nn.TransformerEncoderLayer takes PyTorch's fused fast
+    path (and nn.TransformerEncoder its nested-tensor conversion with a padding mask), which
+    never calls the swapped modules. Patched layers must run fastattn's kernels: the dispatch
+    log proves it, not only the outputs."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0,
                                        batch_first=True)
-    ref = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False).eval()
+    ref = nn.TransformerEncoder(layer, num_layers=2).eval()   # nested tensors enabled
+    assert ref.use_nested_tensor and ref.layers[0].activation_relu_or_gelu
     ours = fastattn.patch(copy.deepcopy(ref))
     x = torch.randn(2, 6, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x), atol=2e-5, rtol=1e-4)
+    kwargs = {}
+    if padding:
+        kpm = torch.zeros(2, 6, dtype=torch.bool)
+        kpm[1, 4:] = True
+        kwargs["src_key_padding_mask"] = kpm
+    for grad_mode in (torch.no_grad, torch.inference_mode):
+        with grad_mode(), fastattn.record_dispatch() as calls:
+            got = ours(x, **kwargs)
+        with grad_mode():
+            want = ref(x, **kwargs)
+        if padding:     # PyTorch's nested path leaves padded rows 0; compare the real ones
+            got, want = got[~kpm], want[~kpm]
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        assert calls.count(("attention", fast_backend)) == 2, calls
+        assert calls.count(("layer_norm", fast_backend)) == 4, calls
+    # the unpatched model still takes PyTorch's fast path (nothing fastattn runs)
+    with torch.no_grad(), fastattn.record_dispatch() as calls:
+        ref(x, **kwargs)
+    assert calls == []
+
+
+def test_patch_leaves_unswapped_encoder_fast_path_alone():
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    model = fastattn.patch(nn.TransformerEncoder(layer, num_layers=1), attention=False,
+                           norms=False)
+    assert model.fastattn_patched == []
+    assert model.layers[0].activation_relu_or_gelu == 1 and model.use_nested_tensor
 
 
 @pytest.fixture(params=FAST_BACKENDS)

@@ -116,10 +116,23 @@ def test_any_strides_without_copy(interleaved):
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
 
 
+class _LaunchCounter:
+    """Stands in for the jitted kernel: counts `kernel[grid](...)` launches, then runs them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True], ids=["neox", "gptj"])
 @pytest.mark.parametrize("conjugate", [False, True])
-def test_qk_one_launch(conjugate, interleaved, dtype):
+def test_qk_one_launch(conjugate, interleaved, dtype, monkeypatch):
+    counter = _LaunchCounter(trot._rotary_kernel)
+    monkeypatch.setattr(trot, "_rotary_kernel", counter)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 5, 8, 64, generator=g).to(dtype).to(DEVICE)
     k = torch.randn(2, 5, 1, 64, generator=g).to(dtype).to(DEVICE)      # MQA: one kv head
@@ -127,6 +140,9 @@ def test_qk_one_launch(conjugate, interleaved, dtype):
     offs = torch.tensor([0, 7], device=DEVICE)
     qo, ko = trot.rotary_forward_qk(q, k, cos, sin, interleaved=interleaved, offsets=offs,
                                     conjugate=conjugate)
+    # one launch: its grid covers every token (B * S) and the head blocks of q (8 heads: one
+    # block of 16) followed by those of k (one block)
+    assert counter.grids == [(2 * 5, 1 + 1)], counter.grids
     for name, got, inp in (("q", qo, q), ("k", ko, k)):
         ref, pt = ref_rotary(inp, cos, sin, interleaved, offs, conjugate)
         assert_close(got, ref, pt, name)
@@ -134,6 +150,7 @@ def test_qk_one_launch(conjugate, interleaved, dtype):
     q2, k2 = q.clone(), k.clone()
     trot.rotary_forward_qk(q2, k2, cos, sin, interleaved=interleaved, offsets=offs,
                            conjugate=conjugate, q_out=q2, k_out=k2)
+    assert len(counter.grids) == 2, counter.grids
     assert torch.equal(q2, qo) and torch.equal(k2, ko)
 
 

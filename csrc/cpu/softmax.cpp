@@ -3,6 +3,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <vector>
 
 #include "cpu/fast_exp.h"
@@ -70,6 +71,12 @@ void softmax_row(const T* x, const void* mask, MaskKind kind, T* y, float* buf, 
   normalise_row(buf, vsum, y, cols, visible, stream);
 }
 
+// Above this |scale * max| the folded fma(x, scale, -max) of softmax_row_plain can be off by
+// more than 1 (half an ulp of the rounded max): the max column's exp would underflow (logits
+// near 5e9: every exp 0, an all-zero row) or overflow. Such rows take softmax_row, whose
+// rounded scores make the max column's argument exactly 0.
+constexpr float kFoldedMaxLimit = 16777216.f;  // 2^24: ulp 2, error <= 1
+
 // softmax_row without a mask and with scale > 0, which is nearly every call: the max is taken
 // over the raw inputs (max(scale * x) = scale * max(x), rounding being monotonic) and the
 // scale is folded into the exp's argument, fma(x, scale, -max). Four independent max and two
@@ -92,6 +99,10 @@ void softmax_row_plain(const T* x, T* y, float* buf, int64_t cols, int64_t visib
     m0 = at::vec::maximum(m0, head(load_f(x + j, n), n, kNegInf));
   }
   const float raw_max = hmax(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+  if (!(std::abs(scale * raw_max) < kFoldedMaxLimit) && raw_max != kNegInf) {
+    softmax_row(x, nullptr, MaskKind::kNone, y, buf, cols, visible, scale, stream, next, next_y);
+    return;
+  }
   const fVec vscale(scale), vneg_max(-softmax_safe_max(scale * raw_max));
   fVec s0(0.f), s1(0.f);
   j = 0;

@@ -72,6 +72,37 @@ def _converter(m, attention, norms):
     return convert, None
 
 
+_FASTATTN_TYPES = (MultiHeadAttention, LayerNorm, RMSNorm)
+
+
+def _disable_encoder_fast_paths(root):
+    """Turn off PyTorch's inference fast paths that would bypass swapped modules; returns the
+    qualified names of the layers changed.
+
+    In eval mode (or under no_grad) nn.TransformerEncoderLayer.forward hands its parameters
+    straight to torch._transformer_encoder_layer_fwd and never calls self_attn / norm1 /
+    norm2, and nn.TransformerEncoder turns padded input into a nested tensor for that path.
+    The layer takes the fast path only when `activation_relu_or_gelu` is set (its own cache
+    of "the activation is relu or gelu", read by the fast path alone); zeroing it sends the
+    layer through its submodules. The encoder's `use_nested_tensor` is read only by its
+    nested-tensor conversion.
+    """
+    changed = []
+    for qual, m in root.named_modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(
+                isinstance(sub, _FASTATTN_TYPES)
+                for sub in (m.self_attn, getattr(m, "norm1", None), getattr(m, "norm2", None))):
+            if m.activation_relu_or_gelu:
+                m.activation_relu_or_gelu = 0
+                changed.append(qual or "model")
+    for m in root.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+                isinstance(layer, nn.TransformerEncoderLayer)
+                and not layer.activation_relu_or_gelu for layer in m.layers):
+            m.use_nested_tensor = False
+    return changed
+
+
 def patch(model, *, attention=True, norms=True):
     """Replace every nn.MultiheadAttention (attention=True) and nn.LayerNorm / nn.RMSNorm
     (norms=True) in `model` with fastattn's drop-ins, in place.
@@ -79,7 +110,10 @@ def patch(model, *, attention=True, norms=True):
     The new modules take over the old ones' Parameter objects (so weights, device, dtype,
     requires_grad and existing optimizers carry over) and their train/eval state. Modules
     that cannot be represented (subclasses, modules with hooks) are left alone with a
-    warning. Returns the model (the replacement itself when `model` is such a module) with
+    warning. nn.TransformerEncoderLayer's inference fast path (eval mode / no_grad), which
+    would run PyTorch's fused kernels instead of the swapped modules, is turned off on every
+    layer that holds a fastattn module (and nn.TransformerEncoder's nested-tensor conversion
+    with it). Returns the model (the replacement itself when `model` is such a module) with
     `fastattn_patched` = list of (qualified name, old type name, new type name); the summary
     is logged on the "fastattn" logger.
     """
@@ -117,6 +151,10 @@ def patch(model, *, attention=True, norms=True):
     if root is model:
         visit(model, "")
     root.fastattn_patched = replaced
+    fast_path_off = _disable_encoder_fast_paths(root)
+    if fast_path_off:
+        logger.info("fastattn.patch: turned off PyTorch's encoder fast path on %s",
+                    ", ".join(fast_path_off))
     counts = {}
     for _, old, _ in replaced:
         counts[old] = counts.get(old, 0) + 1

@@ -29,6 +29,7 @@ def attention_impl(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     """out (B, H, Sq, Dv), lse (B, H, Sq) fp32. `deterministic` is used by the backward only.
     (The body of `attention_op`; `_backend.eager_call` calls it directly when nothing needs
     the custom op.)"""
+    _backend.log_dispatch("attention", backend)
     seed, offset = rng.tolist() if rng is not None else (0, 0)
     impl = _backend.backend_module(backend, "attention")
     out, lse = impl.attention_forward(

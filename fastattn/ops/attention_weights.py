@@ -131,6 +131,7 @@ def attention_weights_op(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tenso
                          softcap: float, average: bool, backend: str) -> Tensor:
     """P (B, H, Sq, Sk), or its head mean (B, Sq, Sk) with `average`, in q's dtype;
     q (B, H, Sq, D), k (B, Hkv, Sk, D), lse (B, H, Sq)."""
+    _backend.log_dispatch("attention_weights", backend)
     if backend == "cpu":
         return torch.ops.fastattn.attention_weights_forward(
             q, k, lse, mask, scale, causal, bottom_right, window_left, window_right, softcap,
@@ -211,15 +212,22 @@ def _(weights, rng, dropout_p, backend):
     return torch.empty(weights.shape, dtype=torch.bool, device=weights.device)
 
 
-@torch.compiler.assume_constant_result
 def select_backend(device_type, dtype=None):
-    """Backend of the weights op for the requested fastattn backend; logs the dispatch.
+    """Backend of the weights op for the requested fastattn backend (the op's body logs the
+    dispatch when it runs).
 
     cpu (the C++ kernel) when asked for, or auto on CPU where it is built; triton when asked
     for, or auto on CUDA; otherwise the torch version, labelled "torch" (the `cuda` backend
-    has no weights kernel). A trace-time constant under torch.compile.
+    has no weights kernel). Under torch.compile a trace-time constant guarded on use_backend()
+    (as fastattn._backend.select).
     """
-    requested = _backend.requested_backend()
+    if torch.compiler.is_compiling():
+        return _select_at_trace_time(device_type, dtype, _backend.use_backend_override())
+    return _select(device_type, dtype, None)
+
+
+def _select(device_type, dtype, override):
+    requested = _backend.requested_backend() if override is None else override
     name = "torch"
     if requested == "triton" or (requested == "auto" and device_type == "cuda"):
         reason = _backend.unavailable_reason("triton", device_type)
@@ -235,8 +243,10 @@ def select_backend(device_type, dtype=None):
             name = "cpu"
         elif requested == "cpu":
             raise RuntimeError(f"fastattn backend 'cpu' cannot run attention_weights: {reason}")
-    _backend.log_dispatch("attention_weights", name)
     return name
+
+
+_select_at_trace_time = torch.compiler.assume_constant_result(_select)
 
 
 def attention_weights(q, k, lse, *, mask=None, key_lengths=None, scale, causal=False,

@@ -22,6 +22,7 @@ def _empty(like):
 def layer_norm_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     residual: Optional[Tensor], eps: float,
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _backend.log_dispatch("layer_norm", backend)
     impl = _backend.backend_module(backend, "layer_norm")
     y, mean, rstd, h = impl.layer_norm_forward(x, weight, bias, eps, residual)
     return y, mean, rstd, (_empty(x) if h is None else h)
@@ -80,6 +81,7 @@ torch.library.register_autograd("fastattn::layer_norm", _ln_backward, setup_cont
 
 def rms_norm_impl(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor], eps: float,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _backend.log_dispatch("rms_norm", backend)
     impl = _backend.backend_module(backend, "rms_norm")
     y, rstd, h = impl.rms_norm_forward(x, weight, eps, residual)
     return y, rstd, (_empty(x) if h is None else h)

@@ -14,6 +14,8 @@ from .. import _backend
 
 
 def _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend):
+    if not conjugate:           # the forward (the conjugate rotation is the backward)
+        _backend.log_dispatch("rotary", backend)
     impl = _backend.backend_module(backend, "rotary")
     return impl.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=offsets,
                                conjugate=conjugate, out=out)
@@ -64,7 +66,9 @@ def _(x, cos, sin, offsets, interleaved, conjugate, backend):
 
 def rotary_qk_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
                    interleaved: bool, conjugate: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """q and k rotated by one launch."""
+    """q and k rotated (one launch on the triton backend; two on cpu and cuda)."""
+    if not conjugate:
+        _backend.log_dispatch("rotary", backend)
     impl = _backend.backend_module(backend, "rotary")
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     impl.rotary_forward_qk(q, k, cos, sin, interleaved=interleaved, offsets=offsets,

@@ -10,6 +10,7 @@ from .. import _backend
 
 def softmax_impl(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
                  backend: str) -> Tensor:
+    _backend.log_dispatch("softmax", backend)
     impl = _backend.backend_module(backend, "softmax")
     return impl.softmax_forward(x, scale=scale, mask=mask, causal=causal).contiguous()
 
