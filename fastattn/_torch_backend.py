@@ -105,12 +105,15 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     if dropout_p > 0:
         keep = varlen_dropout_keep_mask(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q,
                                         max_seqlen_k, dropout_p, seed, offset, q.device)
+    # Computed in fp32 at least (the contract's accumulation), like varlen_backward's math:
+    # an fp16 forward's rounded logits would not match the lse the backward recomputes P from.
+    acc = torch.promote_types(q.dtype, torch.float32)
     with torch.no_grad():
         out, lse = reference.varlen_attention(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal,
-            window_left=window_left, window_right=window_right, softcap=softcap,
+            q.to(acc), k.to(acc), v.to(acc), cu_seqlens_q, cu_seqlens_k, scale=scale,
+            causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
             dropout_mask=keep, dropout_p=dropout_p, return_lse=True)
-    return out.contiguous(), lse.float().contiguous()
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
