@@ -235,3 +235,17 @@ def test_opcheck_custom_op():
             inp["cu_q"], inp["cu_k"], 5, 5, None, 0.25, True, -1, -1, 0.0, 0.0, False, False,
             "torch")
     torch.library.opcheck(torch.ops.fastattn.varlen_attention.default, args)
+
+
+@pytest.mark.skipif("cpu" not in TESTABLE_BACKENDS, reason="fastattn._C is not built")
+def test_opcheck_cpu_ops():
+    """The C++ ops' schemas, fake implementations (fastattn/_C_ops.py) and kernels agree."""
+    inp = packed_inputs([3, 0, 5], [4, 2, 5], 2, 1, 16, torch.float32)
+    tail = (0.25, True, -1, -1, 0.0, 0.0, 0, 0)
+    out, lse = torch.ops.fastattn.varlen_attention_forward(
+        inp["q"], inp["k"], inp["v"], inp["cu_q"], inp["cu_k"], 5, 5, *tail)
+    torch.library.opcheck(torch.ops.fastattn.varlen_attention_forward.default,
+                          (inp["q"], inp["k"], inp["v"], inp["cu_q"], inp["cu_k"], 5, 5, *tail))
+    torch.library.opcheck(torch.ops.fastattn.varlen_attention_backward.default,
+                          (inp["dout"], inp["q"], inp["k"], inp["v"], out, lse, inp["cu_q"],
+                           inp["cu_k"], 5, 5, *tail))
