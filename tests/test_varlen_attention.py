@@ -82,6 +82,20 @@ def test_parity(backend, dtype, case):
     _check_against_oracle(got, inp, dtype, opts)
 
 
+@pytest.mark.skipif("cpu" not in TESTABLE_BACKENDS, reason="fastattn._C is not built")
+@pytest.mark.parametrize("dtype,lens_q,lens_k,hkv", [
+    (torch.float32, [600, 0, 130, 1], [700, 5, 130, 0], 1),   # few (sequence, kv head) pairs:
+    (torch.bfloat16, [530, 129, 1, 260], [530, 129, 1, 600], 2),  # the backward splits keys
+], ids=["fp32", "bf16"])
+def test_cpu_long_sequences(dtype, lens_q, lens_k, hkv):
+    """Sequences longer than the CPU kernels' key blocks (512 forward, 128 backward) and the
+    backward's key-chunk split (few sequence x kv-head pairs), with a window."""
+    inp = packed_inputs(lens_q, lens_k, 2, hkv, 32, dtype, seed=9)
+    opts = dict(is_causal=True, window=(300, -1))
+    got = run(inp, backend="cpu", **opts)
+    _check_against_oracle(got, inp, dtype, opts)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_matches_keep_mask_and_is_seeded(backend):
     """Dropout uses the backend's documented keep-mask (so the oracle can apply the same one),
