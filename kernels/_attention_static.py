@@ -118,7 +118,8 @@ def varlen_static_variants(arch):
                 flags = dict(_flags(block_d, even_d, True, causal, prec), VARLEN=True)
                 clabel = dlabel + (" causal" if causal else "")
                 for kind, name, kernel, extra in _KERNELS:
-                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem, prec):
+                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem, prec,
+                                                          varlen=True):
                         consts = dict(flags, **extra, BLOCK_M=bm, BLOCK_N=bn)
                         tile_label = f"{clabel} BM={bm} BN={bn}"
                         if kind == "dkdv":
