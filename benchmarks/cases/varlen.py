@@ -6,9 +6,9 @@ Two baselines, each on the same sequences padded to the longest one, the loss ig
   - "fastattn.sdpa padded": fastattn.scaled_dot_product_attention with key_lengths (fastattn's
     own kernel on the padded batch; the comparison the issue asks for);
   - "F.sdpa padded+mask": F.scaled_dot_product_attention with a boolean causal+key-padding mask.
-Both baselines return their results gathered back to the packed layout (so the runner can
-compare them with varlen's); that gather is inside the baseline's timed call (a few percent of
-it at the default size, which makes the measured speedup a slight overestimate).
+Both sides return their output and gradients as per-sequence views (len, H, D) so the runner
+can compare them: slicing, no copies inside the timed calls (a gather back to the packed layout
+cost 0.3-0.6 s, a quarter of the padded step).
 """
 
 import torch
@@ -50,8 +50,13 @@ def _builder(lengths, h, d, dtype, causal, backend, baseline):
             p[flat] = t
             return p.view(b, s, h, d).transpose(1, 2).contiguous()
 
-        def unpad(t):                                            # (B, H, S, D) -> (total, H, D)
-            return t.transpose(1, 2).reshape(b * s, h, d).index_select(0, flat)
+        bounds = cu.tolist()
+
+        def per_sequence_packed(t):                              # (total, H, D) -> views
+            return [t[bounds[i]:bounds[i + 1]] for i in range(b)]
+
+        def per_sequence_padded(t):                              # (B, H, S, D) -> views
+            return [t[i, :, :n].transpose(0, 1) for i, n in enumerate(lengths)]
 
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         padded = [pad(t).requires_grad_() for t in (q, k, v)]
@@ -59,7 +64,8 @@ def _builder(lengths, h, d, dtype, causal, backend, baseline):
 
         def ours():
             out = fastattn.varlen_attention(*leaves, cu, cu, s, s, is_causal=causal)
-            return (out.detach(), *torch.autograd.grad(out, leaves, dout))
+            grads = torch.autograd.grad(out, leaves, dout)
+            return [v for t in (out.detach(), *grads) for v in per_sequence_packed(t)]
 
         if baseline == PADDED_FASTATTN:
             def dense(qp, kp, vp):
@@ -76,7 +82,7 @@ def _builder(lengths, h, d, dtype, causal, backend, baseline):
         def padded_step():
             out = dense(*padded)
             grads = torch.autograd.grad(out, padded, dout_padded)
-            return (unpad(out.detach()), *(unpad(gr) for gr in grads))
+            return [v for t in (out.detach(), *grads) for v in per_sequence_padded(t)]
 
         return Pair(fastattn_on(backend, ours), padded_step)
     return build
