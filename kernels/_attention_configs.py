@@ -99,6 +99,17 @@ ARCH_TF32_TABLE[(90, "dkdv", 256)] = [(16, 64, 8, 2)]          # with D_SPLIT = 
 ARCH_TF32_TABLE[(90, "fwd", 256)] = [(64, 64, 8, 1)]
 ARCH_TF32_TABLE[(90, "dq", 256)] = [(64, 16, 8, 2)]
 
+# Packed (VARLEN) mode: each sequence's lengths and causal shift are loaded values held in
+# registers (kernel arguments in the dense mode), and these tiles of the tables above then
+# spilled 1-4 registers (static report, causal): (arch, kind, element bytes, dot precision,
+# BLOCK_D) -> tiles used instead in that mode; each compiled spill-free, exact and padded.
+# (sm_90 TF32 dK/dV at d=128: every 128-key wgmma tile spilled, so 32x32 runs on mma.sync.)
+VARLEN_TABLE = {
+    (80, "fwd", 4, "ieee", 64): [(32, 16, 4, 2)],
+    (80, "dq", 4, "ieee", 128): [(32, 16, 8, 1)],
+    (90, "dkdv", 4, "tf32", 128): [(32, 32, 8, 2)],
+}
+
 # fixed picks for the interpreter: BLOCK_M != BLOCK_N so tile-edge logic is exercised
 INTERP_FWD = (32, 16, 4, 1)
 INTERP_DKDV = (16, 32, 4, 1)
@@ -159,14 +170,17 @@ def uses_wgmma(kind, arch, bm, bn, elem, prec):
             and mma_m % 64 == 0)
 
 
-def table_tiles(kind, block_d, elem, prec="ieee", arch=None):
-    """The tiles of `kind` for this head-dim block, element size, dot precision and arch."""
+def table_tiles(kind, block_d, elem, prec="ieee", arch=None, varlen=False):
+    """The tiles of `kind` for this head-dim block, element size, dot precision and arch
+    (varlen: for the kernels' packed mode)."""
+    if varlen and (arch, kind, elem, prec if elem == 4 else "", block_d) in VARLEN_TABLE:
+        return VARLEN_TABLE[(arch, kind, elem, prec if elem == 4 else "", block_d)]
     if elem == 4 and prec == "tf32":
         return ARCH_TF32_TABLE.get((arch, kind, block_d), TF32_TABLE[(kind, block_d)])
     return ARCH_TABLE.get((arch, kind, elem, block_d), TABLE[(kind, elem, block_d)])
 
 
-def valid_configs(kind, arch, block_d, elem, prec="ieee"):
+def valid_configs(kind, arch, block_d, elem, prec="ieee", varlen=False):
     """The table's tiles that fit `arch`'s shared memory for this head-dim block, element size
     and dot precision (`prec` matters for fp32 only: "ieee" or "tf32").
 
@@ -175,7 +189,7 @@ def valid_configs(kind, arch, block_d, elem, prec="ieee"):
     """
     limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
     d_split = dkdv_d_split(arch, block_d, elem, prec, interpret=False) if kind == "dkdv" else 1
-    out = [c for c in table_tiles(kind, block_d, elem, prec, arch)
+    out = [c for c in table_tiles(kind, block_d, elem, prec, arch, varlen)
            if smem_estimate(kind, c[0], c[1], block_d, elem, c[3], d_split,
                             uses_wgmma(kind, arch, c[0], c[1], elem, prec)) <= limit]
     if not out:
@@ -190,6 +204,7 @@ def all_configs(kind):
     lists += [(k, tiles) for (_, k, _, _), tiles in ARCH_TABLE.items()]
     lists += [(k, tiles) for (k, _), tiles in TF32_TABLE.items()]
     lists += [(k, tiles) for (_, k, _), tiles in ARCH_TF32_TABLE.items()]
+    lists += [(k, tiles) for (_, k, _, _, _), tiles in VARLEN_TABLE.items()]
     for k, tiles in lists:
         for t in tiles:
             if k == kind and t not in seen:
@@ -216,7 +231,7 @@ def make_prune(kind, rows_arg, cols_arg):
         q = nargs["Q"]
         arch = device_arch(q)
         ok = set(valid_configs(kind, arch, kwargs["BLOCK_D"], q.element_size(),
-                               kwargs.get("DOT_PREC", "ieee")))
+                               kwargs.get("DOT_PREC", "ieee"), kwargs.get("VARLEN", False)))
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ok]
         rows = nargs[rows_arg]

@@ -26,6 +26,7 @@ HEAD_DIMS = [(16, True), (32, True), (64, True), (128, True), (256, True),
 _FP32_PTRS = {"Lse", "Delta", "OPart", "LPart", "DMask"}
 _PTRS = {"Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV", "Mask", "KeyLens"}
 _FLOATS = {"sm_scale", "softcap", "dropout_p"}
+_I32_PTRS = {"CuQ", "CuK"}                          # varlen offsets (dummies when dense)
 
 
 def _signature(kernel, dtype, constexprs):
@@ -33,6 +34,8 @@ def _signature(kernel, dtype, constexprs):
     for name in inspect.signature(kernel.fn).parameters:
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in _I32_PTRS:
+            sig[name] = "*i32"
         elif name in _FP32_PTRS:
             sig[name] = "*fp32"
         elif name in _PTRS:                        # dummy Mask/KeyLens share q's type
@@ -46,7 +49,8 @@ def _signature(kernel, dtype, constexprs):
 
 def _flags(block_d, even_d, aligned, causal, prec):
     return dict(BLOCK_D=block_d, EVEN_D=even_d, ALIGNED=aligned, IS_CAUSAL=causal, HAS_WL=False,
-                HAS_WR=False, MASK_KIND=0, HAS_KL=False, HAS_SOFTCAP=False, DOT_PREC=prec)
+                HAS_WR=False, MASK_KIND=0, HAS_KL=False, HAS_SOFTCAP=False, DOT_PREC=prec,
+                VARLEN=False)
 
 
 def _variant(kernel, name, label, sig_dtype, config, constexprs, warps, stages):
@@ -84,6 +88,7 @@ def static_variants(arch):
                 for bm_, bn, w, s in sorted({_decode_tiles(bm, block_d, elem, prec, arch)
                                              for bm in (16, 32, 64)}):
                     consts = dict(flags, BLOCK_M=bm_, BLOCK_N=bn)
+                    del consts["VARLEN"]                # the decode kernel has no packed mode
                     out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
                                         sig_dtype, f"{clabel} BM={bm_} BN={bn}", consts, w, s))
             if even_d and label != "tf32":     # no dots below: one variant per storage dtype
@@ -94,6 +99,34 @@ def static_variants(arch):
                 out.append(_variant(attn_decode_merge_kernel, "attention_decode_merge", label,
                                     sig_dtype, f"d={block_d} BS={MERGE_BLOCK_S}",
                                     dict(BLOCK_S=MERGE_BLOCK_S, BLOCK_D=block_d), 4, 3))
+    return out
+
+
+# Varlen (VARLEN=True, kernels/varlen_attention.py): the same kernels and tiles; the packed mode
+# adds the per-sequence offset loads and the early exit. Listed for the head dims of
+# packed training (64, 128) in every dtype, causal (the dense list above covers the flags'
+# effect on these tiles; the report is slow, so the varlen list stays short).
+VARLEN_HEAD_DIMS = [(64, True), (128, True)]
+
+
+def varlen_static_variants(arch):
+    out = []
+    for label, (sig_dtype, elem, prec) in DTYPES.items():
+        for block_d, even_d in VARLEN_HEAD_DIMS:
+            dlabel = f"d={block_d}" + ("" if even_d else " padded")
+            for causal in (True,):
+                flags = dict(_flags(block_d, even_d, True, causal, prec), VARLEN=True)
+                clabel = dlabel + (" causal" if causal else "")
+                for kind, name, kernel, extra in _KERNELS:
+                    for bm, bn, w, s in cfg.valid_configs(kind, arch, block_d, elem, prec,
+                                                          varlen=True):
+                        consts = dict(flags, **extra, BLOCK_M=bm, BLOCK_N=bn)
+                        tile_label = f"{clabel} BM={bm} BN={bn}"
+                        if kind == "dkdv":
+                            consts["D_SPLIT"] = cfg.dkdv_d_split(arch, block_d, elem, prec,
+                                                                 interpret=False)
+                        out.append(_variant(kernel, "varlen_" + name, label, sig_dtype,
+                                            tile_label, consts, w, s))
     return out
 
 
