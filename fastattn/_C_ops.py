@@ -24,6 +24,7 @@ _KERNEL_OPS = {
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
     "rotary": ("rotary_forward", "rotary_forward_out", "rotary_forward_inplace"),
 }
+_KERNEL_OPS["kvcache_attention"] = ("kvcache_attention_forward",)
 
 
 def _has_op(name):
@@ -67,8 +68,8 @@ def unsupported(op, **case):
     if device not in (None, "cpu", "cuda"):
         return f"no kernels for device {device}"
     if device == "cuda":
-        if op == "attention":
-            return "no CUDA attention kernel in fastattn._C (use the triton backend)"
+        if op in ("attention", "kvcache_attention"):
+            return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
     if (op == "attention" and case.get("dropout_p", 0.0) > 0
@@ -177,6 +178,16 @@ def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out=
     return q_out, k_out
 
 
+# ------------------------------------------------------------------ kvcache attention
+
+def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new, block_table,
+                              cache_batch_idx, scale, causal, window_left, window_right,
+                              softcap):
+    return _ops().kvcache_attention_forward(
+        q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, int(seqlen_new),
+        float(scale), bool(causal), int(window_left), int(window_right), float(softcap))
+
+
 # ------------------------------------------------------------------ fake implementations
 
 def _empty(ref, shape, dtype=None):
@@ -247,6 +258,13 @@ def _fake_attention_dropout_mask(B, H, Sq, Sk, dropout_p, seed, offset):
     return torch.empty((B, H, Sq, Sk), dtype=torch.bool)
 
 
+def _fake_kvcache_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table,
+                                    cache_batch_idx, seqlen_new, scale, causal, window_left,
+                                    window_right, softcap):
+    b, sq, h, d = q.shape
+    return _empty(q, (b, sq, h, d)), _empty(q, (b, h, sq), torch.float32)
+
+
 def _register_fakes():
     for name, fn in {
         "softmax_forward": _fake_softmax_forward,
@@ -261,6 +279,7 @@ def _register_fakes():
         "attention_forward": _fake_attention_forward,
         "attention_backward": _fake_attention_backward,
         "attention_dropout_mask": _fake_attention_dropout_mask,
+        "kvcache_attention_forward": _fake_kvcache_attention_forward,
     }.items():
         if _has_op(name):
             torch.library.register_fake(f"fastattn::{name}", fn)
