@@ -12,8 +12,11 @@ import fastattn
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("sq,s_new", [(1, 0), (1, 1), (3, 3), (4, 0), (2, 5)])
+RAGGED = ([(dt, 1, 1) for dt in DTYPES] + [(dt, 3, 3) for dt in DTYPES]
+          + [(torch.float32, 1, 0), (torch.float32, 4, 0), (torch.float32, 2, 5)])
+
+
+@pytest.mark.parametrize("dtype,sq,s_new", RAGGED)
 def test_ragged_decode(backend, dtype, sq, s_new):
     # lengths 0 and 1 included; Sq > L_b rows near the front are empty (bottom-right causal)
     check(make_case(B=4, Sq=sq, H=6, Hkv=2, D=40, lens=(0, 1, 13, 37), s_new=s_new,
@@ -21,17 +24,17 @@ def test_ragged_decode(backend, dtype, sq, s_new):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hkv", [1, 4])
 @pytest.mark.parametrize("mode", ["noncausal", "window", "softcap", "scale"])
-def test_modes_gqa_mqa(backend, dtype, hkv, mode):
+def test_modes_gqa_mqa(backend, dtype, mode):
+    hkv = 1 if mode in ("noncausal", "softcap") else 4           # MQA / GQA (group 2)
     kw = dict(noncausal=dict(causal=False), window=dict(window=(5, 0)),
               softcap=dict(softcap=3.0, logit_scale=4.0), scale=dict(scale=0.3))[mode]
     check(make_case(B=3, Sq=2, H=8, Hkv=hkv, D=64, lens=(3, 20, 0), s_new=2, dtype=dtype,
                     seed=hkv, **kw), backend_device(backend))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size", [1, 3, 16])
+@pytest.mark.parametrize("dtype,block_size", [(dt, 3) for dt in DTYPES]
+                         + [(torch.float32, 1), (torch.float32, 16)])
 def test_paged_shuffled(backend, dtype, block_size):
     check(make_case(B=3, Sq=2, H=4, Hkv=2, D=32, lens=(0, 11, 29), s_new=2, s_max=40,
                     block_size=block_size, dtype=dtype, seed=block_size),
@@ -44,11 +47,14 @@ def test_cache_batch_idx(backend, dtype):
                     cache_batch=5, dtype=dtype), backend_device(backend))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+ROTARY_MODES = [(True, None, False), (False, None, True), (False, (4, 2), False)]
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("causal,window,paged", [(True, None, False), (False, None, True),
-                                                  (False, (4, 2), False)])
-def test_append_rotary(backend, dtype, interleaved, causal, window, paged):
+@pytest.mark.parametrize("mode", range(len(ROTARY_MODES)))
+def test_append_rotary(backend, interleaved, mode):
+    causal, window, paged = ROTARY_MODES[mode]
+    dtype = DTYPES[(mode + interleaved) % 3]                     # each dtype twice
     # non-causal without window: flash-attn rotates every query at cache_seqlens[b]
     check(make_case(B=2, Sq=3, H=4, Hkv=2, D=48, lens=(0, 9), s_new=3, s_max=20,
                     rotary=32, interleaved=interleaved, causal=causal, window=window,
@@ -145,7 +151,7 @@ def _call(args):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(cache_seqlens=torch.tensor([2, 7], dtype=torch.int32)), "cache_seqlens"),
+    (dict(cache_seqlens=torch.tensor([2, 8], dtype=torch.int32)), "cache_seqlens"),
     (dict(cache_seqlens=torch.tensor([-1, 2], dtype=torch.int32)), "cache_seqlens"),
     (dict(cache_seqlens=torch.tensor([2, 5])), "cache_seqlens"),          # int64
     (dict(cache_seqlens=torch.tensor([2], dtype=torch.int32)), "cache_seqlens"),
@@ -189,12 +195,11 @@ def test_bad_block_table_and_paged_capacity():
 
 
 def test_requires_grad_is_refused():
-    args = _base()
-    args["q"] = args["q"].clone().requires_grad_()
+    q = _base()["q"].clone().requires_grad_()
     with pytest.raises(RuntimeError, match="inference only"):
-        _call(args)
+        _call(_base(q=q))
     with torch.no_grad():
-        _call(_base(q=args["q"]))
+        _call(_base(q=q))
 
 
 def test_cpu_entry_checks_bounds():
@@ -206,7 +211,7 @@ def test_cpu_entry_checks_bounds():
     lens = torch.tensor([3, 2], dtype=torch.int32)
     good_bt = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     ops.kvcache_attention_forward(q, kc, kc, lens, good_bt, None, 1, 1.0, True, -1, -1, 0.0)
-    for bt, n, match in ((torch.tensor([[0, 5], [2, 3]], dtype=torch.int32), 1, "block_table"),
+    for bt, n, match in ((torch.tensor([[0, 5], [2, 3]], dtype=torch.int32), 2, "block_table"),
                          (good_bt, 6, "cache_seqlens"),
                          (good_bt.long(), 1, "int32")):
         with pytest.raises(RuntimeError, match=match):
