@@ -1,14 +1,16 @@
 // CPU KV-cache attention (decoding): few query rows against a long, possibly paged cache.
 //
-// Work is split over (batch, kv head, block of packed query rows, cache split). The rows of a
-// task are the (query head of the GQA group, query index) pairs sharing one kv head, so every
-// K/V row is read once per group, not once per query head. A long cache is cut into splits
-// (split-K) so one-token decode with few batch x kv-head pairs still fills every core; each
-// split keeps an unnormalised (acc, max, sum) and the splits are merged with the log-sum-exp
-// rule. The cache is the data that matters (4096 x 8 heads x 128 x 4 B x 2 = 32 MiB per batch
-// row at fp32): it is streamed once, with software prefetch one tile ahead, because the rows of
-// one kv head are Hkv * D elements apart (4 KiB at Hkv 8, D 128 fp32), a stride that crosses
-// a page every row and defeats the hardware prefetcher.
+// Work is split over (batch, block of packed query rows, cache split). Rows are packed as
+// h * Sq + i, so the rows of one kv head (its GQA group's query heads x query positions) are
+// contiguous: each K/V row is loaded once and used by the whole group (register-blocked 4 rows
+// at a time), not once per query head. A row block holds up to 64 rows, i.e. every kv head at
+// one-token decode: the cache is then walked position by position, all heads of a position
+// together. Those are adjacent in memory ((.., S, Hkv, D) layout), so the cache is read as one
+// forward stream, with software prefetch one tile ahead; walking one kv head at a time reads
+// rows Hkv * D elements apart (4 KiB at Hkv 8, D 128 fp32), a page per row, and measured
+// several times slower. A long cache is cut into splits (split-K) so one-token decode with few
+// batch rows still fills every core; each split keeps an unnormalised (acc, max, sum) and the
+// splits are merged with the log-sum-exp rule. fp32 accumulation for every cache dtype.
 #include "cpu/attention_tile.h"  // must come first: picks the at::vec width
 
 #include "cpu/kvcache_attention.h"
@@ -26,7 +28,7 @@ namespace {
 using tile::Vec;
 using tile::kNegInf;
 constexpr int64_t kV = Vec::size();
-constexpr int64_t kTile = 32;       // keys per online-softmax step (K and V tiles stay in L1/L2)
+constexpr int64_t kTile = 16;       // cache positions per online-softmax step (tile in L2)
 constexpr int64_t kRowBlock = 4;    // query rows sharing each loaded K/V vector (registers)
 constexpr int64_t kTaskRows = 64;   // packed query rows per task
 constexpr int64_t kMinSplitKeys = 256;
@@ -71,27 +73,23 @@ inline void row_f32(const T* src, int64_t D, int64_t Dp, float* dst) {
 template <typename T>
 inline void prefetch_row(const T* row, int64_t bytes) {
   const char* c = reinterpret_cast<const char*>(row);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);  // into L2
 }
 
 inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 
-// s[x * kTile + j] = q_x . k_j for NR rows of q (ld Dp) and nk key rows (each Dp fp32).
+// s[x * kTile] = q_x . k for NR rows of q (ld Dp) and one key row k (Dp fp32).
 template <int NR>
-inline void dot_rows(const float* q, int64_t Dp, const float* const* krows, int64_t nk,
-                     float* s) {
-  for (int64_t j = 0; j < nk; ++j) {
-    const float* kr = krows[j];
-    Vec a[NR];
-    for (int x = 0; x < NR; ++x) a[x] = Vec(0.f);
-    for (int64_t c = 0; c < Dp; c += kV) {
-      const Vec kv = Vec::loadu(kr + c);
-      for (int x = 0; x < NR; ++x) a[x] = at::vec::fmadd(Vec::loadu(q + x * Dp + c), kv, a[x]);
-    }
-    for (int x = 0; x < NR; ++x) s[x * kTile + j] = hsum(a[x]);
+inline void dot_key(const float* q, int64_t Dp, const float* kr, float* s) {
+  Vec a[NR];
+  for (int x = 0; x < NR; ++x) a[x] = Vec(0.f);
+  for (int64_t c = 0; c < Dp; c += kV) {
+    const Vec kv = Vec::loadu(kr + c);
+    for (int x = 0; x < NR; ++x) a[x] = at::vec::fmadd(Vec::loadu(q + x * Dp + c), kv, a[x]);
   }
+  for (int x = 0; x < NR; ++x) s[x * kTile] = hsum(a[x]);
 }
 
 // acc_x[0:Dp) += sum_j p[x * kTile + j] v_j for NR rows (acc ld Dp).
@@ -134,10 +132,10 @@ struct Partial {
 };
 
 template <typename T>
-void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t hk, int64_t rb,
-              int64_t split, float* qf, float* sbuf, float* kbuf, float* vbuf,
-              const Partial& part) {
-  const int64_t Dp = plan.Dp, D = p.D, Sq = p.Sq;
+void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, int64_t split,
+              float* qf, float* sbuf, float* kbuf, float* vbuf, const float** kptr,
+              const float** vptr, const Partial& part) {
+  const int64_t Dp = plan.Dp, D = p.D, Sq = p.Sq, head_rows = plan.group * Sq;
   const int64_t r0 = rb * kTaskRows, nr = std::min(kTaskRows, plan.rows - r0);
   const int64_t len = batch_len(p, b);
   std::fill(part.acc, part.acc + nr * Dp, 0.f);
@@ -157,51 +155,68 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t hk, i
   hi = std::min(hi, lo + chunk);
   if (hi <= lo) return;
 
+  // kv heads [hk0, hk1) own rows [r0, r0 + nr): head hk's rows are
+  // [hk * head_rows, (hk + 1) * head_rows) clipped to the block.
+  const int64_t hk0 = r0 / head_rows, hk1 = (r0 + nr - 1) / head_rows + 1;
   const T* q = static_cast<const T*>(p.q);
   const T* kc = static_cast<const T*>(p.k);
   const T* vc = static_cast<const T*>(p.v);
   for (int64_t r = 0; r < nr; ++r) {
-    const int64_t g = (r0 + r) / Sq, i = (r0 + r) % Sq, h = hk * plan.group + g;
+    const int64_t h = (r0 + r) / Sq, i = (r0 + r) % Sq;
     row_f32(q + b * p.q_sb + i * p.q_ss + h * p.q_sh, D, Dp, qf + r * Dp);
   }
   Span spans[kTaskRows];
   for (int64_t r = 0; r < nr; ++r) spans[r] = visible(p, len, (r0 + r) % Sq);
 
   // fp32 rows with a whole number of vectors are read in place, others converted per tile.
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  const bool in_place = kFloat && D == Dp;
+  const bool in_place = std::is_same_v<T, float> && D == Dp;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  const float* krows[kTile];
-  const float* vrows[kTile];
-  auto k_row = [&](const Slot& s) { return kc + s.page * p.k_sp + s.row * p.k_sr + hk * p.k_sh; };
-  auto v_row = [&](const Slot& s) { return vc + s.page * p.v_sp + s.row * p.v_sr + hk * p.v_sh; };
+  auto k_row = [&](const Slot& s, int64_t hk) {
+    return kc + s.page * p.k_sp + s.row * p.k_sr + hk * p.k_sh;
+  };
+  auto v_row = [&](const Slot& s, int64_t hk) {
+    return vc + s.page * p.v_sp + s.row * p.v_sr + hk * p.v_sh;
+  };
+  // Rows [a, e) of the block that belong to kv head hk (block-relative).
+  auto rows_of = [&](int64_t hk, int64_t& a, int64_t& e) {
+    a = std::max(hk * head_rows, r0) - r0;
+    e = std::min((hk + 1) * head_rows, r0 + nr) - r0;
+  };
 
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t nk = std::min(kTile, hi - j0);
-    const int64_t next = std::min(kTile, hi - j0 - nk);  // keys of the next tile
+    // S = Q K^T, position-major: the heads of one cache position are adjacent in memory,
+    // so the cache is read as one forward stream.
     for (int64_t j = 0; j < nk; ++j) {
       const Slot s = slot_of(p, b, j0 + j);
-      const T* kr = k_row(s);
-      const T* vr = v_row(s);
-      if (j < next) {  // the next tile's rows, one tile ahead
-        const Slot sn = slot_of(p, b, j0 + nk + j);
-        prefetch_row(k_row(sn), row_bytes);
-        prefetch_row(v_row(sn), row_bytes);
+      if (j0 + j + kTile < hi) {  // one tile ahead, into L2
+        const Slot sn = slot_of(p, b, j0 + j + kTile);
+        for (int64_t hk = hk0; hk < hk1; ++hk) {
+          prefetch_row(k_row(sn, hk), row_bytes);
+          prefetch_row(v_row(sn, hk), row_bytes);
+        }
       }
-      if (in_place) {
-        krows[j] = reinterpret_cast<const float*>(kr);
-        vrows[j] = reinterpret_cast<const float*>(vr);
-      } else {
-        row_f32(kr, D, Dp, kbuf + j * Dp);
-        row_f32(vr, D, Dp, vbuf + j * Dp);
-        krows[j] = kbuf + j * Dp;
-        vrows[j] = vbuf + j * Dp;
+      for (int64_t hk = hk0; hk < hk1; ++hk) {
+        const int64_t slot_ix = (hk - hk0) * kTile + j;
+        const T* kr = k_row(s, hk);
+        const T* vr = v_row(s, hk);
+        if (in_place) {
+          kptr[slot_ix] = reinterpret_cast<const float*>(kr);
+          vptr[slot_ix] = reinterpret_cast<const float*>(vr);
+        } else {
+          row_f32(kr, D, Dp, kbuf + slot_ix * Dp);
+          row_f32(vr, D, Dp, vbuf + slot_ix * Dp);
+          kptr[slot_ix] = kbuf + slot_ix * Dp;
+          vptr[slot_ix] = vbuf + slot_ix * Dp;
+        }
+        int64_t a, e;
+        rows_of(hk, a, e);
+        by_row_blocks(e - a, [&](int64_t r, auto nrb) {
+          dot_key<decltype(nrb)::value>(qf + (a + r) * Dp, Dp, kptr[slot_ix],
+                                        sbuf + (a + r) * kTile + j);
+        });
       }
     }
-    // S = Q K^T for the tile (nr, nk), raw dot products.
-    by_row_blocks(nr, [&](int64_t r, auto nrb) {
-      dot_rows<decltype(nrb)::value>(qf + r * Dp, Dp, krows, nk, sbuf + r * kTile);
-    });
     // Online softmax per row; P overwrites S.
     for (int64_t r = 0; r < nr; ++r) {
       float* s = sbuf + r * kTile;
@@ -233,18 +248,24 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t hk, i
       part.l[r] += sum;
       part.m[r] = m_new;
     }
-    // acc += P V (nr, Dp).
-    by_row_blocks(nr, [&](int64_t r, auto nrb) {
-      accumulate_rows<decltype(nrb)::value>(sbuf + r * kTile, vrows, nk, part.acc + r * Dp, Dp);
-    });
+    // acc += P V per kv head (the tile's V rows are in cache by now).
+    for (int64_t hk = hk0; hk < hk1; ++hk) {
+      int64_t a, e;
+      rows_of(hk, a, e);
+      const float* const* vrows = vptr + (hk - hk0) * kTile;
+      by_row_blocks(e - a, [&](int64_t r, auto nrb) {
+        accumulate_rows<decltype(nrb)::value>(sbuf + (a + r) * kTile, vrows, nk,
+                                              part.acc + (a + r) * Dp, Dp);
+      });
+    }
   }
 }
 
-// out / lse of packed row r of (b, hk) from merged (acc, m, l).
+// out / lse of packed row r = h * Sq + i of batch b from merged (acc, m, l).
 template <typename T>
-inline void store_result(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t hk,
-                         int64_t r, const float* acc, float m, float l) {
-  const int64_t g = r / p.Sq, i = r % p.Sq, h = hk * plan.group + g;
+inline void store_result(const KVCacheParams& p, int64_t b, int64_t r, const float* acc,
+                         float m, float l) {
+  const int64_t h = r / p.Sq, i = r % p.Sq;
   const bool empty = !(l > 0.f);
   T* out = static_cast<T*>(p.out) + b * p.o_sb + i * p.o_ss + h * p.o_sh;
   tile::store_row(acc, empty ? 0.f : 1.f / l, out, p.D);
@@ -255,17 +276,21 @@ template <typename T>
 void forward_impl(const KVCacheParams& p) {
   Plan plan;
   plan.group = p.H / p.Hkv;
-  plan.rows = plan.group * p.Sq;
+  plan.rows = p.H * p.Sq;  // packed rows h * Sq + i: a kv head's group is contiguous
   plan.row_blocks = (plan.rows + kTaskRows - 1) / kTaskRows;
   plan.Dp = round_up(p.D, kV);
   // Split the cache so that there are >= 4 tasks per thread, each of >= kMinSplitKeys keys.
   int64_t max_len = 0;
   for (int64_t b = 0; b < p.B; ++b) max_len = std::max(max_len, batch_len(p, b));
-  const int64_t base_tasks = p.B * p.Hkv * plan.row_blocks;
+  const int64_t base_tasks = p.B * plan.row_blocks;
   const int64_t want = (4 * at::get_num_threads() + base_tasks - 1) / base_tasks;
   plan.splits = std::max<int64_t>(1, std::min(want, max_len / kMinSplitKeys));
   const int64_t n_tasks = base_tasks * plan.splits;
   const int64_t Dp = plan.Dp;
+  // kv heads one row block can touch (a head's rows may straddle two blocks)
+  const int64_t max_heads = std::min(p.Hkv, kTaskRows) + 1;
+  const bool convert = !std::is_same_v<T, float> || p.D != Dp;
+  const int64_t conv = convert ? max_heads * kTile * Dp : 0;
 
   // Per-task partial results when split (merged below); unsplit tasks store directly.
   const bool split = plan.splits > 1;
@@ -274,41 +299,42 @@ void forward_impl(const KVCacheParams& p) {
 
   tile::parallel_tasks(n_tasks, 1, [&] {
     return [&, scratch = std::vector<float>(kTaskRows * Dp * 2 + kTaskRows * kTile +
-                                            2 * kTile * Dp + 2 * kTaskRows)](
+                                            2 * conv + 2 * kTaskRows),
+            ptrs = std::vector<const float*>(2 * max_heads * kTile)](
                int64_t begin, int64_t end) mutable {
       float* qf = scratch.data();                 // (rows, Dp) fp32 q
       float* own_acc = qf + kTaskRows * Dp;       // (rows, Dp) when not split
       float* sbuf = own_acc + kTaskRows * Dp;     // (rows, kTile) scores / probabilities
-      float* kbuf = sbuf + kTaskRows * kTile;     // (kTile, Dp) converted K
-      float* vbuf = kbuf + kTile * Dp;            // (kTile, Dp) converted V
-      float* own_ml = vbuf + kTile * Dp;          // m, l (rows each)
+      float* kbuf = sbuf + kTaskRows * kTile;     // (heads, kTile, Dp) converted K
+      float* vbuf = kbuf + conv;                  // (heads, kTile, Dp) converted V
+      float* own_ml = vbuf + conv;                // m, l (rows each)
+      const float** kptr = ptrs.data();           // (heads, kTile) K / V row pointers
+      const float** vptr = kptr + max_heads * kTile;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t s = t % plan.splits, rbh = t / plan.splits;
-        const int64_t rb = rbh % plan.row_blocks, bh = rbh / plan.row_blocks;
-        const int64_t hk = bh % p.Hkv, b = bh / p.Hkv;
+        const int64_t rb = rbh % plan.row_blocks, b = rbh / plan.row_blocks;
         Partial part{own_acc, own_ml, own_ml + kTaskRows};
         if (split) {
           float* base = parts.data() + t * kTaskRows * (Dp + 2);
           part = {base, base + kTaskRows * Dp, base + kTaskRows * Dp + kTaskRows};
         }
-        run_task<T>(p, plan, b, hk, rb, s, qf, sbuf, kbuf, vbuf, part);
+        run_task<T>(p, plan, b, rb, s, qf, sbuf, kbuf, vbuf, kptr, vptr, part);
         if (!split) {
           const int64_t r0 = rb * kTaskRows, nr = std::min(kTaskRows, plan.rows - r0);
           for (int64_t r = 0; r < nr; ++r)
-            store_result<T>(p, plan, b, hk, r0 + r, part.acc + r * Dp, part.m[r], part.l[r]);
+            store_result<T>(p, b, r0 + r, part.acc + r * Dp, part.m[r], part.l[r]);
         }
       }
     };
   });
   if (!split) return;
 
-  // Merge the splits of each (b, hk, row block): weights exp(m_s - max).
+  // Merge the splits of each (b, row block): weights exp(m_s - max).
   const int64_t n_groups = base_tasks;
   at::parallel_for(0, n_groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(Dp);
     for (int64_t gi = begin; gi < end; ++gi) {
-      const int64_t rb = gi % plan.row_blocks, bh = gi / plan.row_blocks;
-      const int64_t hk = bh % p.Hkv, b = bh / p.Hkv;
+      const int64_t rb = gi % plan.row_blocks, b = gi / plan.row_blocks;
       const int64_t r0 = rb * kTaskRows, nr = std::min(kTaskRows, plan.rows - r0);
       auto part_of = [&](int64_t s) { return parts.data() + (gi * plan.splits + s) * kTaskRows * (Dp + 2); };
       for (int64_t r = 0; r < nr; ++r) {
@@ -330,7 +356,7 @@ void forward_impl(const KVCacheParams& p) {
                   .store(acc.data() + c);
           }
         }
-        store_result<T>(p, plan, b, hk, r0 + r, acc.data(), m, l);
+        store_result<T>(p, b, r0 + r, acc.data(), m, l);
       }
     }
   });
