@@ -31,9 +31,9 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
     cache_batch_idx: int32 (B,): batch b uses cache row cache_batch_idx[b] of a contiguous cache
       (default: row b). Not with block_table.
     rotary_cos, rotary_sin: (S_rot, R / 2) tables (fastattn.rotary_cache), R <= D; need k/v.
-      The new keys are rotated at positions cache_seqlens[b] + t. q is rotated at the same
-      positions when is_causal or window is set; otherwise every query of batch b is rotated
-      at position cache_seqlens[b] (flash-attn 2's rule). rotary_interleaved: GPT-J pairs
+      New key t is rotated at position cache_seqlens[b] + t. Query t is rotated at
+      cache_seqlens[b] + t too when is_causal or window is set; otherwise every query of batch
+      b is rotated at position cache_seqlens[b] (flash-attn 2's rules, also when Sq != Sq_new). rotary_interleaved: GPT-J pairs
       (2i, 2i+1) instead of NeoX halves (i, i + R/2).
     scale: logit scale, default 1 / sqrt(D).
     is_causal, window: bottom-right aligned over the filled cache: query i of batch b sits at
@@ -137,8 +137,10 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     if not torch.compiler.is_compiling():
+        local = is_causal or window_left >= 0 or window_right >= 0
+        rotated = max(seqlen_new, Sq if local else 1)      # positions past cache_seqlens[b]
         _check_data(cache_seqlens, seqlen_new, capacity, block_table, k_cache.shape,
-                    cache_batch_idx, rotary_cos)
+                    cache_batch_idx, rotary_cos, rotated)
 
     backend = _backend.select(
         "kvcache_attention", q.device.type, dtype=q.dtype, head_dim=D, paged=paged,
@@ -151,7 +153,7 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
 
 
 def _check_data(cache_seqlens, seqlen_new, capacity, block_table, cache_shape, cache_batch_idx,
-                rotary_cos):
+                rotary_cos, rotated):
     """Bounds of the index tensors' values: one host sync for all of them."""
     if cache_seqlens.numel() == 0:
         return
@@ -186,6 +188,6 @@ def _check_data(cache_seqlens, seqlen_new, capacity, block_table, cache_shape, c
         if clo < 0 or chi >= cache_shape[0]:
             raise ValueError(f"cache_batch_idx entries must lie in [0, {cache_shape[0]}) "
                              f"(k_cache's batch), got values in [{clo}, {chi}]")
-    if rotary_cos is not None and hi + seqlen_new > rotary_cos.shape[0]:
+    if rotary_cos is not None and hi + rotated > rotary_cos.shape[0]:
         raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions but positions up to "
-                         f"{hi + seqlen_new - 1} are rotated (cache_seqlens + Sq_new)")
+                         f"{hi + rotated - 1} are rotated (cache_seqlens + max(Sq_new, Sq))")

@@ -152,6 +152,16 @@ def _workspace(device, shape_o, shape_l):
     return buf
 
 
+def kv_tiles(group, Sq, D, elem, prec, arch, paged):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): the dense decode tiles, except that a paged
+    cache keeps at most 2 stages (its per-row page addresses cost the registers a third stage
+    needs: fp16 d=128 BM=64 BN=64 s=3 spilled on sm_80)."""
+    bm, bn, warps, stages = decode_tiles(group, Sq, D, elem, prec=prec, arch=arch)
+    if paged and arch is not None:
+        stages = min(stages, 2)
+    return bm, bn, warps, stages
+
+
 def _num_splits(programs, n_blocks, device):
     if cfg.interpreting():
         return min(4, n_blocks)
@@ -180,7 +190,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
     group = H // Hkv
     prec = _dot_precision(q.dtype)
     arch = None if cfg.interpreting() else cfg.device_arch(q)
-    bm, bn, warps, stages = decode_tiles(group, Sq, D, q.element_size(), prec=prec, arch=arch)
+    bm, bn, warps, stages = kv_tiles(group, Sq, D, q.element_size(), prec, arch, paged)
     block_d = cfg.block_d_of(D)
     aligned = (D * q.element_size()) % 16 == 0 and all(
         _rows_aligned(t) for t in (q, k_cache, v_cache))
@@ -273,18 +283,19 @@ def static_variants(arch):
     decode path's and is reported there)."""
     out = []
     for label, (sig_dtype, elem, prec) in _SIG_DTYPES.items():
-        for block_d in (64, 128, 256):
-            tiles = sorted({decode_tiles(rows, 1, block_d, elem, interpret=False, prec=prec,
-                                         arch=arch) for rows in (16, 32, 64)})
-            for bm, bn, w, s in tiles:
-                for paged in (False, True):
-                    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=True,
+        for block_d, even_d in ((64, True), (128, True), (256, True), (128, False)):
+            for paged in (False, True):
+                tiles = sorted({kv_tiles(rows, 1, block_d, elem, prec, arch, paged)
+                                for rows in (16, 32, 64)})
+                for bm, bn, w, s in tiles:
+                    consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, EVEN_D=even_d,
                                   ALIGNED=True, PAGED=paged, HAS_BATCH_IDX=not paged,
                                   IS_CAUSAL=True, HAS_WL=False, HAS_WR=False,
                                   HAS_SOFTCAP=False, DOT_PREC=prec)
                     out.append(StaticVariant(
                         kernel=kvcache_split_kernel, name="kvcache_split",
-                        config=f"{label} d={block_d} {'paged' if paged else 'contiguous'} "
+                        config=f"{label} d={block_d}{'' if even_d else ' padded'} "
+                               f"{'paged' if paged else 'contiguous'} "
                                f"BM={bm} BN={bn} w={w} s={s}",
                         signature=_signature(sig_dtype, consts), constexprs=consts,
                         num_warps=w, num_stages=s))

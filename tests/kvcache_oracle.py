@@ -55,7 +55,10 @@ def oracle(c, dtype):
             if c.rotary:
                 k = rotate(k, c.cos, c.sin, pos, c.interleaved)
                 local = c.causal or c.window is not None
-                qpos = pos if local else torch.full((Sq,), sl[b], dtype=torch.long)
+                # flash-attn 2: query t at cache_seqlens[b] + t (whatever Sq_new is), or every
+                # query at cache_seqlens[b] when neither causal nor local
+                qpos = (torch.arange(sl[b], sl[b] + Sq) if local
+                        else torch.full((Sq,), sl[b], dtype=torch.long))
                 q = rotate(q, c.cos, c.sin, qpos, c.interleaved)
             for t in range(s_new):
                 page, row = slot(b, sl[b] + t, c.block_table, c.cache_batch_idx, bs)
