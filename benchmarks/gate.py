@@ -48,6 +48,7 @@ GATE_CASES = (
     "rotary/B=4,H=8,S=2048,D=64/fp32/fwd+bwd/cpu",
     "mha/causal/B=4,L=512,E=512,H=8/fp32/fwd+bwd/cpu",
 )
+GATE_CASES += ("kvcache/decode/B=4,H=32,Hkv=8,S=4096,D=128/fp32/fwd/cpu",)
 
 
 def gate_cases():

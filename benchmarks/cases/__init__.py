@@ -1,8 +1,9 @@
 """The benchmark cases of every op, for the pytest microbenchmarks, the CLI and the gate."""
 
-from . import attention, mha, norms, rotary, softmax
+from . import attention, kvcache, mha, norms, rotary, softmax
 
 OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha")
+OPS += ("kvcache",)
 
 
 def default_backends(device_type):
