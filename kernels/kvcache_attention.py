@@ -20,7 +20,8 @@ No host synchronisation: lengths are read by the kernel (cache_seqlens[b] + seql
 and split count come from shapes only. Workspace: the fp32 partials (B*H, splits, Sq, BLOCK_D)
 and (B*H, splits, Sq) are cached per (device, stream, shape) and reused by later calls, so a
 steady decode loop allocates only its outputs (capture-safe under CUDA graphs; calls on one
-stream are ordered, so reuse is safe). The kernel clamps every index it follows (lengths to the
+stream are ordered, so reuse is safe; run one eager call of each shape before capturing, so the
+buffers come from the ordinary pool rather than the graph's). The kernel clamps every index it follows (lengths to the
 cache capacity, pages and batch rows to the cache) so even unchecked input cannot make it read
 out of bounds.
 """
