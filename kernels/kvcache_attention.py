@@ -160,6 +160,8 @@ def kv_tiles(group, Sq, D, elem, prec, arch, paged):
     bm, bn, warps, stages = decode_tiles(group, Sq, D, elem, prec=prec, arch=arch)
     if paged and arch is not None:
         stages = min(stages, 2)
+        if arch < 90 and elem == 2 and bm == 64 and bn == 64:
+            bn = 32     # 16-bit d=128 BM=64 BN=64 spilled on sm_80 with 2 stages too
     return bm, bn, warps, stages
 
 
