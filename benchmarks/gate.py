@@ -50,6 +50,7 @@ GATE_CASES = (
     # packed training step vs the padded fastattn call on the same tokens (cases/varlen.py)
     "varlen/causal vs-padded/B=16,H=8,D=64,T=8588,S=855/fp32/fwd+bwd/cpu",
 )
+GATE_CASES += ("kvcache/decode/B=4,H=32,Hkv=8,S=4096,D=128/fp32/fwd/cpu",)
 
 
 def gate_cases():

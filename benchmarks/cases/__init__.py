@@ -1,8 +1,8 @@
 """The benchmark cases of every op, for the pytest microbenchmarks, the CLI and the gate."""
 
-from . import attention, mha, norms, rotary, softmax, varlen
+from . import attention, kvcache, mha, norms, rotary, softmax, varlen
 
-OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha", "varlen")
+OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha", "varlen", "kvcache")
 
 
 def default_backends(device_type):
