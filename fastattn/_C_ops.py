@@ -23,6 +23,7 @@ _KERNEL_OPS = {
     "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
     "rotary": ("rotary_forward", "rotary_forward_out", "rotary_forward_inplace"),
+    "merge_attention_states": ("merge_attention_states_forward",),
 }
 
 
@@ -67,8 +68,8 @@ def unsupported(op, **case):
     if device not in (None, "cpu", "cuda"):
         return f"no kernels for device {device}"
     if device == "cuda":
-        if op == "attention":
-            return "no CUDA attention kernel in fastattn._C (use the triton backend)"
+        if op in ("attention", "merge_attention_states"):
+            return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
     if (op == "attention" and case.get("dropout_p", 0.0) > 0
@@ -113,6 +114,12 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
         mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
         bool(mask_needs_grad), *_dropout_args(dropout_p, seed, offset))
     return dq, dk, dv, (dmask if mask_needs_grad else None)
+
+
+# ------------------------------------------------------------------ merge_attention_states
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    return _ops().merge_attention_states_forward(out_a, lse_a, out_b, lse_b)
 
 
 # ------------------------------------------------------------------ softmax
@@ -243,6 +250,10 @@ def _fake_attention_backward(dout, q, k, v, out, lse, mask, scale, causal, botto
             dmask)
 
 
+def _fake_merge_attention_states(out_a, lse_a, out_b, lse_b):
+    return _empty(out_a, out_a.shape), _empty(out_a, lse_a.shape, torch.float32)
+
+
 def _fake_attention_dropout_mask(B, H, Sq, Sk, dropout_p, seed, offset):
     return torch.empty((B, H, Sq, Sk), dtype=torch.bool)
 
@@ -261,6 +272,7 @@ def _register_fakes():
         "attention_forward": _fake_attention_forward,
         "attention_backward": _fake_attention_backward,
         "attention_dropout_mask": _fake_attention_dropout_mask,
+        "merge_attention_states_forward": _fake_merge_attention_states,
     }.items():
         if _has_op(name):
             torch.library.register_fake(f"fastattn::{name}", fn)

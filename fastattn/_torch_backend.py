@@ -88,6 +88,13 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
 
 
+# ------------------------------------------------------------------ merge_attention_states
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    out, lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    return out.contiguous(), lse.contiguous()
+
+
 # ------------------------------------------------------------------ softmax
 
 def softmax_forward(x, *, scale, mask, causal):

@@ -86,7 +86,8 @@ def ring_forward(q, k, v, spec: RingSpec):
     against the keys of all ranks."""
     b, h, s, _ = q.shape
     ring = _Ring(spec)
-    out = torch.zeros(b, h, s, v.shape[-1], dtype=torch.float32, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)   # fp32 accumulators (fp64 stays)
+    out = torch.zeros(b, h, s, v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)
     k_cur, v_cur = k.contiguous(), v.contiguous()
     for step in range(spec.world_size):
@@ -99,7 +100,7 @@ def ring_forward(q, k, v, spec: RingSpec):
             o_blk, l_blk = attention_forward_with_lse(q[:, :, qs], k_cur[:, :, ks],
                                                       v_cur[:, :, ks], **_block_args(spec, call))
             o_new, l_new = merge_attention_states(out[:, :, qs], lse[:, :, qs],
-                                                  o_blk.float(), l_blk)
+                                                  o_blk.to(acc), l_blk)
             out[:, :, qs] = o_new
             lse[:, :, qs] = l_new
         ring.wait(reqs)
@@ -113,7 +114,8 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec):
     s = q.shape[2]
     ring = _Ring(spec)
     dout = dout.contiguous()
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     k_cur, v_cur = k.contiguous(), v.contiguous()
     dk_carried = dv_carried = None  # fp32 dK/dV so far of the K/V shard held at the last step
     for step in range(spec.world_size):
@@ -125,8 +127,8 @@ def ring_backward(dout, q, k, v, out, lse, spec: RingSpec):
             k_next, v_next = torch.empty_like(k_cur), torch.empty_like(v_cur)
             pairs += [(k_cur, k_next, _KV_TAG), (v_cur, v_next, _KV_TAG)]
         reqs = ring.exchange(pairs)
-        dk_own = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv_own = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        dk_own = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv_own = torch.zeros(v.shape, dtype=acc, device=v.device)
         for call in spec.calls(step, s):
             qs, ks = slice(call.q_start, call.q_end), slice(call.k_start, call.k_end)
             dq_b, dk_b, dv_b = attention_backward_with_lse(
