@@ -16,6 +16,7 @@ Not a timed test and not part of the regression gate (it needs 2 free cores).
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -65,7 +66,7 @@ def ring_worker(rank, world_size, shape, causal, layout, steps):
     local = [fd.shard_sequence(t, 2, rank, world_size, layout) for t in (q, k, v, dout)]
     spec = ring_mod.RingSpec(None, rank, world_size, layout, causal, shape[3] ** -0.5,
                              (-1, -1), 0.0)
-    times = {"ring": [], "compute_only": [], "comm_alone": []}
+    times = {"ring": [], "compute_only": [], "comm_alone": [], "compute_only_cpu": []}
     for rep in range(steps + 1):                                      # first round: warm-up
         for mode in ("compute_only", "ring", "comm_alone"):
             dist.barrier()
@@ -73,11 +74,13 @@ def ring_worker(rank, world_size, shape, causal, layout, steps):
                 t = _comm_alone(spec, local[1], local[2])
             else:
                 leaves = [t.clone().requires_grad_() for t in local[:3]]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fd.context_parallel_attention(*leaves, is_causal=causal, layout=layout,
                                                     _compute_only=mode == "compute_only")
                 out.backward(local[3])
                 t = time.perf_counter() - t0
+                if rep and mode == "compute_only":   # CPU seconds: robust to a busy machine
+                    times["compute_only_cpu"].append(time.process_time() - c0)
             if rep:
                 times[mode].append(t)
     return {m: statistics.median(ts) for m, ts in times.items()}
@@ -96,6 +99,7 @@ def main():
     causal = not args.no_causal
     shape = (1, args.heads, args.seq_len, args.dim)
 
+    load_before = os.getloadavg()[0]
     ranks = fd.run_local(ring_worker, 2, shape, causal, args.layout, args.steps,
                          timeout_s=1800, pg_timeout_s=600, threads=1)
     t1 = single_process(shape, causal, args.steps, threads=1)
@@ -104,6 +108,7 @@ def main():
     compute_t = max(r["compute_only"] for r in ranks)
     comm_t = max(r["comm_alone"] for r in ranks)
     per_rank_compute = [r["compute_only"] for r in ranks]
+    per_rank_cpu = [r["compute_only_cpu"] for r in ranks]
     res = {
         "shape": list(shape), "causal": causal, "layout": args.layout, "steps": args.steps,
         "single_1thread_s": t1, "single_2threads_s": t2, "ring_2ranks_s": ring_t,
@@ -116,7 +121,11 @@ def main():
         "comm_exposed_s": ring_t - compute_t,
         "comm_hidden_fraction": min(1.0, max(0.0, 1 - (ring_t - compute_t) / comm_t)),
         "rank_compute_balance": max(per_rank_compute) / min(per_rank_compute),
+        "per_rank_compute_cpu_s": per_rank_cpu,
+        "rank_compute_cpu_balance": max(per_rank_cpu) / min(per_rank_cpu),
         "rank_work_pairs": fd.rank_work(args.seq_len, 2, args.layout, is_causal=causal),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "cpus": os.cpu_count(),
     }
     print(f"context-parallel attention, B H S D = {shape}, causal={causal}, "
           f"layout={args.layout}, medians of {args.steps} fwd+bwd steps")
@@ -130,7 +139,11 @@ def main():
     print(f"  communication hidden {100 * res['comm_hidden_fraction']:.0f}% "
           f"(exposed {res['comm_exposed_s']:.3f} s of {comm_t:.3f} s)")
     print(f"  per-rank compute {['%.3f' % t for t in per_rank_compute]} s: max/min "
-          f"{res['rank_compute_balance']:.3f}; visible pairs per rank {res['rank_work_pairs']}")
+          f"{res['rank_compute_balance']:.3f}; CPU seconds {['%.3f' % t for t in per_rank_cpu]}"
+          f": max/min {res['rank_compute_cpu_balance']:.3f}; visible pairs per rank "
+          f"{res['rank_work_pairs']}")
+    print(f"  load average (1 min) before/after: {res['load_average_1min'][0]:.1f} / "
+          f"{res['load_average_1min'][1]:.1f} on {res['cpus']} CPUs (ratios assume idle cores)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -35,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_forward(const at::Tens
               lse_b_in.scalar_type());
   at::Tensor out_a = last_dim_contiguous(out_a_in), out_b = last_dim_contiguous(out_b_in);
   const at::Tensor lse_a = lse_a_in.contiguous(), lse_b = lse_b_in.contiguous();
-  at::Tensor out = at::empty(out_a.sizes(), out_a.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty(lse_shape, lse_a.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(out_a.sizes(), out_a.options());  // contiguous
+  at::Tensor lse = at::empty(lse_shape, lse_a.options());
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   p.cols = out_a.size(-1);
   p.rows = lse.numel();
@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_forward(const at::Tens
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
-  m.def("merge_attention_states_forward(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> "
-        "(Tensor, Tensor)");
+  m.def("merge_attention_states_forward(Tensor out_a, Tensor lse_a, Tensor out_b, "
+        "Tensor lse_b) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
