@@ -11,6 +11,9 @@ One process per core (torch.set_num_threads(1) in each rank). Each figure is the
                        "compute only" runs the same kernel calls without communicating and
                        "comm alone" the same transfers without computing.
   zigzag balance     = max / min over ranks of the per-rank compute-only time.
+  work efficiency    = CPU seconds of 1 process (1 thread) / CPU seconds of both ranks: the
+                       ring's extra work (smaller kernel calls, merges, transfers); unlike the
+                       wall-clock ratios it holds on a machine whose cores are busy.
 Not a timed test and not part of the regression gate (it needs 2 free cores).
 """
 
@@ -35,17 +38,19 @@ def _inputs(b, h, s, d, seed=0):
 
 def _single_step(q, k, v, dout, causal):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fastattn.scaled_dot_product_attention(*leaves, is_causal=causal)
     out.backward(dout)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def single_process(shape, causal, steps, threads):
+    """(wall seconds, CPU seconds) medians of one fwd+bwd step."""
     torch.set_num_threads(threads)
     q, k, v, dout = _inputs(*shape)
     _single_step(q, k, v, dout, causal)                               # warm-up
-    return statistics.median(_single_step(q, k, v, dout, causal) for _ in range(steps))
+    runs = [_single_step(q, k, v, dout, causal) for _ in range(steps)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def _comm_alone(spec, k, v):
@@ -66,7 +71,8 @@ def ring_worker(rank, world_size, shape, causal, layout, steps):
     local = [fd.shard_sequence(t, 2, rank, world_size, layout) for t in (q, k, v, dout)]
     spec = ring_mod.RingSpec(None, rank, world_size, layout, causal, shape[3] ** -0.5,
                              (-1, -1), 0.0)
-    times = {"ring": [], "compute_only": [], "comm_alone": [], "compute_only_cpu": []}
+    times = {"ring": [], "compute_only": [], "comm_alone": [], "compute_only_cpu": [],
+             "ring_cpu": []}
     for rep in range(steps + 1):                                      # first round: warm-up
         for mode in ("compute_only", "ring", "comm_alone"):
             dist.barrier()
@@ -79,8 +85,8 @@ def ring_worker(rank, world_size, shape, causal, layout, steps):
                                                     _compute_only=mode == "compute_only")
                 out.backward(local[3])
                 t = time.perf_counter() - t0
-                if rep and mode == "compute_only":   # CPU seconds: robust to a busy machine
-                    times["compute_only_cpu"].append(time.process_time() - c0)
+                if rep:   # CPU seconds (gloo's threads included): robust to a busy machine
+                    times[mode + "_cpu"].append(time.process_time() - c0)
             if rep:
                 times[mode].append(t)
     return {m: statistics.median(ts) for m, ts in times.items()}
@@ -102,8 +108,9 @@ def main():
     load_before = os.getloadavg()[0]
     ranks = fd.run_local(ring_worker, 2, shape, causal, args.layout, args.steps,
                          timeout_s=1800, pg_timeout_s=600, threads=1)
-    t1 = single_process(shape, causal, args.steps, threads=1)
-    t2 = single_process(shape, causal, args.steps, threads=2)
+    t1, cpu1 = single_process(shape, causal, args.steps, threads=1)
+    t2, _ = single_process(shape, causal, args.steps, threads=2)
+    ring_cpu = sum(r["ring_cpu"] for r in ranks)
     ring_t = max(r["ring"] for r in ranks)
     compute_t = max(r["compute_only"] for r in ranks)
     comm_t = max(r["comm_alone"] for r in ranks)
@@ -122,6 +129,8 @@ def main():
         "comm_hidden_fraction": min(1.0, max(0.0, 1 - (ring_t - compute_t) / comm_t)),
         "rank_compute_balance": max(per_rank_compute) / min(per_rank_compute),
         "per_rank_compute_cpu_s": per_rank_cpu,
+        "single_1thread_cpu_s": cpu1, "ring_cpu_s_all_ranks": ring_cpu,
+        "work_efficiency_cpu": cpu1 / ring_cpu,
         "rank_compute_cpu_balance": max(per_rank_cpu) / min(per_rank_cpu),
         "rank_work_pairs": fd.rank_work(args.seq_len, 2, args.layout, is_causal=causal),
         "load_average_1min": [load_before, os.getloadavg()[0]],
@@ -142,6 +151,8 @@ def main():
           f"{res['rank_compute_balance']:.3f}; CPU seconds {['%.3f' % t for t in per_rank_cpu]}"
           f": max/min {res['rank_compute_cpu_balance']:.3f}; visible pairs per rank "
           f"{res['rank_work_pairs']}")
+    print(f"  CPU seconds: 1 process 1 thread {cpu1:.3f}, ring (both ranks) {ring_cpu:.3f}: "
+          f"work efficiency {res['work_efficiency_cpu']:.2f} (1.0 = no extra work)")
     print(f"  load average (1 min) before/after: {res['load_average_1min'][0]:.1f} / "
           f"{res['load_average_1min'][1]:.1f} on {res['cpus']} CPUs (ratios assume idle cores)")
     if args.json:

@@ -15,7 +15,7 @@ attention_backward_with_lse with the merged (out, lse) of the forward, i.e. the 
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
