@@ -13,7 +13,6 @@ each optimizer step. On CUDA devices (--device cuda) it uses NCCL.
 
 import argparse
 import datetime
-import math
 import os
 
 import torch
@@ -60,11 +59,14 @@ class TinyLM(nn.Module):
 
 
 def batch(step, seq_len, vocab, period, batch_size):
-    """Sequences that repeat a random pattern of `period` tokens: predicting a token needs
-    attention `period` positions back (the first period tokens are unpredictable)."""
-    g = torch.Generator().manual_seed(1000 + step)
-    pattern = torch.randint(0, vocab, (batch_size, period), generator=g)
-    seq = pattern.repeat(1, math.ceil((seq_len + 1) / period))[:, :seq_len + 1]
+    """Sequences that repeat one fixed random pattern of `period` tokens (tokens recur within
+    it, so the next token depends on the context, not just the current token), each starting
+    at a random phase."""
+    pattern = torch.randint(0, vocab, (period,), generator=torch.Generator().manual_seed(0))
+    phase = torch.randint(0, period, (batch_size, 1),
+                          generator=torch.Generator().manual_seed(1000 + step))
+    pos = (phase + torch.arange(seq_len + 1)) % period             # (batch, seq_len + 1)
+    seq = pattern[pos]
     return seq[:, :-1], seq[:, 1:]                                 # inputs, targets
 
 

@@ -111,5 +111,5 @@ def test_example_trains_under_torchrun(tmp_path):
         stdout, stderr = proc.communicate()
         pytest.fail("torchrun example ran past 120 s:\n" + stdout[-2000:] + stderr[-2000:])
     assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("step ")]
-    assert len(lines) == 2, stdout
+    losses = [float(ln.split()[-1]) for ln in stdout.splitlines() if ln.startswith("step ")]
+    assert len(losses) == 2 and losses[1] < losses[0], stdout   # it trains
