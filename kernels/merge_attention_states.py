@@ -73,7 +73,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
         return out, lse
     a4, b4 = _as_4d(out_a), _as_4d(out_b)
     block_d = min(triton.next_power_of_2(max(d, 1)), 128)
-    block_m = max(1, min(64, 4096 // block_d))
+    block_m = max(1, min(64, 1024 // block_d))  # 1024-element tiles: 8 per thread, no spills
     grid = (triton.cdiv(rows, block_m),)
     _merge_kernel[grid](
         a4, b4, lse_a.contiguous(), lse_b.contiguous(), out, lse,
@@ -88,3 +88,24 @@ def unsupported(op, **case):
     if op != "merge_attention_states":
         return f"unknown op {op!r}"
     return dtype_device_reason(case, ("out_a",), _DTYPES)
+
+
+def static_variants(arch):
+    """Configurations the launcher picks (BLOCK_D = next power of two of the head dim up to
+    128, BLOCK_M = 1024 / BLOCK_D up to 64), unit last-dim strides; fp32 and bf16 (fp16 only
+    differs in the conversions). sm_80/sm_90: 95-126 registers, no spills."""
+    from .static_variant import StaticVariant
+    del arch  # the same configurations on sm_80 and sm_90
+    out = []
+    for t in ("fp32", "bf16"):
+        for block_d in (16, 64, 128):
+            block_m = max(1, min(64, 1024 // block_d))
+            sig = {"out_a_ptr": f"*{t}", "out_b_ptr": f"*{t}", "lse_a_ptr": "*fp32",
+                   "lse_b_ptr": "*fp32", "out_ptr": f"*{t}", "lse_ptr": "*fp32"}
+            sig.update({k: "i32" for k in ("ROWS", "D", "S1", "S2", "sa0", "sa1", "sa2",
+                                           "sb0", "sb1", "sb2")})
+            consts = {"sa3": 1, "sb3": 1, "BLOCK_M": block_m, "BLOCK_D": block_d}
+            sig.update({k: "constexpr" for k in consts})
+            out.append(StaticVariant(_merge_kernel, "merge_attention_states",
+                                     f"{t} BM={block_m} BD={block_d}", sig, consts, num_warps=4))
+    return out
