@@ -168,3 +168,12 @@ def ring_timing(rank, world_size, cfg, steps):
 
 def sleeps_forever(rank, world_size):
     time.sleep(3600)
+
+
+def rank_stalls(rank, world_size, stall_s):
+    """Rank 1 stays alive but never joins the attention call; rank 0 must time out with an
+    error (the process group's timeout), not wait forever."""
+    if rank == 1:
+        time.sleep(stall_s)
+        return {"error": None}
+    return rank_dies(rank, world_size)

@@ -81,6 +81,13 @@ def test_rank_dying_raises_instead_of_hanging():
     assert failure.results[0]["seconds"] < 30
 
 
+def test_stalled_rank_hits_the_process_group_timeout():
+    results = fd.run_local(workers.rank_stalls, 2, 12.0, timeout_s=60, pg_timeout_s=4)
+    error, seconds = results[0]["error"], results[0]["seconds"]
+    assert error and seconds < 12, results[0]    # raised by the 4 s timeout, before rank 1 woke
+    assert "timed out" in error.lower() or "timeout" in error.lower(), error
+
+
 def test_mismatched_shape_on_one_rank_raises_on_every_rank():
     results = fd.run_local(workers.mismatched_shapes, 2, timeout_s=60, pg_timeout_s=10)
     for r in results:
