@@ -38,6 +38,8 @@ def test_block_calls_match_brute_force_visibility():
                                                  window_right=call.window[1])
             got[call.q_start:call.q_end, call.k_start:call.k_end] = sub
             assert plan.visible_pairs(call) == int(sub.sum())
+            # tight: every row of the call sees a key and every key is seen by a row
+            assert sub.any(1).all() and sub.any(0).all(), (qg, qn, kg, kn, causal, window)
         assert torch.equal(got, want), (qg, qn, kg, kn, causal, window, call)
 
 

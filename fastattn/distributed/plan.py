@@ -5,7 +5,8 @@ Visibility is by global position: query at global position p sees key at positio
 (window_right >= 0 => p' <= p + window_right). For one pair of chunks this is a band
 lo <= j - i <= hi in local indices (i into the query chunk, j into the key chunk), which one
 call of the attention kernel computes with top-left alignment after trimming rows that see
-no key (i < -hi) and keys no row sees (j < lo).
+no key (i < -hi, or past the band's end) and keys no row sees (j < lo, or past it): every
+row of a call sees at least one key.
 """
 
 import dataclasses
@@ -58,10 +59,15 @@ def block_call(q_global, q_local, q_len, k_global, k_local, k_len, causal,
     q_off = int(max(0, -hi))   # rows i < -hi see no key of the chunk
     k_off = int(max(0, lo))    # keys j < lo are seen by no row
     lo2, hi2 = lo + q_off - k_off, hi + q_off - k_off   # now lo2 <= 0 <= hi2
+    nq, nk = q_len - q_off, k_len - k_off
+    if lo2 != -INF:     # trailing rows whose band starts past the last key see none
+        nq = min(nq, int(nk - lo2))
+    if hi2 != INF:      # trailing keys past the last row's band are seen by none
+        nk = min(nk, int(nq + hi2))
     causal2 = hi2 == 0
     window2 = (-1 if lo2 == -INF else int(-lo2), -1 if (hi2 == INF or causal2) else int(hi2))
-    return BlockCall(q_local + q_off, q_local + q_len, k_local + k_off, k_local + k_len,
-                     causal2, window2)
+    return BlockCall(q_local + q_off, q_local + q_off + nq, k_local + k_off,
+                     k_local + k_off + nk, causal2, window2)
 
 
 def step_calls(q_chunks, k_chunks, causal, window):
