@@ -24,6 +24,7 @@ _KERNEL_OPS = {
     "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
     "rotary": ("rotary_forward", "rotary_forward_out", "rotary_forward_inplace"),
+    "merge_attention_states": ("merge_attention_states_forward",),
 }
 _KERNEL_OPS["kvcache_attention"] = ("kvcache_attention_forward",)
 
@@ -69,7 +70,8 @@ def unsupported(op, **case):
     if device not in (None, "cpu", "cuda"):
         return f"no kernels for device {device}"
     if device == "cuda":
-        if op in ("attention", "varlen_attention", "kvcache_attention"):
+        if op in ("attention", "varlen_attention", "kvcache_attention",
+                  "merge_attention_states"):
             return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
@@ -143,6 +145,11 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
         int(max_seqlen_k), float(scale), bool(causal), int(window_left), int(window_right),
         float(softcap), *_dropout_args(dropout_p, seed, offset))
+
+# ------------------------------------------------------------------ merge_attention_states
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    return _ops().merge_attention_states_forward(out_a, lse_a, out_b, lse_b)
 
 
 # ------------------------------------------------------------------ softmax
@@ -283,6 +290,10 @@ def _fake_attention_backward(dout, q, k, v, out, lse, mask, scale, causal, botto
             dmask)
 
 
+def _fake_merge_attention_states(out_a, lse_a, out_b, lse_b):
+    return _empty(out_a, out_a.shape), _empty(out_a, lse_a.shape, torch.float32)
+
+
 def _fake_attention_dropout_mask(B, H, Sq, Sk, dropout_p, seed, offset):
     return torch.empty((B, H, Sq, Sk), dtype=torch.bool)
 
@@ -324,6 +335,7 @@ def _register_fakes():
         "varlen_attention_forward": _fake_varlen_attention_forward,
         "varlen_attention_backward": _fake_varlen_attention_backward,
         "kvcache_attention_forward": _fake_kvcache_attention_forward,
+        "merge_attention_states_forward": _fake_merge_attention_states,
     }.items():
         if _has_op(name):
             torch.library.register_fake(f"fastattn::{name}", fn)

@@ -8,6 +8,8 @@ the default `auto` picks the fastest backend that supports the call.
 
 from ._backend import available_backends, record_dispatch, use_backend
 from ._ext import build_info
+from .attention_lse import (attention_backward_with_lse, attention_forward_with_lse,
+                            merge_attention_states)
 from .functional import (apply_rotary, apply_rotary_qk, layer_norm, rms_norm, rotary_cache,
                          scaled_dot_product_attention, softmax)
 from .kvcache import kvcache_attention
@@ -20,5 +22,6 @@ __all__ = [
     "MultiHeadAttention", "LayerNorm", "RMSNorm", "RotaryEmbedding", "patch",
     "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm", "apply_rotary",
     "apply_rotary_qk", "rotary_cache", "use_backend", "available_backends", "record_dispatch",
-    "build_info", "varlen_attention", "kvcache_attention",
+    "build_info", "varlen_attention", "kvcache_attention", "attention_forward_with_lse",
+    "attention_backward_with_lse", "merge_attention_states",
 ]

@@ -29,7 +29,8 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 TRITON_MODULES = {"attention": "attention", "softmax": "softmax", "layer_norm": "layer_norm",
                   "rms_norm": "layer_norm", "rotary": "rotary",
                   "varlen_attention": "varlen_attention",
-                  "kvcache_attention": "kvcache_attention"}
+                  "kvcache_attention": "kvcache_attention",
+                  "merge_attention_states": "merge_attention_states"}
 
 _override = contextvars.ContextVar("fastattn_backend", default=None)
 _dispatch_logs = contextvars.ContextVar("fastattn_dispatch_logs", default=())

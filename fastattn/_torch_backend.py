@@ -154,6 +154,12 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
         dv[ka:ke] = g[2][0].transpose(0, 1)
     return dq, dk, dv
 
+# ------------------------------------------------------------------ merge_attention_states
+
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    out, lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    return out.contiguous(), lse.contiguous()
+
 
 # ------------------------------------------------------------------ softmax
 

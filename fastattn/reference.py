@@ -126,6 +126,23 @@ def attention_weights(q, k, *, mask=None, scale=None, causal=False, alignment="t
                      key_lengths=key_lengths)
 
 
+def merge_attention_states(out_a, lse_a, out_b, lse_b):
+    """Merge two attention results over disjoint key sets (same queries): returns (out, lse)
+    equal to attention over the union of the keys. out_* (..., D), lse_* (...) fp32 log-sum-exp.
+    Math in fp32 (fp64 stays fp64); a row with lse_a = lse_b = -inf gives out 0, lse -inf."""
+    acc = torch.promote_types(out_a.dtype, torch.float32)
+    la, lb = lse_a.to(acc), lse_b.to(acc)                # fp64 stays fp64
+    m = torch.maximum(la, lb)
+    empty = torch.isneginf(m)
+    m = torch.where(empty, torch.zeros_like(m), m)
+    ea, eb = torch.exp(la - m), torch.exp(lb - m)     # 0 on an empty side
+    total = torch.where(empty, torch.ones_like(m), ea + eb)
+    lse = torch.where(empty, torch.full_like(m, float("-inf")), m + torch.log(total))
+    wa, wb = (ea / total).unsqueeze(-1), (eb / total).unsqueeze(-1)
+    out = wa * out_a.to(acc) + wb * out_b.to(acc)
+    return out.to(out_a.dtype), lse.to(lse_a.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # softmax
 # ----------------------------------------------------------------------------------------------
