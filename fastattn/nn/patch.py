@@ -1,6 +1,7 @@
 """fastattn.patch(model): swap PyTorch's attention and norm modules for fastattn's, in place."""
 
 import logging
+import sys
 import warnings
 
 import torch
@@ -72,6 +73,13 @@ def _converter(m, attention, norms):
     return convert, None
 
 
+def _is_transformers_model(model):
+    if "transformers" not in sys.modules:      # never import transformers just to check
+        return False
+    from ..integrations.transformers import is_transformers_model
+    return is_transformers_model(model)
+
+
 def patch(model, *, attention=True, norms=True):
     """Replace every nn.MultiheadAttention (attention=True) and nn.LayerNorm / nn.RMSNorm
     (norms=True) in `model` with fastattn's drop-ins, in place.
@@ -79,13 +87,19 @@ def patch(model, *, attention=True, norms=True):
     The new modules take over the old ones' Parameter objects (so weights, device, dtype,
     requires_grad and existing optimizers carry over) and their train/eval state. Modules
     that cannot be represented (subclasses, modules with hooks) are left alone with a
-    warning. Returns the model (the replacement itself when `model` is such a module) with
+    warning. A Hugging Face transformers model also gets attn_implementation="fastattn" and
+    fastattn's RMSNorm and rotary kernels (fastattn/integrations/hf_patch.py). Returns the
+    model (the replacement itself when `model` is such a module) with
     `fastattn_patched` = list of (qualified name, old type name, new type name); the summary
     is logged on the "fastattn" logger.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     replaced, memo = [], {}
+    if _is_transformers_model(model):
+        # Hugging Face model: attention implementation, RMSNorms and rotary (integrations/)
+        from ..integrations.hf_patch import patch_transformers_model
+        replaced.extend(patch_transformers_model(model, attention=attention, norms=norms))
 
     def visit(module, prefix):
         for name, child in list(module._modules.items()):
