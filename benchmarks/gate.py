@@ -47,6 +47,8 @@ GATE_CASES = (
     "rms_norm/M=4096,N=4096/fp32/fwd+bwd/cpu",
     "rotary/B=4,H=8,S=2048,D=64/fp32/fwd+bwd/cpu",
     "mha/causal/B=4,L=512,E=512,H=8/fp32/fwd+bwd/cpu",
+    # packed training step vs the padded fastattn call on the same tokens (cases/varlen.py)
+    "varlen/causal vs-padded/B=16,H=8,D=64,T=8588,S=855/fp32/fwd+bwd/cpu",
 )
 
 

@@ -18,6 +18,7 @@ except ImportError as exc:  # not built: the ops layer falls back to another bac
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_OPS = {
     "attention": ("attention_forward", "attention_backward"),
+    "varlen_attention": ("varlen_attention_forward", "varlen_attention_backward"),
     "attention_weights": ("attention_weights_forward",),
     "softmax": ("softmax_forward", "softmax_backward"),
     "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
@@ -73,7 +74,7 @@ def unsupported(op, **case):
     if device not in (None, "cpu", "cuda"):
         return f"no kernels for device {device}"
     if device == "cuda":
-        if op == "attention":
+        if op in ("attention", "varlen_attention"):
             return "no CUDA attention kernel in fastattn._C (use the triton backend)"
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
@@ -82,7 +83,7 @@ def unsupported(op, **case):
         return "fastattn._C was built without attention dropout (rebuild it)"
     if op == "rotary" and case.get("positions") and not _rotary_takes_positions():
         return "fastattn._C was built without rotary positions (rebuild it)"
-    if op == "attention" and case.get("v_head_dim", case.get("head_dim")) != case.get("head_dim"):
+    if op in ("attention", "varlen_attention") and case.get("v_head_dim", case.get("head_dim")) != case.get("head_dim"):
         return "v head dim != q/k head dim (the CPU kernels take one head dim)"
     return None
 
@@ -121,6 +122,34 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
         mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
         bool(mask_needs_grad), *_dropout_args(dropout_p, seed, offset))
     return dq, dk, dv, (dmask if mask_needs_grad else None)
+
+
+# ------------------------------------------------------------------ varlen attention
+
+def varlen_dropout_keep_mask(batch, heads, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
+                             device):
+    """Keep-mask (B, H, max_q, max_k) of varlen_forward/backward; sequence b uses
+    [b, :, :len_q, :len_k] (the kernels index the RNG as the dense (B, H, max_q, max_k) case)."""
+    return dropout_keep_mask((batch, heads, max_seqlen_q, max_seqlen_k), dropout_p, seed, offset,
+                             device)
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale,
+                   causal, window_left, window_right, softcap, dropout_p, seed, offset):
+    return _ops().varlen_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), float(scale),
+        bool(causal), int(window_left), int(window_right), float(softcap),
+        *_dropout_args(dropout_p, seed, offset))
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, *, scale, causal, window_left, window_right, softcap, dropout_p,
+                    seed, offset, deterministic):
+    # No atomics in the CPU backward: deterministic whatever `deterministic` says.
+    return _ops().varlen_attention_backward(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+        int(max_seqlen_k), float(scale), bool(causal), int(window_left), int(window_right),
+        float(softcap), *_dropout_args(dropout_p, seed, offset))
 
 
 # ------------------------------------------------------------------ softmax
@@ -259,6 +288,19 @@ def _fake_attention_dropout_mask(B, H, Sq, Sk, dropout_p, seed, offset):
     return torch.empty((B, H, Sq, Sk), dtype=torch.bool)
 
 
+def _fake_varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, scale, causal, window_left, window_right,
+                                   softcap, dropout_p, seed, offset):
+    total_q, h, d = q.shape
+    return _empty(q, (total_q, h, d)), _empty(q, (h, total_q), torch.float32)
+
+
+def _fake_varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                    max_seqlen_q, max_seqlen_k, scale, causal, window_left,
+                                    window_right, softcap, dropout_p, seed, offset):
+    return _empty(q, tuple(q.shape)), _empty(q, tuple(k.shape)), _empty(q, tuple(v.shape))
+
+
 def _register_fakes():
     for name, fn in {
         "softmax_forward": _fake_softmax_forward,
@@ -273,6 +315,8 @@ def _register_fakes():
         "attention_forward": _fake_attention_forward,
         "attention_backward": _fake_attention_backward,
         "attention_dropout_mask": _fake_attention_dropout_mask,
+        "varlen_attention_forward": _fake_varlen_attention_forward,
+        "varlen_attention_backward": _fake_varlen_attention_backward,
     }.items():
         if _has_op(name):
             torch.library.register_fake(f"fastattn::{name}", fn)

@@ -11,6 +11,7 @@ from ._ext import build_info
 from .functional import (apply_rotary, apply_rotary_qk, layer_norm, rms_norm, rotary_cache,
                          scaled_dot_product_attention, softmax)
 from .nn import LayerNorm, MultiHeadAttention, RMSNorm, RotaryEmbedding, patch
+from .varlen import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ __all__ = [
     "MultiHeadAttention", "LayerNorm", "RMSNorm", "RotaryEmbedding", "patch",
     "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm", "apply_rotary",
     "apply_rotary_qk", "rotary_cache", "use_backend", "available_backends", "record_dispatch",
-    "build_info",
+    "build_info", "varlen_attention",
 ]

@@ -27,7 +27,8 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
 # The kernels module of the triton backend that holds each op.
 TRITON_MODULES = {"attention": "attention", "softmax": "softmax", "layer_norm": "layer_norm",
-                  "rms_norm": "layer_norm", "rotary": "rotary"}
+                  "rms_norm": "layer_norm", "rotary": "rotary",
+                  "varlen_attention": "varlen_attention"}
 
 _override = contextvars.ContextVar("fastattn_backend", default=None)
 _dispatch_logs = contextvars.ContextVar("fastattn_dispatch_logs", default=())

@@ -48,7 +48,8 @@ def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, w
 
 def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignment, window_left,
                        window_right, softcap, key_lengths, dropout_p, seed, offset,
-                       deterministic, mask_needs_grad):
+                       deterministic, mask_needs_grad, _keep=None):
+    # _keep: the dropout keep-mask to use instead of regenerating it (varlen_backward).
     # Explicit FlashAttention backward math on materialised scores (custom-op bodies run below
     # autograd, so the reference cannot be differentiated here).
     b, h, sq, d = q.shape
@@ -75,7 +76,8 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
     dp = torch.matmul(do, vf.transpose(-2, -1))                            # (B, H, Sq, Sk)
     p_used = probs
     if dropout_p > 0:
-        keep = dropout_keep_mask((b, h, sq, sk), dropout_p, seed, offset, q.device)
+        keep = _keep if _keep is not None else dropout_keep_mask((b, h, sq, sk), dropout_p,
+                                                                  seed, offset, q.device)
         p_used = probs * keep / (1.0 - dropout_p)
         dp = dp * keep / (1.0 - dropout_p)
     delta = (do * out.to(acc)).sum(-1, keepdim=True)                       # rowsum(dO * O)
@@ -86,6 +88,61 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
     dv = torch.matmul(p_used.transpose(-2, -1), do).view(b, hkv, group, sk, -1).sum(2)
     dmask = ds.float() if mask_needs_grad else None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+# ------------------------------------------------------------------ varlen attention
+
+def varlen_dropout_keep_mask(batch, heads, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
+                             device):
+    """Keep-mask (B, H, max_q, max_k); sequence b uses [b, :, :len_q, :len_k]."""
+    return dropout_keep_mask((batch, heads, max_seqlen_q, max_seqlen_k), dropout_p, seed, offset,
+                             device)
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale,
+                   causal, window_left, window_right, softcap, dropout_p, seed, offset):
+    keep = None
+    if dropout_p > 0:
+        keep = varlen_dropout_keep_mask(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q,
+                                        max_seqlen_k, dropout_p, seed, offset, q.device)
+    # Computed in fp32 at least (the contract's accumulation), like varlen_backward's math:
+    # an fp16 forward's rounded logits would not match the lse the backward recomputes P from.
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.no_grad():
+        out, lse = reference.varlen_attention(
+            q.to(acc), k.to(acc), v.to(acc), cu_seqlens_q, cu_seqlens_k, scale=scale,
+            causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
+            dropout_mask=keep, dropout_p=dropout_p, return_lse=True)
+    return out.to(q.dtype).contiguous(), lse.float().contiguous()
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, *, scale, causal, window_left, window_right, softcap, dropout_p,
+                    seed, offset, deterministic):
+    """Per-sequence loop over attention_backward (bottom-right): (dq, dk, dv)."""
+    cu_q = [int(x) for x in cu_seqlens_q.tolist()]
+    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    keep = None
+    if dropout_p > 0:
+        keep = varlen_dropout_keep_mask(len(cu_q) - 1, q.shape[1], max_seqlen_q, max_seqlen_k,
+                                        dropout_p, seed, offset, q.device)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b in range(len(cu_q) - 1):
+        qa, qe, ka, ke = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        if qe == qa or ke == ka:
+            continue                                   # no visible key: all gradients 0
+        seq = lambda t, a, e: t[a:e].transpose(0, 1).unsqueeze(0)       # (1, H, S_b, D)
+        g = attention_backward(
+            seq(dout, qa, qe), seq(q, qa, qe), seq(k, ka, ke), seq(v, ka, ke), seq(out, qa, qe),
+            lse[:, qa:qe].unsqueeze(0), mask=None, scale=scale, causal=causal,
+            alignment="bottom_right", window_left=window_left, window_right=window_right,
+            softcap=softcap, key_lengths=None, dropout_p=dropout_p, seed=seed, offset=offset,
+            deterministic=deterministic, mask_needs_grad=False,
+            _keep=None if keep is None else keep[b:b + 1, :, :qe - qa, :ke - ka])
+        dq[qa:qe] = g[0][0].transpose(0, 1)
+        dk[ka:ke] = g[1][0].transpose(0, 1)
+        dv[ka:ke] = g[2][0].transpose(0, 1)
+    return dq, dk, dv
 
 
 # ------------------------------------------------------------------ softmax

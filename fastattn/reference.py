@@ -84,6 +84,37 @@ def attention(q, k, v, *, mask=None, scale=None, causal=False, alignment="top_le
     return (out, lse) if return_lse else out
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
+                     window_left=-1, window_right=-1, softcap=0.0, dropout_mask=None,
+                     dropout_p=0.0, return_lse=False):
+    """Packed variable-length attention: a per-sequence loop over `attention` (the oracle).
+
+    q (total_q, H, D); k, v (total_k, Hkv, D); cu_seqlens_* (B+1,) int offsets of each
+    sequence's tokens. Causal and window are bottom-right aligned per sequence (flash-attn).
+    dropout_mask: bool keep-mask (B, H, max_q, max_k) or None; sequence b uses
+    [b, :, :len_q, :len_k]. Returns out (total_q, H, Dv), plus lse (H, total_q) fp32.
+    """
+    cu_q = [int(x) for x in cu_seqlens_q.tolist()]
+    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    h = q.shape[1]
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qs = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1).unsqueeze(0)        # (1, H, Sq_b, D)
+        ks = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)        # (1, Hkv, Sk_b, D)
+        vs = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)
+        keep = None
+        if dropout_mask is not None and dropout_p > 0:
+            keep = dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
+        out, lse = attention(qs, ks, vs, scale=scale, causal=causal, alignment="bottom_right",
+                             window_left=window_left, window_right=window_right, softcap=softcap,
+                             dropout_mask=keep, dropout_p=dropout_p, return_lse=True)
+        outs.append(out[0].transpose(0, 1))                              # (Sq_b, H, Dv)
+        lses.append(lse[0])                                              # (H, Sq_b)
+    out = torch.cat(outs, 0) if outs else q.new_empty(0, h, v.shape[-1])
+    lse = torch.cat(lses, 1) if lses else q.new_empty(h, 0, dtype=torch.float32)
+    return (out, lse) if return_lse else out
+
+
 def attention_weights(q, k, *, mask=None, scale=None, causal=False, alignment="top_left",
                       window_left=-1, window_right=-1, softcap=0.0, key_lengths=None):
     """The normalised attention probabilities (B, H, Sq, Sk) of `attention` (no dropout)."""

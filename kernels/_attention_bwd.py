@@ -41,9 +41,10 @@ def attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def load_row_stats(Lse, Delta, bh, Sq, offs_m):
-    """lse in log2 units with +inf for empty/out-of-range rows (so P = exp2(s - lse) = 0), delta."""
-    row = bh.to(tl.int64) * Sq + offs_m
+def load_row_stats(Lse, Delta, row0, Sq, offs_m):
+    """lse in log2 units with +inf for empty/out-of-range rows (so P = exp2(s - lse) = 0), delta.
+    row0: offset of the first row of this (batch, head) in Lse and Delta (same layout)."""
+    row = row0 + offs_m
     lse = tl.load(Lse + row, mask=offs_m < Sq, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(Delta + row, mask=offs_m < Sq, other=0.0)
@@ -52,7 +53,7 @@ def load_row_stats(Lse, Delta, bh, Sq, offs_m):
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, Mask, KeyLens,
+    Q, K, V, DOut, Lse, Delta, DK, DV, Mask, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -60,17 +61,19 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh,
     H, Hkv, Sq, Sk, D, group, shift, window_left, window_right,
     sm_scale, softcap, dropout_p, seed, rng_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    D_SPLIT: tl.constexpr = 1,
+    D_SPLIT: tl.constexpr = 1, VARLEN: tl.constexpr = False,
 ):
     """dK, dV of one key block; with D_SPLIT > 1, D_SPLIT adjacent programs share the block and
     each writes BLOCK_D // D_SPLIT head-dim columns (S and dP need every column, so each
-    recomputes them: 1.5x the FLOPs at D_SPLIT=2, for accumulators that fit the registers)."""
+    recomputes them: 1.5x the FLOPs at D_SPLIT=2, for accumulators that fit the registers).
+    VARLEN, Lse/Delta addressing: as attn_fwd_kernel."""
     BLOCK_DO: tl.constexpr = BLOCK_D // D_SPLIT
     num_n = tl.cdiv(Sk, BLOCK_N)
     pid = tl.program_id(0)
@@ -79,26 +82,38 @@ def attn_bwd_dkdv_kernel(
     bhk = pid // (D_SPLIT * num_n)
     b = bhk // Hkv
     hk = bhk % Hkv
+    q_start = pid * 0                                                 # first row (packed)
+    k_start = pid * 0
+    seq_q = Sq                                                        # this sequence's lengths
+    seq_k = Sk
+    if VARLEN:                                                        # see attn_fwd_kernel
+        q_start = tl.load(CuQ + b)
+        seq_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seq_k = tl.load(CuK + b + 1) - k_start
+        shift = seq_k - seq_q
+    if pid_n * BLOCK_N >= seq_k:                                      # past a short sequence
+        return
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
                      Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
-    kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
+    kv_len = kv_len_of(KeyLens, b, seq_k, HAS_KL)
     n_ok = (offs_n[:, None] < kv_len) & d_ok                          # (BLOCK_N, BLOCK_D)
     offs_do = pid_s * BLOCK_DO + tl.arange(0, BLOCK_DO)               # columns written here
     do_ok = head_mask(offs_do, D, BLOCK_D, EVEN_D, ALIGNED,
                       Q.dtype.element_ty.primitive_bitwidth)         # (1, BLOCK_DO)
     k_rows = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-              + offs_n[:, None].to(tl.int64) * stride_kn)                  # (BLOCK_N, 1)
+              + (k_start + offs_n[:, None]).to(tl.int64) * stride_kn)      # (BLOCK_N, 1)
     v_rows = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-              + offs_n[:, None].to(tl.int64) * stride_vn)
+              + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn)
     k = tl.load(tile(k_rows, offs_d, ALIGNED), mask=n_ok, other=0.0)    # (BLOCK_N, BLOCK_D)
     v = tl.load(tile(v_rows, offs_d, ALIGNED), mask=n_ok, other=0.0)    # (BLOCK_N, BLOCK_D)
 
     col_lo = pid_n * BLOCK_N
     col_hi = tl.minimum(col_lo + BLOCK_N, kv_len)
-    lo, hi = q_range(col_lo, col_hi, Sq, shift, window_left, window_right,
+    lo, hi = q_range(col_lo, col_hi, seq_q, shift, window_left, window_right,
                      BLOCK_M, IS_CAUSAL, HAS_WL, HAS_WR)
     hi = tl.where(col_lo < kv_len, hi, 0)                             # block past key_lengths
 
@@ -109,14 +124,17 @@ def attn_bwd_dkdv_kernel(
     for g in range(0, group):
         h = hk * group + g
         bh = b * H + h
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        q_base = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                  + q_start.to(tl.int64) * stride_qm)
+        do_base = (DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                   + q_start.to(tl.int64) * stride_dom)
+        row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
         # Transposed tiles (keys x queries): every MMA has M = BLOCK_N, so Hopper can use
         # wgmma whenever BLOCK_N >= 64 even with a small BLOCK_M.
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + offs_m0                                # (BLOCK_M,)
-            m_ok = (offs_m[:, None] < Sq) & d_ok
+            m_ok = (offs_m[:, None] < seq_q) & d_ok
             q = tl.load(tile(q_base + offs_m[:, None].to(tl.int64) * stride_qm, offs_d, ALIGNED),
                         mask=m_ok, other=0.0)                         # (BLOCK_M, BLOCK_D)
             do = tl.load(tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom, offs_d, ALIGNED),
@@ -125,15 +143,15 @@ def attn_bwd_dkdv_kernel(
                 q_o = q
                 do_o = do
             else:                                                     # this program's columns
-                mo_ok = (offs_m[:, None] < Sq) & do_ok
+                mo_ok = (offs_m[:, None] < seq_q) & do_ok
                 q_o = tl.load(tile(q_base + offs_m[:, None].to(tl.int64) * stride_qm, offs_do,
                                    ALIGNED), mask=mo_ok, other=0.0)   # (BLOCK_M, BLOCK_DO)
                 do_o = tl.load(tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom, offs_do,
                                     ALIGNED), mask=mo_ok, other=0.0)  # (BLOCK_M, BLOCK_DO)
-            lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
+            lse2, delta = load_row_stats(Lse, Delta, row0, seq_q, offs_m)
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_M)
             s2_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], mask_base, stride_mm,
-                               stride_mn, Sq, kv_len, shift, window_left, window_right,
+                               stride_mn, seq_q, kv_len, shift, window_left, window_right,
                                sm_scale, softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND,
                                HAS_SOFTCAP)
             p_t = tl.exp2(s2_t - lse2[None, :])                       # (BLOCK_N, BLOCK_M)
@@ -153,32 +171,36 @@ def attn_bwd_dkdv_kernel(
             dk = tl.dot(ds_t.to(q.dtype), q_o, dk, input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_DO)
 
     dk = dk * sm_scale
-    st_ok = (offs_n[:, None] < Sk) & do_ok
+    st_ok = (offs_n[:, None] < seq_k) & do_ok
     tl.store(tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
-                         + offs_n[:, None].to(tl.int64) * stride_dkn, offs_do, ALIGNED),
+                         + (k_start + offs_n[:, None]).to(tl.int64) * stride_dkn, offs_do,
+                  ALIGNED),
              dk.to(DK.dtype.element_ty), mask=st_ok)
     tl.store(tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
-                         + offs_n[:, None].to(tl.int64) * stride_dvn, offs_do, ALIGNED),
+                         + (k_start + offs_n[:, None]).to(tl.int64) * stride_dvn, offs_do,
+                  ALIGNED),
              dv.to(DV.dtype.element_ty), mask=st_ok)
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, KeyLens,
+    Q, K, V, DOut, Lse, Delta, DQ, DMask, Mask, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh,
     H, Sq, Sk, D, group, shift, window_left, window_right,
     sm_scale, softcap, dropout_p, seed, rng_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, VARLEN: tl.constexpr = False,
 ):
+    """dQ of one block of query rows. VARLEN, Lse/Delta addressing: as attn_fwd_kernel."""
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -186,25 +208,40 @@ def attn_bwd_dq_kernel(
     b = bh // H
     h = bh % H
     hk = h // group
+    q_start = pid * 0                                                 # first row (packed)
+    k_start = pid * 0
+    seq_q = Sq                                                        # this sequence's lengths
+    seq_k = Sk
+    if VARLEN:                                                        # see attn_fwd_kernel
+        q_start = tl.load(CuQ + b)
+        seq_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seq_k = tl.load(CuK + b + 1) - k_start
+        shift = seq_k - seq_q
+    if pid_m * BLOCK_M >= seq_q:                                      # past a short sequence
+        return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
                      Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
-    m_ok = (offs_m[:, None] < Sq) & d_ok                              # (BLOCK_M, BLOCK_D)
+    m_ok = (offs_m[:, None] < seq_q) & d_ok                           # (BLOCK_M, BLOCK_D)
     q_rows = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qm)                  # (BLOCK_M, 1)
+              + (q_start + offs_m[:, None]).to(tl.int64) * stride_qm)      # (BLOCK_M, 1)
     do_rows = (DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-               + offs_m[:, None].to(tl.int64) * stride_dom)
+               + (q_start + offs_m[:, None]).to(tl.int64) * stride_dom)
     q = tl.load(tile(q_rows, offs_d, ALIGNED), mask=m_ok, other=0.0)    # (BLOCK_M, BLOCK_D)
     do = tl.load(tile(do_rows, offs_d, ALIGNED), mask=m_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-    lse2, delta = load_row_stats(Lse, Delta, bh, Sq, offs_m)
+    row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    lse2, delta = load_row_stats(Lse, Delta, row0, seq_q, offs_m)
 
-    kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
-    lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq), kv_len, shift,
+    kv_len = kv_len_of(KeyLens, b, seq_k, HAS_KL)
+    lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_q), kv_len, shift,
                       window_left, window_right, BLOCK_N, IS_CAUSAL, HAS_WL, HAS_WR)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_base = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + k_start.to(tl.int64) * stride_kn)
+    v_base = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + k_start.to(tl.int64) * stride_vn)
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     dmask_base = DMask + bh.to(tl.int64) * Sq * Sk                   # contiguous (B, H, Sq, Sk)
 
@@ -218,8 +255,8 @@ def attn_bwd_dq_kernel(
         v = tl.load(tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
-        s2, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn, Sq,
-                       kv_len, shift, window_left, window_right, sm_scale, softcap,
+        s2, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
+                       seq_q, kv_len, shift, window_left, window_right, sm_scale, softcap,
                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
         p = tl.exp2(s2 - lse2[:, None])                               # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)        # (BLOCK_M, BLOCK_N)
@@ -238,5 +275,6 @@ def attn_bwd_dq_kernel(
 
     dq = dq * sm_scale
     tl.store(tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
-                         + offs_m[:, None].to(tl.int64) * stride_dqm, offs_d, ALIGNED),
+                         + (q_start + offs_m[:, None]).to(tl.int64) * stride_dqm, offs_d,
+                  ALIGNED),
              dq.to(DQ.dtype.element_ty), mask=m_ok)

@@ -8,19 +8,26 @@ from ._attention_common import dropout_keep, head_mask, kv_len_of, kv_range, til
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, KeyLens,
+    Q, K, V, Out, Lse, Mask, KeyLens, CuQ, CuK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_lb, stride_lh,
     H, Sq, Sk, D, group, shift, window_left, window_right,
     sm_scale, softcap, dropout_p, seed, rng_offset,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    VARLEN: tl.constexpr = False,
 ):
+    """One block of query rows of one (batch, head). VARLEN (packed sequences): batch index b
+    is sequence b, whose rows start at CuQ[b] / CuK[b] of the token dim (stride_*m / *n; the
+    batch strides are 0); Sq / Sk are the max lengths (grid and dropout RNG index), each
+    sequence is bottom-right aligned (shift = its length_k - length_q). Lse is addressed as
+    b * stride_lb + h * stride_lh + row: (B, H, Sq) dense, (H, total_q) packed."""
     # 1-D grid: query blocks of one head are adjacent (K/V stay in L2); no 65535 grid limit.
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid = tl.program_id(0)
@@ -29,6 +36,18 @@ def attn_fwd_kernel(
     b = bh // H
     h = bh % H
     hk = h // group                                                   # GQA: never repeat K/V
+    q_start = pid * 0                                                 # first row (packed)
+    k_start = pid * 0
+    seq_q = Sq                                                        # this sequence's lengths
+    seq_k = Sk
+    if VARLEN:
+        q_start = tl.load(CuQ + b)
+        seq_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seq_k = tl.load(CuK + b + 1) - k_start
+        shift = seq_k - seq_q
+    if pid_m * BLOCK_M >= seq_q:                                      # past a short sequence
+        return
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)                                    # (BLOCK_D,)
@@ -36,17 +55,19 @@ def attn_fwd_kernel(
                      Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
 
     q_rows = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qm)                  # (BLOCK_M, 1)
-    q = tl.load(tile(q_rows, offs_d, ALIGNED), mask=(offs_m[:, None] < Sq) & d_ok,
+              + (q_start + offs_m[:, None]).to(tl.int64) * stride_qm)      # (BLOCK_M, 1)
+    q = tl.load(tile(q_rows, offs_d, ALIGNED), mask=(offs_m[:, None] < seq_q) & d_ok,
                 other=0.0)                                            # (BLOCK_M, BLOCK_D)
 
-    kv_len = kv_len_of(KeyLens, b, Sk, HAS_KL)
-    lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq), kv_len, shift,
+    kv_len = kv_len_of(KeyLens, b, seq_k, HAS_KL)
+    lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_q), kv_len, shift,
                       window_left, window_right, BLOCK_N, IS_CAUSAL, HAS_WL, HAS_WR)
 
     offs_n0 = tl.arange(0, BLOCK_N)                                   # (BLOCK_N,)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_base = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+              + k_start.to(tl.int64) * stride_kn)
+    v_base = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+              + k_start.to(tl.int64) * stride_vn)
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)               # running max (log2 units)
@@ -60,7 +81,7 @@ def attn_fwd_kernel(
                     mask=n_ok & d_ok, other=0.0)                      # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         s2, _t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
-                        Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
+                        seq_q, kv_len, shift, window_left, window_right, sm_scale, softcap,
                         IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
@@ -88,7 +109,8 @@ def attn_fwd_kernel(
                    (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)   # natural log
 
     o_rows = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_om)                  # (BLOCK_M, 1)
+              + (q_start + offs_m[:, None]).to(tl.int64) * stride_om)      # (BLOCK_M, 1)
     tl.store(tile(o_rows, offs_d, ALIGNED), out.to(Out.dtype.element_ty),
-             mask=(offs_m[:, None] < Sq) & d_ok)
-    tl.store(Lse + bh.to(tl.int64) * Sq + offs_m, lse, mask=offs_m < Sq)
+             mask=(offs_m[:, None] < seq_q) & d_ok)
+    lse_row = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    tl.store(Lse + lse_row + offs_m, lse, mask=offs_m < seq_q)

@@ -37,7 +37,7 @@ MAX_HEAD_DIM = 256
 
 # autotune keys: exact lengths (as Triton's own tutorials) plus every flag that changes the code
 _FLAGS = ["D", "ALIGNED", "DOT_PREC", "IS_CAUSAL", "HAS_WL", "HAS_WR", "MASK_KIND", "HAS_KL",
-          "HAS_SOFTCAP", "HAS_DROPOUT"]
+          "HAS_SOFTCAP", "HAS_DROPOUT", "VARLEN"]
 
 if cfg.interpreting():
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None
@@ -200,8 +200,18 @@ class _Case:
             IS_CAUSAL=self.causal,
             HAS_WL=self.wl >= 0, HAS_WR=self.wr >= 0, MASK_KIND=self.mask_kind,
             HAS_KL=self.has_kl, HAS_SOFTCAP=self.softcap > 0,
-            DOT_PREC=_dot_precision(q.dtype),
+            DOT_PREC=_dot_precision(q.dtype), VARLEN=False,
         )
+
+    @property
+    def no_cu_seqlens(self):
+        """Dummy CuQ, CuK pointers of the dense (VARLEN=False) kernels."""
+        return self.key_lengths, self.key_lengths
+
+    @property
+    def lse_strides(self):
+        """(stride_lb, stride_lh) of lse and delta, contiguous (B, H, Sq)."""
+        return self.H * self.Sq, self.Sq
 
     @property
     def arch(self):
@@ -239,9 +249,9 @@ def attention_forward(q, k, v, *, mask=None, scale=None, causal=False, alignment
         return _finish(out), lse
     if c.Sk == 0:
         return _finish(out.zero_()), lse.fill_(float("-inf"))
-    args = [c.q, c.k, c.v, out, lse, c.mask, c.key_lengths,
+    args = [c.q, c.k, c.v, out, lse, c.mask, c.key_lengths, *c.no_cu_seqlens,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(out), *c.mask_strides,
-            c.H, *c.scalars()]
+            *c.lse_strides, c.H, *c.scalars()]
     consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
     _launch(attn_fwd_kernel, _fwd_tuned, cfg.INTERP_FWD,
             lambda bm, bn: triton.cdiv(c.Sq, bm) * c.B * c.H, args, consts)
@@ -284,18 +294,19 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
         BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
 
     consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
-    args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths,
+    args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths, *c.no_cu_seqlens,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
-            *_strides3(dk), *_strides3(dv), *c.mask_strides, c.H, c.Hkv, *c.scalars()]
+            *_strides3(dk), *_strides3(dv), *c.mask_strides, *c.lse_strides, c.H, c.Hkv,
+            *c.scalars()]
     d_split = cfg.dkdv_d_split(c.arch, c.block_d, c.q.element_size(), consts["DOT_PREC"])
     _launch(attn_bwd_dkdv_kernel, _dkdv_tuned, cfg.INTERP_DKDV,
             lambda bm, bn: triton.cdiv(c.Sk, bn) * c.B * c.Hkv * d_split, args,
             dict(consts, D_SPLIT=d_split))
 
     args = [c.q, c.k, c.v, dout, lse, delta, dq, dmask if dmask is not None else delta,
-            c.mask, c.key_lengths,
+            c.mask, c.key_lengths, *c.no_cu_seqlens,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
-            *_strides3(dq), *c.mask_strides, c.H, *c.scalars()]
+            *_strides3(dq), *c.mask_strides, *c.lse_strides, c.H, *c.scalars()]
     _launch(attn_bwd_dq_kernel, _dq_tuned, cfg.INTERP_DQ,
             lambda bm, bn: triton.cdiv(c.Sq, bm) * c.B * c.H, args,
             dict(consts, MASK_GRAD=dmask is not None))

@@ -1,8 +1,8 @@
 """The benchmark cases of every op, for the pytest microbenchmarks, the CLI and the gate."""
 
-from . import attention, hf, mha, norms, rotary, softmax
+from . import attention, hf, mha, norms, rotary, softmax, varlen
 
-OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha")
+OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha", "varlen")
 # Whole-model cases (minutes each), only when asked for by name: --ops hf
 MODEL_OPS = ("hf",)
 

@@ -46,7 +46,33 @@ struct AttentionParams {
   void* out = nullptr;
   int64_t o_sb = 0, o_sh = 0, o_ss = 0;
   float* lse = nullptr;
+
+  // Packed variable-length mode (varlen_attention) when cu_q is set: cu_q / cu_k (B+1,) are
+  // the offsets of each sequence's rows along the token dim of q/out/dout and k/v (row i of
+  // sequence b is token cu_q[b] + i; the *_sb strides are 0). Sq / Sk then hold the max
+  // sequence lengths (the task grid; dropout indexes its RNG as the dense (B, H, Sq, Sk) case),
+  // every sequence is bottom-right aligned (shift = its Sk - its Sq), lse is (H, total_q),
+  // and dq/dk/dv are (total, heads, D) contiguous. No mask or key_lengths in this mode.
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+  int64_t total_q = 0;
 };
+
+// Where sequence (batch entry) b lives: first q row and k row, lengths and causal shift.
+struct Sequence {
+  int64_t q0, k0, Sq, Sk, shift;
+};
+inline Sequence sequence(const AttentionParams& p, int64_t b) {
+  if (!p.cu_q) return {0, 0, p.Sq, p.Sk, p.shift};
+  const int64_t q0 = p.cu_q[b], k0 = p.cu_k[b];
+  const int64_t sq = p.cu_q[b + 1] - q0, sk = p.cu_k[b + 1] - k0;
+  return {q0, k0, sq, sk, sk - sq};
+}
+
+// Index of lse[b, h, i] (i counted within the sequence): (B, H, Sq), or (H, total_q) packed.
+inline int64_t lse_index(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  return p.cu_q ? h * p.total_q + p.cu_q[b] + i : (b * p.H + h) * p.Sq + i;
+}
 
 struct AttentionGrads {
   const void* dout = nullptr;  // (B, H, Sq, D), q's dtype

@@ -40,13 +40,14 @@ void compute_delta(const AttentionParams& p, const AttentionGrads& g, float* del
     std::vector<float> a(L * p.D), c(L * p.D), aT(L * p.D), cT(L * p.D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.H, h = bh % p.H;
-      for (int64_t i0 = 0; i0 < p.Sq; i0 += L) {
-        const int64_t n = std::min(L, p.Sq - i0);
+      const Sequence seq = sequence(p, b);
+      for (int64_t i0 = 0; i0 < seq.Sq; i0 += L) {
+        const int64_t n = std::min(L, seq.Sq - i0);
         int64_t lda = 0, ldc = 0;
-        const float* o = tile::as_f32(out + b * p.o_sb + h * p.o_sh + i0 * p.o_ss, n, p.D,
-                                      p.o_ss, a.data(), lda);
-        const float* d = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + i0 * g.do_ss, n, p.D,
-                                      g.do_ss, c.data(), ldc);
+        const float* o = tile::as_f32(out + b * p.o_sb + h * p.o_sh + (seq.q0 + i0) * p.o_ss,
+                                      n, p.D, p.o_ss, a.data(), lda);
+        const float* d = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + (seq.q0 + i0) * g.do_ss,
+                                      n, p.D, g.do_ss, c.data(), ldc);
         float* dst = delta + bh * p.Sq + i0;
         if (!running_sum) {
           for (int64_t r = 0; r < n; ++r)
@@ -91,8 +92,9 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
       std::max<int64_t>(1, (int64_t{1} << 26) / std::max<int64_t>(dq_numel, 1));
   const int64_t nchunk = std::max<int64_t>(
       1, std::min({nkb, (4 * threads + pairs - 1) / pairs, max_chunks}));
-  // fp32 dQ with one chunk accumulates straight into the output (contiguous, caller-made).
-  const bool direct = nchunk == 1 && std::is_same_v<T, float>;
+  // fp32 dQ with one chunk accumulates straight into the output (contiguous, caller-made);
+  // packed mode always goes through the (B, H, max Sq, D) partials (dq is (total_q, H, D)).
+  const bool direct = nchunk == 1 && std::is_same_v<T, float> && !p.cu_q;
   // Uninitialised on purpose: each task zeroes the part it owns, in parallel.
   std::unique_ptr<float[]> dq_part(direct ? nullptr : new float[nchunk * dq_numel]);
   float* dq_acc_base = direct ? static_cast<float*>(g.dq) : dq_part.get();
@@ -120,36 +122,41 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t c = task % nchunk, pair = task / nchunk;
         const int64_t b = pair / p.Hkv, hk = pair % p.Hkv;
+        const Sequence seq = sequence(p, b);  // packed mode: this sequence's rows and lengths
         const int64_t kb_begin = c * nkb / nchunk, kb_end = (c + 1) * nkb / nchunk;
         float* dq_acc = dq_acc_base + c * dq_numel;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-          std::fill_n(dq_acc + (b * p.H + h) * p.Sq * D, p.Sq * D, 0.f);
+          std::fill_n(dq_acc + (b * p.H + h) * p.Sq * D, seq.Sq * D, 0.f);
 
         for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-          const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, p.Sk - j0);
+          const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, seq.Sk - j0);
+          if (nk <= 0) break;                 // key block past a shorter sequence's end
+          const int64_t krow = seq.k0 + j0;
           int64_t ldk = 0;
-          const float* kt = tile::as_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D,
+          const float* kt = tile::as_f32(k + b * p.k_sb + hk * p.k_sh + krow * p.k_ss, nk, D,
                                          p.k_ss, ks, ldk);
-          tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + j0 * p.k_ss, nk, D, p.k_ss, kT,
+          tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + krow * p.k_ss, nk, D, p.k_ss, kT,
                               kBlockK);
-          tile::transpose_f32(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss, nk, D, p.v_ss, vT,
+          tile::transpose_f32(v + b * p.v_sb + hk * p.v_sh + krow * p.v_ss, nk, D, p.v_ss, vT,
                               kBlockK);
           std::fill_n(dk_acc, nk * D, 0.f);
           std::fill_n(dv_acc, nk * D, 0.f);
 
           for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-            const float* lse = p.lse + (b * p.H + h) * p.Sq;
+            const float* lse = p.lse + lse_index(p, b, h, 0);
             const float* dlt = delta.data() + (b * p.H + h) * p.Sq;
             for (int64_t qb = 0; qb < nqb; ++qb) {
-              const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
+              const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, seq.Sq - i0);
+              if (nq <= 0) break;
               // Skip query blocks that see none of these keys.
               if (tile::visible_keys(p, b, i0).lo >= j0 + nk ||
                   tile::visible_keys(p, b, i0 + nq - 1).hi <= j0)
                 continue;
               int64_t ldq = 0, ldo = 0;
-              const float* qt = tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D,
+              const int64_t qrow = seq.q0 + i0;
+              const float* qt = tile::as_f32(q + b * p.q_sb + h * p.q_sh + qrow * p.q_ss, nq, D,
                                              p.q_ss, qs, ldq);
-              const float* dot = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + i0 * g.do_ss,
+              const float* dot = tile::as_f32(dout + b * g.do_sb + h * g.do_sh + qrow * g.do_ss,
                                               nq, D, g.do_ss, dos, ldo);
               // P = exp(finish(Q K^T) - lse); finish_scores applies the scale
               gemm_nn(nq, nk, D, qt, ldq, kT, kBlockK, pbuf, kBlockK, false);
@@ -208,10 +215,18 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
                       D, true);
             }
           }
-          T* dk = static_cast<T*>(g.dk) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
-          T* dv = static_cast<T*>(g.dv) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
-          tile::store_row(dk_acc, 1.f, dk, nk * D);
-          tile::store_row(dv_acc, 1.f, dv, nk * D);
+          if (p.cu_q) {  // packed (total_k, Hkv, D): one row per key
+            for (int64_t r = 0; r < nk; ++r) {
+              const int64_t at = ((krow + r) * p.Hkv + hk) * D;
+              tile::store_row(dk_acc + r * D, 1.f, static_cast<T*>(g.dk) + at, D);
+              tile::store_row(dv_acc + r * D, 1.f, static_cast<T*>(g.dv) + at, D);
+            }
+          } else {
+            T* dk = static_cast<T*>(g.dk) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
+            T* dv = static_cast<T*>(g.dv) + ((b * p.Hkv + hk) * p.Sk + j0) * D;
+            tile::store_row(dk_acc, 1.f, dk, nk * D);
+            tile::store_row(dv_acc, 1.f, dv, nk * D);
+          }
         }
       }
     };
@@ -223,12 +238,19 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
   const int64_t rows = p.B * p.H * p.Sq;
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
+      T* dst = dq + row * D;
+      if (p.cu_q) {  // packed: partial row (b, h, i) -> dq row (cu_q[b] + i, h)
+        const int64_t i = row % p.Sq, bh = row / p.Sq;
+        const Sequence seq = sequence(p, bh / p.H);
+        if (i >= seq.Sq) continue;
+        dst = dq + ((seq.q0 + i) * p.H + bh % p.H) * D;
+      }
       float* first = dq_part.get() + row * D;
       for (int64_t c = 1; c < nchunk; ++c) {
         const float* other = dq_part.get() + c * dq_numel + row * D;
         at::vec::map2([](tile::Vec x, tile::Vec y) { return x + y; }, first, first, other, D);
       }
-      tile::store_row(first, 1.f, dq + row * D, D);
+      tile::store_row(first, 1.f, dst, D);
     }
   });
 }

@@ -61,7 +61,9 @@ void forward_impl(const AttentionParams& p) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.H, b = bh / p.H;
         const int64_t hk = h / group;
-        const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, p.Sq - i0);
+        const Sequence seq = sequence(p, b);  // packed mode: this sequence's rows and length
+        const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, seq.Sq - i0);
+        if (nq <= 0) continue;                // query block past a shorter sequence's end
         const int64_t klo = tile::visible_keys(p, b, i0).lo;
         const int64_t khi = tile::visible_keys(p, b, i0 + nq - 1).hi;
         const int64_t half = nq / 2, khi_top = tile::visible_keys(p, b, i0 + half - 1).hi;
@@ -76,7 +78,7 @@ void forward_impl(const AttentionParams& p) {
 
         int64_t ldq = 0;
         const float* qt = khi > klo
-            ? tile::as_f32(q + b * p.q_sb + h * p.q_sh + i0 * p.q_ss, nq, D, p.q_ss, qs, ldq)
+            ? tile::as_f32(q + b * p.q_sb + h * p.q_sh + (seq.q0 + i0) * p.q_ss, nq, D, p.q_ss, qs, ldq)
             : nullptr;
         for (int64_t j0 = klo; j0 < khi;) {
           const int64_t kb = j0 / kBlockK, kb0 = kb * kBlockK;
@@ -85,11 +87,11 @@ void forward_impl(const AttentionParams& p) {
           float* kpanel = kpanels + slot * kBlockK * D;
           float* vpanel = vpanels + slot * kBlockK * D;
           if (!cache_all || !ready[slot]) {
-            const int64_t nkb_rows = std::min(kBlockK, p.Sk - kb0);
-            tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + kb0 * p.k_ss, nkb_rows, D, p.k_ss,
+            const int64_t nkb_rows = std::min(kBlockK, seq.Sk - kb0);
+            tile::transpose_f32(k + b * p.k_sb + hk * p.k_sh + (seq.k0 + kb0) * p.k_ss, nkb_rows, D, p.k_ss,
                                 kpanel, kBlockK);
             if (!v_direct) {
-              const T* vsrc = v + b * p.v_sb + hk * p.v_sh + kb0 * p.v_ss;
+              const T* vsrc = v + b * p.v_sb + hk * p.v_sh + (seq.k0 + kb0) * p.v_ss;
               if constexpr (std::is_same_v<T, float>) {
                 for (int64_t r = 0; r < nkb_rows; ++r)
                   std::copy_n(vsrc + r * p.v_ss, D, vpanel + r * D);
@@ -104,7 +106,8 @@ void forward_impl(const AttentionParams& p) {
           int64_t ldv = D;
           const float* vt = vpanel + (j0 - kb0) * D;
           if (v_direct) {
-            vt = reinterpret_cast<const float*>(v + b * p.v_sb + hk * p.v_sh + j0 * p.v_ss);
+            vt = reinterpret_cast<const float*>(v + b * p.v_sb + hk * p.v_sh +
+                                                (seq.k0 + j0) * p.v_ss);
             ldv = p.v_ss;
           }
           // S = Q K^T  (nq, nk), unscaled (finish_scores scales). The top half of the rows
@@ -147,8 +150,8 @@ void forward_impl(const AttentionParams& p) {
           const int64_t i = i0 + r;
           const bool empty = !(row_sum[r] > 0.f);
           tile::store_row(acc + r * D, empty ? 0.f : p.dropout_scale / row_sum[r],
-                          out + b * p.o_sb + h * p.o_sh + i * p.o_ss, D);
-          p.lse[(b * p.H + h) * p.Sq + i] =
+                          out + b * p.o_sb + h * p.o_sh + (seq.q0 + i) * p.o_ss, D);
+          p.lse[lse_index(p, b, h, i)] =
               empty ? tile::kNegInf : row_max[r] + std::log(row_sum[r]);
         }
       }

@@ -122,9 +122,10 @@ struct Interval {
   int64_t lo, hi;
 };
 inline Interval visible_keys(const AttentionParams& p, int64_t b, int64_t i) {
-  int64_t hi = p.Sk, lo = 0;
+  const Sequence seq = sequence(p, b);  // per-sequence length and shift in packed mode
+  int64_t hi = seq.Sk, lo = 0;
   if (p.key_lengths) hi = std::min(hi, std::max<int64_t>(p.key_lengths[b], 0));
-  const int64_t pos = i + p.shift;
+  const int64_t pos = i + seq.shift;
   if (p.causal) hi = std::min(hi, pos + 1);
   if (p.window_right >= 0) hi = std::min(hi, pos + p.window_right + 1);
   if (p.window_left >= 0) lo = std::max(lo, pos - p.window_left);

@@ -1,0 +1,196 @@
+// Torch-facing packed variable-length attention ops of fastattn._C (fastattn.varlen_attention):
+// argument checks, allocation, registration. The kernels are the attention kernels of
+// csrc/cpu/attention_*.cpp in their packed mode (AttentionParams::cu_q / cu_k): one
+// at::parallel_for over (sequence, head, block) for all sequences. Every cu_seqlens entry is
+// checked here, so no offset the kernels compute can leave the tensors.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "cpu/attention.h"
+
+namespace fastattn {
+namespace {
+
+using cpu::AttentionGrads;
+using cpu::AttentionParams;
+
+constexpr const char* kOp = "varlen_attention (cpu): ";
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->device().is_cpu(), kOp, name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->dim() == 3, kOp, name, " must be 3-D (total, heads, D), got ", t->dim(),
+                "-D");
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 ||
+                    t->scalar_type() == at::kHalf,
+                kOp, name, " must be float32, bfloat16 or float16, got ", t->scalar_type());
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
+              "k and v must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(k.size(1) >= 1 && v.size(1) == k.size(1) && q.size(1) % k.size(1) == 0, kOp,
+              "k/v head count must be equal and divide q's head count ", q.size(1), ", got k ",
+              k.size(1), " and v ", v.size(1));
+  TORCH_CHECK(v.size(0) == k.size(0), kOp, "v must have k's token count ", k.size(0), ", got ",
+              v.size(0));
+  TORCH_CHECK(q.size(2) >= 1 && k.size(2) == q.size(2) && v.size(2) == q.size(2), kOp,
+              "q, k and v must have the same head dim >= 1, got ", q.size(2), ", ", k.size(2),
+              " and ", v.size(2));
+}
+
+// cu (B+1,) int32 CPU: starts at 0, non-decreasing, ends at `total`, lengths <= max_len.
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch_plus_1,
+                      int64_t total, int64_t max_len, const char* max_name) {
+  TORCH_CHECK(cu.device().is_cpu() && cu.scalar_type() == at::kInt && cu.dim() == 1 &&
+                  cu.is_contiguous(),
+              kOp, name, " must be a contiguous 1-D int32 CPU tensor, got ", cu.scalar_type(),
+              " ", cu.sizes(), " on ", cu.device());
+  TORCH_CHECK(cu.size(0) == batch_plus_1 && batch_plus_1 >= 1, kOp, name,
+              " must have shape (B + 1,) = (", batch_plus_1, "), got ", cu.sizes());
+  TORCH_CHECK(max_len >= 0, kOp, max_name, " must be >= 0, got ", max_len);
+  const int32_t* c = cu.data_ptr<int32_t>();
+  TORCH_CHECK(c[0] == 0, kOp, name, "[0] must be 0, got ", c[0]);
+  for (int64_t b = 0; b + 1 < batch_plus_1; ++b) {
+    const int64_t len = int64_t{c[b + 1]} - c[b];
+    TORCH_CHECK(len >= 0, kOp, name, " must be non-decreasing, but ", name, "[", b + 1,
+                "] = ", c[b + 1], " < ", name, "[", b, "] = ", c[b]);
+    TORCH_CHECK(len <= max_len, kOp, max_name, " = ", max_len,
+                " is smaller than sequence ", b, "'s length ", len);
+  }
+  TORCH_CHECK(c[batch_plus_1 - 1] == total, kOp, name, "'s last entry ",
+              c[batch_plus_1 - 1], " must equal the token count ", total);
+}
+
+cpu::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu::DType::f32;
+    case at::kBFloat16: return cpu::DType::bf16;
+    default: return cpu::DType::f16;
+  }
+}
+
+// Fills everything but the outputs; keeps the contiguous inputs alive in `keep`.
+AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
+                            const at::Tensor& v_in, const at::Tensor& cu_q,
+                            const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale,
+                            bool causal, int64_t window_left, int64_t window_right,
+                            double softcap, double dropout_p, int64_t seed, int64_t offset,
+                            std::vector<at::Tensor>& keep) {
+  check_qkv(q_in, k_in, v_in);
+  TORCH_CHECK(softcap >= 0, kOp, "softcap must be >= 0 (0 = off), got ", softcap);
+  TORCH_CHECK(window_left >= -1 && window_right >= -1, kOp,
+              "window_left/window_right must be >= 0 or -1 (off), got ", window_left, " and ",
+              window_right);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, kOp, "dropout_p must be in [0, 1), got ",
+              dropout_p);
+  check_cu_seqlens(cu_q, "cu_seqlens_q", cu_q.size(0), q_in.size(0), max_q, "max_seqlen_q");
+  check_cu_seqlens(cu_k, "cu_seqlens_k", cu_q.size(0), k_in.size(0), max_k, "max_seqlen_k");
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  keep.insert(keep.end(), {q, k, v, cu_q, cu_k});
+
+  AttentionParams p;
+  p.dtype = kernel_dtype(q.scalar_type());
+  p.B = cu_q.size(0) - 1; p.H = q.size(1); p.Hkv = k.size(1); p.D = q.size(2);
+  p.Sq = max_q; p.Sk = max_k; p.total_q = q.size(0);
+  p.cu_q = cu_q.data_ptr<int32_t>();
+  p.cu_k = cu_k.data_ptr<int32_t>();
+  p.q = q.data_ptr(); p.q_sb = 0; p.q_sh = q.stride(1); p.q_ss = q.stride(0);
+  p.k = k.data_ptr(); p.k_sb = 0; p.k_sh = k.stride(1); p.k_ss = k.stride(0);
+  p.v = v.data_ptr(); p.v_sb = 0; p.v_sh = v.stride(1); p.v_ss = v.stride(0);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.causal = causal;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.dropout = dropout_p > 0.0;
+  p.dropout_key = dropout_key(seed, offset, dropout_p);
+  p.dropout_scale = p.dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed,
+    int64_t offset) {
+  std::vector<at::Tensor> keep;
+  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal,
+                                  window_left, window_right, softcap, dropout_p, seed, offset,
+                                  keep);
+  at::Tensor out = at::empty({p.total_q, p.H, p.D}, q.options());
+  at::Tensor lse = at::empty({p.H, p.total_q}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.o_sb = 0; p.o_sh = out.stride(1); p.o_ss = out.stride(0);
+  p.lse = lse.data_ptr<float>();
+  if (out.numel() > 0) cpu::attention_forward(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
+    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal,
+    int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed,
+    int64_t offset) {
+  std::vector<at::Tensor> keep;
+  AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal,
+                                  window_left, window_right, softcap, dropout_p, seed, offset,
+                                  keep);
+  for (auto [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() &&
+                    t->sizes() == q.sizes(),
+                kOp, name, " must be a CPU ", q.scalar_type(), " tensor of q's shape ",
+                q.sizes(), ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+  }
+  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat &&
+                  lse_in.dim() == 2 && lse_in.size(0) == p.H && lse_in.size(1) == p.total_q,
+              kOp, "lse must be a float32 CPU tensor (H, total_q) = (", p.H, ", ", p.total_q,
+              "), got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  if (p.total_q == 0 || p.H == 0 || k.size(0) == 0) {  // nothing attends: all gradients 0
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous),
+            at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+  }
+  p.out = const_cast<void*>(out.data_ptr());
+  p.o_sb = 0; p.o_sh = out.stride(1); p.o_ss = out.stride(0);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+
+  // Every row of dq/dk/dv belongs to a sequence, and the kernel writes every row of each
+  // sequence (zeros for rows that see nothing), so empty tensors suffice.
+  at::Tensor dq = at::empty({p.total_q, p.H, p.D}, q.options());
+  at::Tensor dk = at::empty({k.size(0), p.Hkv, p.D}, q.options());
+  at::Tensor dv = at::empty({k.size(0), p.Hkv, p.D}, q.options());
+  AttentionGrads g;
+  g.dout = dout.data_ptr();
+  g.do_sb = 0; g.do_sh = dout.stride(1); g.do_ss = dout.stride(0);
+  g.dq = dq.data_ptr(); g.dk = dk.data_ptr(); g.dv = dv.data_ptr();
+  cpu::attention_backward(p, g);
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+  // q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_* int32 (B+1,): packed sequences,
+  // bottom-right causal/window per sequence. lse is (H, total_q) fp32.
+  m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal, "
+        "int window_left, int window_right, float softcap, float dropout_p, int seed, "
+        "int offset) -> (Tensor out, Tensor lse)");
+  m.def("varlen_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, float scale, bool causal, int window_left, int window_right, "
+        "float softcap, float dropout_p, int seed, int offset) -> (Tensor dq, Tensor dk, "
+        "Tensor dv)");
+}
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("varlen_attention_forward", &varlen_attention_forward_cpu);
+  m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
+}
+
+}  // namespace fastattn
