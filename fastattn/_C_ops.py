@@ -25,6 +25,7 @@ _KERNEL_OPS = {
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
     "rotary": ("rotary_forward", "rotary_forward_out", "rotary_forward_inplace"),
 }
+_KERNEL_OPS["kvcache_attention"] = ("kvcache_attention_forward",)
 
 
 def _has_op(name):
@@ -74,8 +75,8 @@ def unsupported(op, **case):
     if device not in (None, "cpu", "cuda"):
         return f"no kernels for device {device}"
     if device == "cuda":
-        if op in ("attention", "varlen_attention"):
-            return "no CUDA attention kernel in fastattn._C (use the triton backend)"
+        if op in ("attention", "varlen_attention", "kvcache_attention"):
+            return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
     if (op == "attention" and case.get("dropout_p", 0.0) > 0
@@ -218,6 +219,16 @@ def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out=
     return q_out, k_out
 
 
+# ------------------------------------------------------------------ kvcache attention
+
+def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new, block_table,
+                              cache_batch_idx, scale, causal, window_left, window_right,
+                              softcap):
+    return _ops().kvcache_attention_forward(
+        q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, int(seqlen_new),
+        float(scale), bool(causal), int(window_left), int(window_right), float(softcap))
+
+
 # ------------------------------------------------------------------ fake implementations
 
 def _empty(ref, shape, dtype=None):
@@ -301,6 +312,13 @@ def _fake_varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_se
     return _empty(q, tuple(q.shape)), _empty(q, tuple(k.shape)), _empty(q, tuple(v.shape))
 
 
+def _fake_kvcache_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table,
+                                    cache_batch_idx, seqlen_new, scale, causal, window_left,
+                                    window_right, softcap):
+    b, sq, h, d = q.shape
+    return _empty(q, (b, sq, h, d)), _empty(q, (b, h, sq), torch.float32)
+
+
 def _register_fakes():
     for name, fn in {
         "softmax_forward": _fake_softmax_forward,
@@ -317,6 +335,7 @@ def _register_fakes():
         "attention_dropout_mask": _fake_attention_dropout_mask,
         "varlen_attention_forward": _fake_varlen_attention_forward,
         "varlen_attention_backward": _fake_varlen_attention_backward,
+        "kvcache_attention_forward": _fake_kvcache_attention_forward,
     }.items():
         if _has_op(name):
             torch.library.register_fake(f"fastattn::{name}", fn)

@@ -10,6 +10,7 @@ from ._backend import available_backends, record_dispatch, use_backend
 from ._ext import build_info
 from .functional import (apply_rotary, apply_rotary_qk, layer_norm, rms_norm, rotary_cache,
                          scaled_dot_product_attention, softmax)
+from .kvcache import kvcache_attention
 from .nn import LayerNorm, MultiHeadAttention, RMSNorm, RotaryEmbedding, patch
 from .varlen import varlen_attention
 
@@ -19,5 +20,5 @@ __all__ = [
     "MultiHeadAttention", "LayerNorm", "RMSNorm", "RotaryEmbedding", "patch",
     "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm", "apply_rotary",
     "apply_rotary_qk", "rotary_cache", "use_backend", "available_backends", "record_dispatch",
-    "build_info", "varlen_attention",
+    "build_info", "varlen_attention", "kvcache_attention",
 ]

@@ -29,6 +29,7 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 TRITON_MODULES = {"attention": "attention", "softmax": "softmax", "layer_norm": "layer_norm",
                   "rms_norm": "layer_norm", "rotary": "rotary",
                   "varlen_attention": "varlen_attention"}
+TRITON_MODULES["kvcache_attention"] = "kvcache_attention"
 
 _override = contextvars.ContextVar("fastattn_backend", default=None)
 _dispatch_logs = contextvars.ContextVar("fastattn_dispatch_logs", default=())

@@ -214,3 +214,6 @@ def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out,
     rotary_forward(k, cos, sin, interleaved=interleaved, offsets=offsets, conjugate=conjugate,
                    out=k_out, positions=positions)
     return q_out, k_out
+
+
+from ._kvcache_torch import kvcache_attention_forward  # noqa: E402,F401  (kvcache_attention)
