@@ -87,15 +87,18 @@ def test_training_step_loss_and_grads(family):
 
 def test_no_padding_uses_causal_kernel_and_decode_path():
     """Unpadded prompt: prefill runs the causal kernel without a mask, every cached decode
-    step (1 query, many keys) the decode path - never a dense masked call."""
+    step (1 query, many keys) fastattn.kvcache_attention on the cache tensors - never a dense
+    masked call."""
     ref, new = build_pair("llama")
     ids = torch.randint(3, 128, (2, 9))
-    with torch.no_grad(), record_routes() as routes:
+    with torch.no_grad(), record_routes() as routes, fastattn.record_dispatch() as calls:
         got = new.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     want = ref.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
     layers = 2
     assert routes == ["dense"] * layers + ["decode"] * (4 * layers), routes
+    attn = [c for c in calls if "attention" in c[0]]
+    assert attn == [("attention", "cpu")] * layers + [("kvcache_attention", "cpu")] * (4 * layers)
 
 
 def test_patch_contract():

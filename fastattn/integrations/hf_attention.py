@@ -11,8 +11,9 @@ and packed sequences.
 Routes (see `record_routes`):
   "varlen"  padding-free packed batch (cu_seq_lens_q/k kwargs, or position_ids restarting at 0)
             -> fastattn.varlen_attention, one call over all sequences (no (S, S) mask).
-  "decode"  Sq < Sk with no mask (a cached decode step) -> the dense kernel's decode path,
-            bottom-right causal.
+  "decode"  Sq < Sk with no mask (a cached decode step) -> fastattn.kvcache_attention over
+            transformers' cache tensors in place (split-K over the cache; bottom-right causal),
+            or the dense kernel's decode path when gradients are needed.
   "dense"   no mask, Sq == Sk (or an empty static cache) -> causal dense kernel, window from
             sliding_window.
   "masked"  a boolean/float mask (padding, custom patterns) -> dense kernel with the mask.
@@ -51,6 +52,11 @@ def _varlen_fn():
     return getattr(fastattn, "varlen_attention", None)
 
 
+def _kvcache_fn():
+    import fastattn
+    return getattr(fastattn, "kvcache_attention", None)
+
+
 def _cu_seqlens_from_position_ids(position_ids):
     """cu_seqlens (int32, (N + 1,)) and the longest length of the sequences packed along one
     row of position_ids (1, S): a new sequence starts wherever the position does not grow by
@@ -82,9 +88,11 @@ def _packed_layout(query, key, attention_mask, kwargs):
         max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
         return cu_q, cu_k, max_q, max_k
     position_ids = kwargs.get("position_ids")
-    # transformers builds a packed (block-diagonal) mask only without a 2-D padding mask and
-    # without a cache; no mask here means it found one sequence per row.
-    if (position_ids is None or attention_mask is None or query.shape[0] != 1
+    # As transformers' flash-attention path: one row whose positions restart is a packed
+    # batch, whether or not a block-diagonal mask was built (transformers skips it when the
+    # model made a cache, e.g. use_cache=True in training). Only without cached keys
+    # (Sq == Sk); never under torch.compile (reading the positions is data-dependent).
+    if (position_ids is None or query.shape[0] != 1
             or query.shape[2] != key.shape[2] or query.shape[2] < 2
             or position_ids.numel() != query.shape[2] or torch.compiler.is_compiling()):
         return None
@@ -165,6 +173,21 @@ def fastattn_attention_forward(module, query, key, value, attention_mask, dropou
         is_causal_call = causal and sq > 1
         window = _window(sliding_window, causal)
         route = "decode" if sq < sk else "dense"
+        kvcache = _kvcache_fn()
+        needs_grad = torch.is_grad_enabled() and (
+            query.requires_grad or key.requires_grad or value.requires_grad)
+        if route == "decode" and (sq == 1 or not causal) and kvcache is not None \
+                and not needs_grad and dropout_p == 0.0:
+            # transformers' cache already holds this step's keys: attend over all sk of them,
+            # reading the (B, Hkv, Sk, D) tensors through a (B, Sk, Hkv, D) view (no copy)
+            _log_route("decode")
+            res = kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          cache_seqlens=sk, scale=scaling, is_causal=causal, window=window,
+                          softcap=softcap, return_lse=want_lse)
+            if not want_lse:
+                return res, None
+            out, lse = res                                  # (B, Sq, H, D), (B, H, Sq)
+            return _apply_sinks(out.transpose(1, 2), lse, s_aux).transpose(1, 2), None
         if causal and sq > 1 and sk > sq:
             # transformers only drops the mask here when the cache was empty (a static cache's
             # unfilled tail follows the queries): top-left, as SDPA's is_causal
