@@ -63,13 +63,14 @@ def test_from_config_and_set_attn_implementation():
     assert m.config._attn_implementation == "fastattn"
 
 
-def test_torch_compile_forward():
+@pytest.mark.parametrize("patched", [False, True])
+def test_torch_compile_forward(patched):
     """torch.compile traces the attention function and the custom ops (aot_eager: the graph
-    capture without inductor's C++ compile time)."""
+    capture without inductor's C++ compile time); patched: norms and rotary too."""
     pytest.importorskip("transformers")
     from hf_models import build_pair
     import fastattn
-    ref, new = build_pair("llama", patch=False)
+    ref, new = build_pair("llama", patch=patched)
     ids = torch.randint(3, 128, (2, 11))
     compiled = torch.compile(new, backend="aot_eager", fullgraph=False)
     with torch.no_grad(), fastattn.record_dispatch() as calls:
