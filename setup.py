@@ -109,11 +109,13 @@ setup(
     description="Fused attention, softmax, norm and RoPE kernels behind drop-in PyTorch modules",
     python_requires=">=3.10",
     packages=["fastattn", "fastattn.ops", "fastattn.nn", "fastattn.kernels",
-              "fastattn.distributed"],
+              "fastattn.distributed",
+              "fastattn.integrations"],
     # kernels/ ships as fastattn.kernels; no top-level `kernels` package is installed
     # (that name belongs to an unrelated PyPI project).
     package_dir={"fastattn.kernels": "kernels"},
     install_requires=["torch"],
+    extras_require={"transformers": ["transformers>=5.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -5,7 +5,8 @@
 
 Times every case of the chosen ops with fastattn and its PyTorch counterpart interleaved in
 this process (median of rounds), prints one table per op, and optionally writes JSON (schema:
-benchmarks/README.md) and PNG plots. Ops: attention softmax layer_norm rms_norm rotary mha e2e.
+benchmarks/README.md) and PNG plots. Ops: attention softmax layer_norm rms_norm rotary mha e2e,
+and hf (Hugging Face models; only when named).
 """
 
 import argparse
@@ -15,9 +16,10 @@ import sys
 import torch
 
 from . import machine, report, runner
-from .cases import OPS, build_cases
+from .cases import MODEL_OPS, OPS, build_cases
 
 ALL_OPS = OPS + ("e2e",)
+CHOICES = ALL_OPS + MODEL_OPS          # hf: Hugging Face models, only when named
 
 
 def parse_args(argv):
@@ -27,8 +29,9 @@ def parse_args(argv):
                     help="main shapes only, fewer rounds (under 2 minutes on 2 CPU cores)")
     ap.add_argument("--device", choices=("cpu", "cuda"),
                     default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--ops", nargs="+", choices=ALL_OPS, metavar="OP",
-                    help=f"subset of {' '.join(ALL_OPS)} (default: all; --quick leaves out e2e)")
+    ap.add_argument("--ops", nargs="+", choices=CHOICES, metavar="OP",
+                    help=f"subset of {' '.join(CHOICES)} (default: all but hf; --quick "
+                         f"leaves out e2e)")
     ap.add_argument("--backends", nargs="+", help="fastattn backends to time "
                     "(default: cpu on CPU, triton and cuda on CUDA)")
     ap.add_argument("--json", metavar="PATH", help="write {machine, limits, results} here")

@@ -16,7 +16,7 @@ using OptTensor = std::optional<at::Tensor>;
 
 void rotary_run(const char* fn, const at::Tensor& x, const at::Tensor& cos_in,
                 const at::Tensor& sin_in, bool interleaved, const OptTensor& offsets_in,
-                bool conjugate, const at::Tensor& out) {
+                bool conjugate, const at::Tensor& out, const OptTensor& positions_in) {
   RotaryParams p;
   p.dtype = dtype_of(x, fn, "x");
   TORCH_CHECK(x.dim() == 4, fn, ": x must be 4-D (batch, seq, heads, head_dim), got shape ",
@@ -45,9 +45,27 @@ void rotary_run(const char* fn, const at::Tensor& x, const at::Tensor& cos_in,
     check_shape(offsets, {batch}, fn, "offsets");
     offsets = offsets.to(at::kLong).contiguous();
   }
+  // positions (B, S): the cache row of every token (left-padded batches, packed sequences).
+  at::Tensor positions;
+  if (positions_in.has_value() && positions_in->defined()) {
+    positions = *positions_in;
+    check_device(positions, x, fn, "positions", "x");
+    TORCH_CHECK(positions.scalar_type() == at::kInt || positions.scalar_type() == at::kLong, fn,
+                ": positions must be int32 or int64, got ", positions.scalar_type());
+    check_shape(positions, {batch, seqlen}, fn, "positions");
+    TORCH_CHECK(!offsets.defined(), fn, ": pass offsets or positions, not both");
+    positions = positions.to(at::kLong).contiguous();
+  }
   if (x.numel() == 0) return;
+  if (positions.defined() && positions.is_cpu() && positions.numel() > 0) {
+    const int64_t lo = positions.min().item<int64_t>(), hi = positions.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < s_cache, fn, ": positions must lie in [0, ", s_cache,
+                "), got [", lo, ", ", hi, "]");
+  }
   // Positions must lie in the cache; checked where it costs no device sync.
-  if (!offsets.defined()) {
+  if (positions.defined()) {
+    // checked above (CPU); CUDA kernels yield NaN for a position outside the cache
+  } else if (!offsets.defined()) {
     TORCH_CHECK(seqlen <= s_cache, fn, ": seq length ", seqlen, " exceeds the cos/sin cache (",
                 s_cache, " positions)");
   } else if (offsets.is_cpu()) {
@@ -61,6 +79,7 @@ void rotary_run(const char* fn, const at::Tensor& x, const at::Tensor& cos_in,
   p.cos = cos.data_ptr<float>();
   p.sin = sin.data_ptr<float>();
   p.offsets = offsets.defined() ? offsets.data_ptr<int64_t>() : nullptr;
+  p.positions = positions.defined() ? positions.data_ptr<int64_t>() : nullptr;
   p.batch = batch;
   p.seqlen = seqlen;
   p.heads = x.size(2);
@@ -83,15 +102,17 @@ void rotary_run(const char* fn, const at::Tensor& x, const at::Tensor& cos_in,
 }
 
 at::Tensor rotary_forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                          bool interleaved, const OptTensor& offsets, bool conjugate) {
+                          bool interleaved, const OptTensor& offsets, bool conjugate,
+                          const OptTensor& positions) {
   at::Tensor out = at::empty(x.sizes(), x.options());
-  rotary_run("fastattn.rotary_forward", x, cos, sin, interleaved, offsets, conjugate, out);
+  rotary_run("fastattn.rotary_forward", x, cos, sin, interleaved, offsets, conjugate, out,
+             positions);
   return out;
 }
 
 void rotary_forward_out(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                         bool interleaved, const OptTensor& offsets, bool conjugate,
-                        const at::Tensor& out) {
+                        const at::Tensor& out, const OptTensor& positions) {
   constexpr const char* fn = "fastattn.rotary_forward_out";
   // A partial overlap would let one row's writes feed another row's reads.
   if (out.defined() && x.defined() && out.numel() > 0) {
@@ -101,28 +122,29 @@ void rotary_forward_out(const at::Tensor& x, const at::Tensor& cos, const at::Te
     TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial, fn,
                 ": out must not share memory with x; use rotary_forward_inplace");
   }
-  rotary_run(fn, x, cos, sin, interleaved, offsets, conjugate, out);
+  rotary_run(fn, x, cos, sin, interleaved, offsets, conjugate, out, positions);
 }
 
 void rotary_forward_inplace(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                            bool interleaved, const OptTensor& offsets, bool conjugate) {
+                            bool interleaved, const OptTensor& offsets, bool conjugate,
+                            const OptTensor& positions) {
   constexpr const char* fn = "fastattn.rotary_forward_inplace";
   if (x.defined() && x.numel() > 0) {
     TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, fn,
                 ": x must not overlap itself (an expanded tensor?)");
   }
-  rotary_run(fn, x, cos, sin, interleaved, offsets, conjugate, x);
+  rotary_run(fn, x, cos, sin, interleaved, offsets, conjugate, x, positions);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastattn, m) {
   m.def("rotary_forward(Tensor x, Tensor cos, Tensor sin, bool interleaved, Tensor? offsets,"
-        " bool conjugate) -> Tensor");
+        " bool conjugate, Tensor? positions=None) -> Tensor");
   m.def("rotary_forward_out(Tensor x, Tensor cos, Tensor sin, bool interleaved, Tensor? offsets,"
-        " bool conjugate, Tensor(a!) out) -> ()");
+        " bool conjugate, Tensor(a!) out, Tensor? positions=None) -> ()");
   m.def("rotary_forward_inplace(Tensor(a!) x, Tensor cos, Tensor sin, bool interleaved,"
-        " Tensor? offsets, bool conjugate) -> ()");
+        " Tensor? offsets, bool conjugate, Tensor? positions=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {

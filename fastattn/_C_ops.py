@@ -44,6 +44,12 @@ def _ops():
     return torch.ops.fastattn
 
 
+@functools.lru_cache(maxsize=None)
+def _rotary_takes_positions():
+    schema = torch.ops.fastattn.rotary_forward.default._schema
+    return any(a.name == "positions" for a in schema.arguments)
+
+
 def _cuda_compiled():
     if not _has_op("build_info"):
         return False
@@ -78,6 +84,8 @@ def unsupported(op, **case):
     if (op == "attention" and case.get("dropout_p", 0.0) > 0
             and not _has_op("attention_dropout_mask")):
         return "fastattn._C was built without attention dropout (rebuild it)"
+    if op == "rotary" and case.get("positions") and not _rotary_takes_positions():
+        return "fastattn._C was built without rotary positions (rebuild it)"
     if op in ("attention", "varlen_attention") and case.get("v_head_dim", case.get("head_dim")) != case.get("head_dim"):
         return "v head dim != q/k head dim (the CPU kernels take one head dim)"
     return None
@@ -193,24 +201,28 @@ def _same_view(a, b):
             and a.dtype == b.dtype and a.device == b.device)
 
 
-def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out=None):
+def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out=None, positions=None):
     ops = _ops()
+    extra = () if positions is None else (positions,)   # old builds lack the argument
     if out is None:
-        return ops.rotary_forward(x, cos, sin, bool(interleaved), offsets, bool(conjugate))
+        return ops.rotary_forward(x, cos, sin, bool(interleaved), offsets, bool(conjugate),
+                                  *extra)
     if _same_view(out, x):
-        ops.rotary_forward_inplace(x, cos, sin, bool(interleaved), offsets, bool(conjugate))
+        ops.rotary_forward_inplace(x, cos, sin, bool(interleaved), offsets, bool(conjugate),
+                                   *extra)
     else:
-        ops.rotary_forward_out(x, cos, sin, bool(interleaved), offsets, bool(conjugate), out)
+        ops.rotary_forward_out(x, cos, sin, bool(interleaved), offsets, bool(conjugate), out,
+                               *extra)
     return out
 
 
 def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out=None,
-                      k_out=None):
+                      k_out=None, positions=None):
     # Two launches of the same kernel (q and k differ in head count and strides).
     q_out = rotary_forward(q, cos, sin, interleaved=interleaved, offsets=offsets,
-                           conjugate=conjugate, out=q_out)
+                           conjugate=conjugate, out=q_out, positions=positions)
     k_out = rotary_forward(k, cos, sin, interleaved=interleaved, offsets=offsets,
-                           conjugate=conjugate, out=k_out)
+                           conjugate=conjugate, out=k_out, positions=positions)
     return q_out, k_out
 
 

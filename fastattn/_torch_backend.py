@@ -220,19 +220,20 @@ def rms_norm_backward(dy, h, weight, rstd, dh_extra):
 
 # ------------------------------------------------------------------ rotary
 
-def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out):
+def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out, positions=None):
     # x (B, S, H, D): the sequence is dim 1 and the batch dim 0.
     y = reference.apply_rotary(x, cos, sin, interleaved=interleaved, seq_dim=1, offsets=offsets,
-                               conjugate=conjugate)
+                               conjugate=conjugate, positions=positions)
     out.copy_(y)
     return out
 
 
-def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out, k_out):
+def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out, k_out,
+                      positions=None):
     rotary_forward(q, cos, sin, interleaved=interleaved, offsets=offsets, conjugate=conjugate,
-                   out=q_out)
+                   out=q_out, positions=positions)
     rotary_forward(k, cos, sin, interleaved=interleaved, offsets=offsets, conjugate=conjugate,
-                   out=k_out)
+                   out=k_out, positions=positions)
     return q_out, k_out
 
 

@@ -346,7 +346,7 @@ def _shares_memory_with(v, x):
     return v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
 
 
-def _check_rotary_tables(x4, cos, sin, offsets):
+def _check_rotary_tables(x4, cos, sin, offsets, positions=None):
     for pname, t in (("cos", cos), ("sin", sin)):
         _checks.check_tensor(pname, t, ndim=2)
         if t.device != x4.device:
@@ -361,6 +361,21 @@ def _check_rotary_tables(x4, cos, sin, offsets):
         raise ValueError(f"cos/sin of shape {tuple(cos.shape)} rotate {rot} features but the "
                          f"head dim is {x4.shape[-1]} (need 0 < 2 * cos.shape[1] <= head dim)")
     b, s = x4.shape[0], x4.shape[1]
+    if positions is not None:
+        if offsets is not None:
+            raise ValueError("pass offsets or positions, not both")
+        _checks.check_tensor("positions", positions, dtypes=(torch.int32, torch.int64))
+        if positions.dim() == 1 and b == 1:
+            positions = positions.unsqueeze(0)
+        if positions.dim() != 2 or positions.shape[1] != s or positions.shape[0] not in (1, b):
+            raise ValueError(f"positions must have shape ({b}, {s}) (or (1, {s})), got "
+                             f"{tuple(positions.shape)}")
+        positions = positions.to(x4.device).expand(b, s)
+        if positions.numel() and not torch.compiler.is_compiling() and (
+                int(positions.min()) < 0 or int(positions.max()) >= cos.shape[0]):
+            raise ValueError(f"positions must lie in [0, {cos.shape[0]}) (the cos/sin cache), "
+                             f"got [{int(positions.min())}, {int(positions.max())}]")
+        return 2 * cos.shape[1], None, positions
     if offsets is not None:
         _checks.check_tensor("offsets", offsets, ndim=1, dtypes=(torch.int32, torch.int64))
         if offsets.shape[0] != b:
@@ -373,30 +388,35 @@ def _check_rotary_tables(x4, cos, sin, offsets):
     elif s > cos.shape[0]:
         raise ValueError(f"sequence length {s} exceeds the cos/sin cache of {cos.shape[0]} "
                          f"positions")
-    return rot, offsets
+    return rot, offsets, None
 
 
-def _rotary_backend(x4, rot, interleaved, offsets, inplace):
+def _rotary_backend(x4, rot, interleaved, offsets, inplace, positions=None):
+    extra = {} if positions is None else {"positions": True}
     name = _backend.select("rotary", x4.device.type, dtype=x4.dtype, head_dim=x4.shape[-1],
                               rot_dim=rot, interleaved=bool(interleaved),
                               offsets=offsets is not None, inplace=inplace,
-                              device=x4.device.type)
+                              device=x4.device.type, **extra)
     return name
 
 
-def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, inplace=False):
+def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, inplace=False,
+                 positions=None):
     """Rotary position embedding on the first R = 2 * cos.shape[1] features of x.
 
     x (..., S, ..., D) with the sequence at seq_dim and the batch at dim 0 (for `offsets`);
     cos, sin (S_cache, R/2), from fastattn.rotary_cache. interleaved=False is GPT-NeoX style
     (rotate halves), True is GPT-J style (adjacent pairs). offsets (B,): per-batch position
-    offsets (decoding with a KV cache). inplace=True writes into x (no autograd) and returns x;
+    offsets (decoding with a KV cache). positions (B, S) int: the cache row of every token
+    (Hugging Face's position_ids: left-padded batches, packed sequences); instead of offsets.
+    inplace=True writes into x (no autograd) and returns x;
     x must not overlap itself (an expanded tensor). Any strided layout of up to 4 dims is read
     and written without a copy; with more dims whose head dims cannot be merged into one
     strided dim, x is rotated in a contiguous copy (in place there too) that is written back.
     """
     x4 = _rotary_view("x", x, seq_dim)
-    rot, offsets = _check_rotary_tables(x4, cos, sin, offsets)
+    rot, offsets, positions = _check_rotary_tables(x4, cos, sin, offsets, positions)
+    pos_arg = () if positions is None else (positions,)
     if inplace:
         if x.requires_grad and torch.is_grad_enabled():
             raise ValueError("apply_rotary(inplace=True) does not support autograd; x requires "
@@ -405,16 +425,17 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, in
             raise ValueError(f"apply_rotary(inplace=True): x of shape {tuple(x.shape)} and "
                              f"strides {x.stride()} overlaps itself (an expanded tensor?); "
                              f"rotate x.clone() or use inplace=False")
-    backend = _rotary_backend(x4, rot, interleaved, offsets, inplace)
+    backend = _rotary_backend(x4, rot, interleaved, offsets, inplace, positions)
     if inplace:
-        _rotary_ops.rotary_inplace_op(x4, cos, sin, offsets, bool(interleaved), False, backend)
+        _rotary_ops.rotary_inplace_op(x4, cos, sin, offsets, bool(interleaved), False, backend,
+                                      *pos_arg)
         if not _shares_memory_with(x4, x):
             # the head dims did not merge and x4 is a contiguous copy: write it back into x
             moved = _rotary_moved("x", x, seq_dim)        # (B, S, ..., D), a view of x
             moved.copy_(x4.view(moved.shape))
         return x
     y4 = _backend.eager_call(_rotary_ops.rotary_op, _rotary_ops.rotary_impl, backend,
-                             x4, cos, sin, offsets, bool(interleaved), False, backend)
+                             x4, cos, sin, offsets, bool(interleaved), False, backend, *pos_arg)
     return _undo_rotary_view(y4, x, seq_dim)
 
 
@@ -427,7 +448,8 @@ def _undo_rotary_view(y4, x, seq_dim):
     return y if seq_dim % x.dim() > 0 else y.squeeze(0)
 
 
-def apply_rotary_qk(q, k, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None):
+def apply_rotary_qk(q, k, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None,
+                    positions=None):
     """Rotate q and k; same arguments as apply_rotary. One kernel launch for both on the triton
     backend; the cpu and cuda backends launch once per tensor."""
     q4, k4 = _rotary_view("q", q, seq_dim), _rotary_view("k", k, seq_dim)
@@ -435,10 +457,12 @@ def apply_rotary_qk(q, k, cos, sin, *, interleaved=False, seq_dim=-2, offsets=No
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, sequence "
                          f"and head dim")
     _checks.check_same("k", k, "q", q)
-    rot, offsets = _check_rotary_tables(q4, cos, sin, offsets)
-    backend = _rotary_backend(q4, rot, interleaved, offsets, False)
+    rot, offsets, positions = _check_rotary_tables(q4, cos, sin, offsets, positions)
+    backend = _rotary_backend(q4, rot, interleaved, offsets, False, positions)
+    pos_arg = () if positions is None else (positions,)
     qo, ko = _backend.eager_call(_rotary_ops.rotary_qk_op, _rotary_ops.rotary_qk_impl, backend,
-                                 q4, k4, cos, sin, offsets, bool(interleaved), False, backend)
+                                 q4, k4, cos, sin, offsets, bool(interleaved), False, backend,
+                                 *pos_arg)
     return _undo_rotary_view(qo, q, seq_dim), _undo_rotary_view(ko, k, seq_dim)
 
 

@@ -248,11 +248,13 @@ def rotary_cache(seq_len, rot_dim, *, base=10000.0, scaling=None, device=None,
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, conjugate=False):
+def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, conjugate=False,
+                 positions=None):
     """Rotate the first R = 2 * cos.shape[-1] features of x.
 
     x (..., S, ..., D) with the sequence at `seq_dim`; dim 0 is the batch for `offsets` (B,),
-    which shift each batch's positions. NeoX style pairs (d, d + R/2), GPT-J style (interleaved)
+    which shift each batch's positions, or `positions` (B, S), the cache row of every token
+    (left-padded batches, packed sequences). NeoX style pairs (d, d + R/2), GPT-J style (interleaved)
     pairs (2d, 2d + 1). conjugate=True rotates by the negative angle (the backward).
     """
     half = cos.shape[-1]
@@ -262,7 +264,13 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, co
     seq_dim = seq_dim % x.dim()
     s = x.shape[seq_dim]
     pos = torch.arange(s, device=x.device)
-    if offsets is None:
+    if positions is not None:
+        idx = positions.to(x.device).long()                           # (B, S)
+        c, si = cos[idx], sin[idx]                                    # (B, S, R/2)
+        view = [1] * x.dim()
+        view[0], view[seq_dim], view[-1] = x.shape[0], s, half
+        c, si = c.reshape(view), si.reshape(view)
+    elif offsets is None:
         c, si = cos[pos], sin[pos]                                    # (S, R/2)
         view = [1] * x.dim()
         view[seq_dim], view[-1] = s, half

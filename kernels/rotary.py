@@ -1,5 +1,6 @@
 """Rotary position embedding (RoPE) as a Triton kernel: NeoX (rotate halves) and GPT-J
-(adjacent pairs) styles, partial rotary dim, per-batch position offsets, conjugate rotation
+(adjacent pairs) styles, partial rotary dim, per-batch position offsets or per-token positions
+(B, S), conjugate rotation
 (= the backward), in place or out of place, any strides.
 
 One program owns one token (b, s) and a block of BLOCK_H heads; q and k share one launch (the
@@ -75,14 +76,14 @@ def _rotate_heads(x_ptr, o_ptr, cos_row, sin_row, pos_ok, b, s, h0, H, R2, D,
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, off_ptr,
+    q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, off_ptr, pos_ptr,
     S, HQ, HK, R2, D, S_CACHE, q_head_blocks,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_qob, stride_qos, stride_qoh, stride_qod,
     stride_kob, stride_kos, stride_koh, stride_kod,
     stride_cs, stride_ck,
-    sign, has_offsets, copy_rest_q, copy_rest_k,
+    sign, has_offsets, has_positions, copy_rest_q, copy_rest_k,
     INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
@@ -92,7 +93,9 @@ def _rotary_kernel(
     pos = s
     if has_offsets != 0:
         pos = s + tl.load(off_ptr + b).to(tl.int64)
-    pos_ok = pos < S_CACHE               # the ops layer checks; never read past the cache
+    if has_positions != 0:               # (B, S) contiguous: the cache row of this token
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+    pos_ok = (pos >= 0) & (pos < S_CACHE)  # the ops layer checks; never read outside the cache
     cos_row = cos_ptr + pos * stride_cs
     sin_row = sin_ptr + pos * stride_cs
     if hb < q_head_blocks:
@@ -154,7 +157,7 @@ def _same_view(a, b):
     return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
-def _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out):
+def _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out, positions=None):
     b, s, hq, d = q.shape
     hk = k.shape[2] if k is not None else 0
     cos, sin, r2 = _tables(cos, sin, q, d)
@@ -165,6 +168,15 @@ def _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out):
         offs = offsets.to(device=q.device, dtype=torch.int32)
     else:
         offs = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if positions is not None:
+        if offsets is not None:
+            raise ValueError("triton rotary: pass offsets or positions, not both")
+        if tuple(positions.shape) != (b, s):
+            raise ValueError(f"triton rotary: positions must have shape ({b}, {s}), got "
+                             f"{tuple(positions.shape)}")
+        poss = positions.to(device=q.device, dtype=torch.int32).contiguous()
+    else:
+        poss = offs
     if q.numel() == 0 and hk == 0:
         return
     block_k = _pick(K_BLOCKS, r2)
@@ -176,26 +188,28 @@ def _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out):
     if b * s == 0 or q_blocks + k_blocks == 0:
         return
     _rotary_kernel[(b * s, q_blocks + k_blocks)](
-        q, k, q_out, k_out, cos, sin, offs,
+        q, k, q_out, k_out, cos, sin, offs, poss,
         s, hq, hk, r2, d, cos.shape[0], q_blocks,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
         cos.stride(0), cos.stride(1),
-        -1.0 if conjugate else 1.0, int(offsets is not None),
+        -1.0 if conjugate else 1.0, int(offsets is not None), int(positions is not None),
         int(not _same_view(q_out, q)), int(not _same_view(k_out, k)),
         INTERLEAVED=bool(interleaved), BLOCK_H=block_h, BLOCK_K=block_k,
         num_warps=_num_warps(block_h, block_k))
 
 
-def rotary_forward(x, cos, sin, *, interleaved=False, offsets=None, conjugate=False, out=None):
-    """Rotate the first R = 2 * cos.shape[1] features of x (B, S, H, D); returns out."""
+def rotary_forward(x, cos, sin, *, interleaved=False, offsets=None, conjugate=False, out=None,
+                   positions=None):
+    """Rotate the first R = 2 * cos.shape[1] features of x (B, S, H, D); returns out.
+    positions (B, S): the cache row of every token (instead of s + offsets[b])."""
     _check_x(x, "x")
     out = _check_out(out, x, "out")
-    _launch(x, None, cos, sin, interleaved, offsets, conjugate, out, None)
+    _launch(x, None, cos, sin, interleaved, offsets, conjugate, out, None, positions)
     return out
 
 
 def rotary_forward_qk(q, k, cos, sin, *, interleaved=False, offsets=None, conjugate=False,
-                      q_out=None, k_out=None):
+                      q_out=None, k_out=None, positions=None):
     """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) in one launch; returns (q_out, k_out)."""
     _check_x(q, "q")
     _check_x(k, "k")
@@ -205,7 +219,7 @@ def rotary_forward_qk(q, k, cos, sin, *, interleaved=False, offsets=None, conjug
                          f"{tuple(q.shape)} {q.dtype} in batch, sequence, head dim and dtype")
     q_out = _check_out(q_out, q, "q_out")
     k_out = _check_out(k_out, k, "k_out")
-    _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out)
+    _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out, positions)
     return q_out, k_out
 
 
@@ -229,12 +243,13 @@ def static_variants(arch):
                     for _, block_h in H_BLOCKS:
                         sig = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "qo_ptr": f"*{t}",
                                "ko_ptr": f"*{t}", "cos_ptr": f"*{ct}", "sin_ptr": f"*{ct}",
-                               "off_ptr": "*i32"}
+                               "off_ptr": "*i32", "pos_ptr": "*i32"}
                         sig.update({k: "i32" for k in ("S", "HQ", "HK", "R2", "D", "S_CACHE",
                                                        "q_head_blocks")})
                         for p in ("q", "k", "qo", "ko"):
                             sig.update({f"stride_{p}{a}": "i32" for a in "bsh"})
                         sig.update({"stride_cs": "i32", "sign": "fp32", "has_offsets": "i32",
+                                    "has_positions": "i32",
                                     "copy_rest_q": "i32", "copy_rest_k": "i32"})
                         # as the JIT specialises them: unit feature / table strides
                         consts = {"stride_qd": 1, "stride_kd": 1, "stride_qod": 1,

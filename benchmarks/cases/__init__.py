@@ -1,8 +1,10 @@
 """The benchmark cases of every op, for the pytest microbenchmarks, the CLI and the gate."""
 
-from . import attention, kvcache, mha, norms, rotary, softmax, varlen
+from . import attention, hf, kvcache, mha, norms, rotary, softmax, varlen
 
 OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha", "varlen", "kvcache")
+# Whole-model cases (minutes each), only when asked for by name: --ops hf
+MODEL_OPS = ("hf",)
 
 
 def default_backends(device_type):
@@ -17,8 +19,8 @@ def build_cases(device_type, quick=False, ops=OPS, backends=None):
     for op in ops:
         if op in ("layer_norm", "rms_norm"):
             out += norms.cases(op, device_type, quick, backends)
-        elif op in OPS:
+        elif op in OPS or op in MODEL_OPS:
             out += globals()[op].cases(device_type, quick, backends)
         else:
-            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS + MODEL_OPS)}")
     return out

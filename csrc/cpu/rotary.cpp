@@ -77,7 +77,7 @@ void forward(const RotaryParams& p) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t h = r % p.heads, s = (r / p.heads) % p.seqlen, b = r / (p.heads * p.seqlen);
-      const int64_t pos = s + (p.offsets ? p.offsets[b] : 0);
+      const int64_t pos = rotary_position(p, b, s);
       const T* x = static_cast<const T*>(p.x) + b * p.x_strides[0] + s * p.x_strides[1] +
                    h * p.x_strides[2];
       T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + s * p.out_strides[1] +

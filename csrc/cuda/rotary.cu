@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kBlock) rotary_kernel(const RotaryParams p, in
       out[d * os] = x[d * xs];
       continue;
     }
-    const int64_t pos = s + (p.offsets ? p.offsets[b] : 0);
+    const int64_t pos = rotary_position(p, b, s);
     const int64_t i = rotary_first(k, p.rot_dim, p.interleaved);
     const int64_t i2 = rotary_second(k, p.rot_dim, p.interleaved);
     float oa = NAN, ob = NAN;  // a position outside the cache yields NaN, never a wild read

@@ -1,6 +1,7 @@
 """fastattn.patch(model): swap PyTorch's attention and norm modules for fastattn's, in place."""
 
 import logging
+import sys
 import warnings
 
 import torch
@@ -103,6 +104,13 @@ def _disable_encoder_fast_paths(root):
     return changed
 
 
+def _is_transformers_model(model):
+    if "transformers" not in sys.modules:      # never import transformers just to check
+        return False
+    from ..integrations.transformers import is_transformers_model
+    return is_transformers_model(model)
+
+
 def patch(model, *, attention=True, norms=True):
     """Replace every nn.MultiheadAttention (attention=True) and nn.LayerNorm / nn.RMSNorm
     (norms=True) in `model` with fastattn's drop-ins, in place.
@@ -113,13 +121,19 @@ def patch(model, *, attention=True, norms=True):
     warning. nn.TransformerEncoderLayer's inference fast path (eval mode / no_grad), which
     would run PyTorch's fused kernels instead of the swapped modules, is turned off on every
     layer that holds a fastattn module (and nn.TransformerEncoder's nested-tensor conversion
-    with it). Returns the model (the replacement itself when `model` is such a module) with
+    with it). A Hugging Face transformers model also gets attn_implementation="fastattn" and
+    fastattn's RMSNorm and rotary kernels (fastattn/integrations/hf_patch.py). Returns the
+    model (the replacement itself when `model` is such a module) with
     `fastattn_patched` = list of (qualified name, old type name, new type name); the summary
     is logged on the "fastattn" logger.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     replaced, memo = [], {}
+    if _is_transformers_model(model):
+        # Hugging Face model: attention implementation, RMSNorms and rotary (integrations/)
+        from ..integrations.hf_patch import patch_transformers_model
+        replaced.extend(patch_transformers_model(model, attention=attention, norms=norms))
 
     def visit(module, prefix):
         for name, child in list(module._modules.items()):

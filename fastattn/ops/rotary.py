@@ -13,18 +13,22 @@ from torch import Tensor
 from .. import _backend
 
 
-def _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend):
+def _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend, positions=None):
     if not conjugate:           # the forward (the conjugate rotation is the backward)
         _backend.log_dispatch("rotary", backend)
     impl = _backend.backend_module(backend, "rotary")
+    if positions is None:   # backends predating positions keep working
+        return impl.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=offsets,
+                                   conjugate=conjugate, out=out)
     return impl.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=offsets,
-                               conjugate=conjugate, out=out)
+                               conjugate=conjugate, out=out, positions=positions)
 
 
 def rotary_impl(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
-                interleaved: bool, conjugate: bool, backend: str) -> Tensor:
+                interleaved: bool, conjugate: bool, backend: str,
+                positions: Optional[Tensor] = None) -> Tensor:
     out = torch.empty_like(x)
-    _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend)
+    _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend, positions)
     return out
 
 
@@ -32,21 +36,21 @@ rotary_op = torch.library.custom_op("fastattn::rotary", rotary_impl, mutates_arg
 
 
 @rotary_op.register_fake
-def _(x, cos, sin, offsets, interleaved, conjugate, backend):
+def _(x, cos, sin, offsets, interleaved, conjugate, backend, positions=None):
     return torch.empty_like(x)
 
 
 def _setup(ctx, inputs, output):
-    x, cos, sin, offsets, interleaved, conjugate, backend = inputs
-    ctx.save_for_backward(cos, sin, offsets)
+    x, cos, sin, offsets, interleaved, conjugate, backend, positions = inputs
+    ctx.save_for_backward(cos, sin, offsets, positions)
     ctx.args = (interleaved, conjugate, backend)
 
 
 def _backward(ctx, dy):
-    cos, sin, offsets = ctx.saved_tensors
+    cos, sin, offsets, positions = ctx.saved_tensors
     interleaved, conjugate, backend = ctx.args
-    dx = rotary_op(dy, cos, sin, offsets, interleaved, not conjugate, backend)
-    return dx, None, None, None, None, None, None
+    dx = rotary_op(dy, cos, sin, offsets, interleaved, not conjugate, backend, positions)
+    return dx, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastattn::rotary", _backward, setup_context=_setup)
@@ -54,25 +58,28 @@ torch.library.register_autograd("fastattn::rotary", _backward, setup_context=_se
 
 @torch.library.custom_op("fastattn::rotary_", mutates_args=("x",))
 def rotary_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
-                      interleaved: bool, conjugate: bool, backend: str) -> None:
+                      interleaved: bool, conjugate: bool, backend: str,
+                      positions: Optional[Tensor] = None) -> None:
     """In-place rotation (no autograd: for inference and KV caches)."""
-    _rotate(x, cos, sin, interleaved, offsets, conjugate, x, backend)
+    _rotate(x, cos, sin, interleaved, offsets, conjugate, x, backend, positions)
 
 
 @rotary_inplace_op.register_fake
-def _(x, cos, sin, offsets, interleaved, conjugate, backend):
+def _(x, cos, sin, offsets, interleaved, conjugate, backend, positions=None):
     return None
 
 
 def rotary_qk_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
-                   interleaved: bool, conjugate: bool, backend: str) -> tuple[Tensor, Tensor]:
+                   interleaved: bool, conjugate: bool, backend: str,
+                   positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """q and k rotated (one launch on the triton backend; two on cpu and cuda)."""
     if not conjugate:
         _backend.log_dispatch("rotary", backend)
     impl = _backend.backend_module(backend, "rotary")
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    extra = {} if positions is None else {"positions": positions}
     impl.rotary_forward_qk(q, k, cos, sin, interleaved=interleaved, offsets=offsets,
-                           conjugate=conjugate, q_out=q_out, k_out=k_out)
+                           conjugate=conjugate, q_out=q_out, k_out=k_out, **extra)
     return q_out, k_out
 
 
@@ -80,22 +87,22 @@ rotary_qk_op = torch.library.custom_op("fastattn::rotary_qk", rotary_qk_impl, mu
 
 
 @rotary_qk_op.register_fake
-def _(q, k, cos, sin, offsets, interleaved, conjugate, backend):
+def _(q, k, cos, sin, offsets, interleaved, conjugate, backend, positions=None):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 def _qk_setup(ctx, inputs, output):
-    q, k, cos, sin, offsets, interleaved, conjugate, backend = inputs
-    ctx.save_for_backward(cos, sin, offsets)
+    q, k, cos, sin, offsets, interleaved, conjugate, backend, positions = inputs
+    ctx.save_for_backward(cos, sin, offsets, positions)
     ctx.args = (interleaved, conjugate, backend)
 
 
 def _qk_backward(ctx, dq, dk):
-    cos, sin, offsets = ctx.saved_tensors
+    cos, sin, offsets, positions = ctx.saved_tensors
     interleaved, conjugate, backend = ctx.args
     dq_in, dk_in = rotary_qk_op(dq.contiguous(), dk.contiguous(), cos, sin, offsets, interleaved,
-                                not conjugate, backend)
-    return dq_in, dk_in, None, None, None, None, None, None
+                                not conjugate, backend, positions)
+    return dq_in, dk_in, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastattn::rotary_qk", _qk_backward, setup_context=_qk_setup)

@@ -1,0 +1,92 @@
+"""fastattn.patch(model) for Hugging Face transformers models (called by fastattn.nn.patch).
+
+What it changes, in place:
+  attention  registers "fastattn" and calls model.set_attn_implementation("fastattn");
+  norms      the family's RMSNorm modules become HFRMSNorm (hf_norms.py; same Parameter
+             objects); nn.LayerNorm (GPT-2, GPT-NeoX) is handled by the generic patch;
+  rotary     the family's rotary embedding runs on the rotary kernel (hf_rotary.py).
+Anything else (unknown norm or rotary classes, modules with hooks) is left alone with a
+warning. Returns a list of (qualified name, old, new) entries for model.fastattn_patched.
+"""
+
+import warnings
+
+from torch import nn
+
+from . import hf_norms, hf_rotary
+from .transformers import ATTN_IMPLEMENTATION, register
+
+
+def _has_hooks(m):
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _attention_modules(model):
+    """The attention modules (those with a `config` that dispatch through
+    ALL_ATTENTION_FUNCTIONS) found by name: every HF attention class is called *Attention."""
+    return [(q, m) for q, m in model.named_modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "config")]
+
+
+def _warn(qual, m, reason):
+    warnings.warn(f"fastattn.patch: left {qual or 'model'} ({type(m).__name__}) unchanged: "
+                  f"{reason}", stacklevel=4)
+
+
+def patch_transformers_model(model, *, attention=True, norms=True, rotary=True):
+    replaced = []
+    attn_modules = _attention_modules(model)
+    if attention:
+        old = getattr(model.config, "_attn_implementation", None)
+        register()
+        if old != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            for qual, m in attn_modules:
+                replaced.append((qual, f"{type(m).__name__}[{old}]",
+                                 f"{type(m).__name__}[{ATTN_IMPLEMENTATION}]"))
+
+    def visit(module, prefix):
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            qual = f"{prefix}.{name}" if prefix else name
+            new = child
+            if norms and hf_norms.is_known_rmsnorm(child):
+                if _has_hooks(child):
+                    _warn(qual, child, "it has hooks registered, which a new module would lose")
+                else:
+                    new, reason = hf_norms.convert_rmsnorm(child)
+                    if new is None:
+                        _warn(qual, child, reason)
+                        new = child
+                    else:
+                        module._modules[name] = new
+                        replaced.append((qual, type(child).__name__, type(new).__name__))
+            elif rotary and hf_rotary.is_known_rotary(child):
+                old_name = type(child).__name__
+                new, reason = hf_rotary.convert_rotary(child, [m for _, m in attn_modules])
+                if new is None:
+                    _warn(qual, child, reason)
+                    new = child
+                else:
+                    replaced.append((qual, old_name, type(new).__name__))
+            elif (norms and type(child).__name__.endswith("RMSNorm")
+                  and type(child).__module__.startswith("transformers.")):
+                _warn(qual, child, "fastattn does not know this RMSNorm variant's weight "
+                                   "convention")
+            elif (rotary and type(child).__name__.endswith("RotaryEmbedding")
+                  and type(child).__module__.startswith("transformers.")
+                  and not type(child).__module__.startswith(hf_rotary.__name__)):
+                _warn(qual, child, "fastattn does not know this rotary layout (GPT-J style "
+                                   "and model-specific ropes keep HF's code)")
+            if new is child:
+                visit(child, qual)
+
+    visit(model, "")
+    return replaced
+
+
+def is_transformers_model(model):
+    from .transformers import is_transformers_model as _is
+    return isinstance(model, nn.Module) and _is(model)
