@@ -197,20 +197,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if rotary and k is None:
         raise ValueError("rotary_cos/rotary_sin apply to new keys: pass k and v as well")
     from .kvcache import kvcache_attention
-    if rotary and not (causal or window is not None):
-        # flash-attn puts every query token at position cache_seqlens here, where the kernel
-        # rotates token t at cache_seqlens + t: rotate q (as one position of Sq*H heads) and
-        # k (at cache_seqlens + t) here instead.
-        b, sq, h, d = q.shape
-        q = _functional.apply_rotary(q.reshape(b, 1, sq * h, d), rotary_cos, rotary_sin,
-                                     interleaved=rotary_interleaved, seq_dim=1,
-                                     offsets=cache_seqlens).reshape(b, sq, h, d)
-        k = _functional.apply_rotary(k, rotary_cos, rotary_sin, interleaved=rotary_interleaved,
-                                     seq_dim=1, offsets=cache_seqlens)
-        rotary_cos = rotary_sin = None
-    result = kvcache_attention(
+    # kvcache_attention follows flash-attn's rotary rule (q at cache_seqlens + t when causal or
+    # windowed, else every query token at cache_seqlens).
+    return kvcache_attention(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, scale=softmax_scale, is_causal=bool(causal),
         window=window, softcap=softcap, return_lse=bool(return_softmax_lse))
-    return result
