@@ -6,6 +6,7 @@ Backends: `triton` (CUDA), `cuda` and `cpu` (the C++/CUDA extension fastattn._C)
 the default `auto` picks the fastest backend that supports the call.
 """
 
+from . import _compat  # noqa: F401  (first: a clear error on an unsupported torch)
 from ._backend import available_backends, record_dispatch, use_backend
 from ._ext import build_info
 from .functional import (apply_rotary, apply_rotary_qk, layer_norm, rms_norm, rotary_cache,
