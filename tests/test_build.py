@@ -5,6 +5,7 @@ import sys
 
 import shutil
 
+import pytest
 import torch
 
 import fastattn
@@ -32,6 +33,8 @@ def test_cuda_kernels_compiled_when_toolkit_present():
     from build_support import find_cuda_root
     if torch.version.cuda is None or find_cuda_root() is None:
         return  # a CPU-only torch or no CUDA toolkit: a CPU-only build is the documented result
+    if os.environ.get("FASTATTN_SKIP_CUDA_BUILD") == "1":   # make test-compat builds CPU-only
+        pytest.skip("FASTATTN_SKIP_CUDA_BUILD=1: a CPU-only build was asked for")
     info = fastattn.build_info()
     assert info["cuda_compiled"] is True
     assert "8.0" in info["cuda_archs"] and "9.0" in info["cuda_archs"]
