@@ -65,7 +65,7 @@ def available_sdpa_backends(device, dtype=torch.float16, names=("flash", "cudnn"
         try:
             with sdpa_kernel(member):
                 F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        except RuntimeError:
+        except Exception:  # RuntimeError "No available kernel", or a backend that is missing
             continue
         found.append(name)
     return found

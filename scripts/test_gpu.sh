@@ -76,13 +76,15 @@ parity=$?
 verdict="PASS"
 [[ $parity -ne 0 ]] && verdict="FAIL (pytest exit $parity)"
 [[ $parity -eq 124 ]] && verdict="TIMEOUT after ${TEST_GPU_STAGE_TIMEOUT:-?} s"
-say "Triton parity on $(hostname) sm_${arch/./}: $verdict"
+say "Triton parity on sm_${arch/./}: $verdict"
 if [[ -n "${FASTATTN_PARITY_FILE:-}" ]]; then
   echo "triton parity on CUDA (sm_${arch/./}, autotuned, no interpreter): $verdict" \
     > "$FASTATTN_PARITY_FILE"
 fi
 
 # (3) the extension for this GPU only (CPU kernels native: built where it runs)
+"$PY" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null \
+  || say "ninja not found: torch builds with the slow one-file-at-a-time backend"
 mkdir -p build
 LOG=build/test-gpu-build.log
 say "building fastattn._C for sm_${arch/./} (log: $LOG)"
