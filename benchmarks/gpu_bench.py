@@ -210,16 +210,16 @@ def summary(doc):
     return "\n".join(lines) + "\n"
 
 
-def run(out_dir, budget_s=150.0, rounds=3, dry_run=False, log=sys.stderr):
+def run(out_dir, budget_s=150.0, rounds=3, dry_run=False, log=sys.stderr, limits=None):
     """Measure, writing out_dir/gpu_bench.json after every case and gpu_bench.txt at the end.
-    Returns the document."""
+    Returns the document. `limits` (machine.measure_limits' dict) skips measuring them."""
     device_type = "cpu" if dry_run else "cuda"
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("benchmarks.gpu_bench: no CUDA GPU here (use --dry-run on CPU)")
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "gpu_bench.json")
     start = time.time()
-    limits = machine.measure_limits(device_type, quick=True)
+    limits = limits or machine.measure_limits(device_type, quick=True)
     probe_dtype = DRY["dtypes"][0] if dry_run else torch.float16
     sdpa_names = available_sdpa_backends(device_type, probe_dtype) or ["math"]
     doc = {"machine": machine.describe(device_type), "limits": limits, "results": [],

@@ -49,8 +49,13 @@ say "$("$VPY" -c 'import torch, triton, numpy; print(f"torch {torch.__version__}
 # 3. a copy of the sources (its build/ kept, so a rerun recompiles only what changed)
 mkdir -p "$DIR/src"
 find "$DIR/src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
-tar -C "$ROOT" --exclude=./.venv --exclude=./.compat --exclude=./build --exclude=./.git \
-    --exclude='*.so' --exclude='__pycache__' --exclude='*.egg-info' -cf - . | tar -C "$DIR/src" -xf -
+if git -C "$ROOT" rev-parse --git-dir >/dev/null 2>&1; then   # tracked + untracked, not ignored
+  (cd "$ROOT" && git ls-files -co --exclude-standard -z \
+     | tar --null --ignore-failed-read -T - -cf -) | tar -C "$DIR/src" -xf -
+else
+  tar -C "$ROOT" --exclude=./.venv --exclude=./.compat --exclude=./build --exclude=./.git \
+      --exclude='*.so' --exclude='__pycache__' --exclude='*.egg-info' -cf - . | tar -C "$DIR/src" -xf -
+fi
 
 # 4. pip install . as a user would: isolated build, the venv's torch, portable CPU kernels
 say "pip install . (CPU kernels only)"

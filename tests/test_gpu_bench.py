@@ -87,8 +87,10 @@ def test_dry_run_json_has_the_cpu_schema_plus_gpu_fields(tmp_path):
 
 
 def test_budget_cuts_cases_and_lists_them(tmp_path):
+    limits = {"matmul_gflops": {"fp32": 100.0}, "copy_gbs": 10.0, "how": "test"}
     doc = gpu_bench.run(str(tmp_path), budget_s=0, rounds=1, dry_run=True,
-                        log=open(os.devnull, "w"))
+                        log=open(os.devnull, "w"), limits=limits)
+    assert doc["limits"] is limits
     plan = gpu_bench.plan("cpu", doc["gpu_check"]["sdpa_backends"], dry_run=True)
     assert doc["results"] == []
     assert len(doc["gpu_check"]["skipped_for_budget"]) == len(plan)
