@@ -7,10 +7,14 @@ VPY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.fastattn-deps
 export MAX_JOBS ?= 2
 export FASTATTN_CUDA_ARCHS ?= 8.0;9.0
+# make builds the extension where it runs: CPU kernels for this CPU (-march=native), which the
+# benchmark gate's baseline assumes. `pip install .` builds portable (AVX2) code instead;
+# FASTATTN_PORTABLE=1 or FASTATTN_CPU_ARCH=... override this (build_support.cpu_arch).
+export FASTATTN_NATIVE ?= 1
 # Two workers: the interpreter tests are single-threaded Python.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: venv build test fuzz bench bench-ci bench-baseline static asan clean
+.PHONY: venv build test fuzz test-compat test-gpu bench bench-ci bench-baseline static asan clean
 
 venv: $(DEPS_STAMP)
 
@@ -43,6 +47,17 @@ fuzz: build
 	FASTATTN_FUZZ_CONFIGS=$(FUZZ_CONFIGS) FASTATTN_FUZZ_SEED=$(FUZZ_SEED) TRITON_INTERPRET=1 \
 	TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 $(VPY) -m pytest tests/test_fuzz_*.py \
 	-k "not triton and not cuda" $(PYTEST_ARGS)
+
+# The interpreter + CPU suite on the oldest supported torch/triton (requirements-compat.txt),
+# in its own venv under .compat/ with a `pip install .` of fastattn (scripts/test_compat.sh).
+test-compat:
+	@bash scripts/test_compat.sh
+
+# On a CUDA machine with a ready Python (no venv, no network): PYTHON=python3 make test-gpu.
+# Triton parity on CUDA tensors first, then the extension for this GPU, then the rest of the
+# suite, all without the interpreter. No GPU: one line, exit 2 (scripts/test_gpu.sh).
+test-gpu:
+	@PYTHON="$(PYTHON)" MAX_JOBS="$${TEST_GPU_JOBS:-$$(nproc)}" bash scripts/test_gpu.sh
 
 bench: build
 	$(VPY) -m benchmarks

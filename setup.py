@@ -7,9 +7,16 @@ toolkit is found. Switches (environment variables):
   FASTATTN_SKIP_EXTENSION=1    no extension at all (pure-Python install; used by `make` for the
                                editable install, after which the extension is built in place)
   FASTATTN_CUDA_ARCHS          compute capabilities, default "8.0;9.0"
-  FASTATTN_PORTABLE=1          compile the CPU kernels for AVX2 instead of -march=native
+  FASTATTN_CPU_ARCH            CPU target of the C++ kernels: portable (default: x86-64 with
+                               AVX2/FMA/F16C), native (-march=native; `make` sets it through
+                               FASTATTN_NATIVE=1) or any -march value (x86-64-v4, ...)
+  FASTATTN_NATIVE=1            shorthand for FASTATTN_CPU_ARCH=native
+  FASTATTN_PORTABLE=1          shorthand for FASTATTN_CPU_ARCH=portable (wins over NATIVE)
   FASTATTN_ASAN=1              CPU kernels with AddressSanitizer (make asan)
   MAX_JOBS                     parallel compile jobs (ninja)
+
+The extension is compiled against the torch of the environment it is installed into (see
+build_support.import_torch_for_build), so `pip install .` needs torch installed first.
 """
 
 import glob
@@ -20,7 +27,7 @@ import warnings
 from setuptools import setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_support import find_cuda_root  # noqa: E402
+from build_support import cpu_arch, find_cuda_root, import_torch_for_build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,7 +39,7 @@ def _flag(name):
 def extension_modules():
     if _flag("FASTATTN_SKIP_EXTENSION"):
         return [], {}
-    import torch
+    torch = import_torch_for_build()
     from torch.utils import cpp_extension
 
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -67,12 +74,16 @@ def extension_modules():
         # the -O3 one (at -O1 fp32 rounding differs enough to move tight parity bounds).
         cxx_flags = ["-O2", "-g", "-std=c++20", "-fopenmp", "-fsanitize=address",
                      "-fno-omit-frame-pointer"]
-    # The extension is built from source where it runs, so tune for this CPU unless asked
-    # for a portable (AVX2) build; ASan builds too, so they check the same SIMD code paths.
-    # (csrc/cpu/vec.h derives at::vec's CPU_CAPABILITY from the flags these enable.)
-    cxx_flags += ["-mavx2", "-mfma", "-mf16c"] if _flag("FASTATTN_PORTABLE") else ["-march=native"]
+    # A wheel may run on another machine than it was built on: portable (AVX2) by default;
+    # `make` builds where it runs and asks for -march=native (ASan builds too, so they check
+    # the same SIMD code paths). csrc/cpu/vec.h derives at::vec's CPU_CAPABILITY from the
+    # flags these enable.
+    arch_name, arch_flags = cpu_arch()
+    print(f"fastattn: CPU kernels for {arch_name} ({' '.join(arch_flags) or 'compiler default'})")
+    cxx_flags += arch_flags
     define_macros = [("FASTATTN_WITH_CUDA", "1" if with_cuda else "0"),
-                     ("FASTATTN_CUDA_ARCHS", '"' + archs + '"')]
+                     ("FASTATTN_CUDA_ARCHS", '"' + archs + '"'),
+                     ("FASTATTN_CPU_ARCH", '"' + arch_name + '"')]
     include_dirs = [os.path.join(ROOT, "csrc")]
     link_args = ["-fopenmp"] + (["-fsanitize=address"] if _flag("FASTATTN_ASAN") else [])
     if with_cuda:
@@ -114,8 +125,10 @@ setup(
     # kernels/ ships as fastattn.kernels; no top-level `kernels` package is installed
     # (that name belongs to an unrelated PyPI project).
     package_dir={"fastattn.kernels": "kernels"},
-    install_requires=["torch"],
-    extras_require={"transformers": ["transformers>=5.0"]},
+    # The tested range (README "Supported versions"): the floor is what `make test-compat` runs.
+    install_requires=["torch>=2.6"],
+    extras_require={"triton": ["triton>=3.2; platform_system == 'Linux'"],
+                    "transformers": ["transformers>=5.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

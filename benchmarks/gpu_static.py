@@ -153,9 +153,10 @@ def compile_variant(variant, arch):
     """Compile one StaticVariant for sm_<arch> and return its record."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    src = ASTSource(variant.kernel, dict(variant.signature), dict(variant.constexprs))
+    from fastattn.kernels._compat import ast_source
+
+    src = ast_source(variant.kernel, variant.signature, variant.constexprs)
     options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages,
                **variant.options}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)

@@ -1,5 +1,6 @@
 // fastattn::build_info() -> str: JSON describing how the extension was built.
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <string>
 
@@ -11,6 +12,9 @@
 
 #ifndef FASTATTN_CUDA_ARCHS
 #define FASTATTN_CUDA_ARCHS ""
+#endif
+#ifndef FASTATTN_CPU_ARCH
+#define FASTATTN_CPU_ARCH "unknown"
 #endif
 
 namespace fastattn {
@@ -46,6 +50,10 @@ std::string build_info() {
   json += std::string(", \"nvcc\": \"") + cuda::nvcc_version() + "\"";
 #endif
   json += ", \"cpu_simd\": \"" + simd() + "\"";
+  // FASTATTN_CPU_ARCH of setup.py (portable, native or a -march value) and the torch headers
+  // compiled against (the C++ ABI must match the torch that loads it).
+  json += std::string(", \"cpu_arch\": \"") + FASTATTN_CPU_ARCH + "\"";
+  json += std::string(", \"torch_built\": \"") + TORCH_VERSION + "\"";
   // Decided at run time (FASTATTN_CPU_GEMM, and whether oneDNN's brgemm works here).
   json += std::string(", \"cpu_gemm\": \"") + cpu::gemm_engine_name(cpu::gemm_engine()) + "\"";
 #if defined(__SANITIZE_ADDRESS__)

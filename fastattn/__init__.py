@@ -6,6 +6,7 @@ Backends: `triton` (CUDA), `cuda` and `cpu` (the C++/CUDA extension fastattn._C)
 the default `auto` picks the fastest backend that supports the call.
 """
 
+from . import _compat  # noqa: F401  (first: a clear error on an unsupported torch)
 from ._backend import available_backends, record_dispatch, use_backend
 from ._ext import build_info
 from .attention_lse import (attention_backward_with_lse, attention_forward_with_lse,

@@ -24,6 +24,7 @@ import torch
 import triton
 
 from . import _attention_configs as cfg
+from . import _compat
 from ._attention_configs import MERGE_BLOCK_S, decode_tiles
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ._attention_common import dropout_mask_kernel
@@ -42,15 +43,16 @@ _FLAGS = ["D", "ALIGNED", "DOT_PREC", "IS_CAUSAL", "HAS_WL", "HAS_WR", "MASK_KIN
 if cfg.interpreting():
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None
 else:
-    _fwd_tuned = triton.autotune(
+    # _compat.autotune: the Autotuner is built on first launch (Triton 3.2 needs a GPU for it)
+    _fwd_tuned = _compat.autotune(
         configs=cfg.autotune_configs("fwd"), key=["Sq", "Sk", "group"] + _FLAGS,
         prune_configs_by={"early_config_prune": cfg.make_prune("fwd", "Sq", "Sk")},
     )(attn_fwd_kernel)
-    _dkdv_tuned = triton.autotune(
+    _dkdv_tuned = _compat.autotune(
         configs=cfg.autotune_configs("dkdv"), key=["Sq", "Sk", "group"] + _FLAGS,
         prune_configs_by={"early_config_prune": cfg.make_prune("dkdv", "Sq", "Sk")},
     )(attn_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(
+    _dq_tuned = _compat.autotune(
         configs=cfg.autotune_configs("dq"), key=["Sq", "Sk", "group", "MASK_GRAD"] + _FLAGS,
         prune_configs_by={"early_config_prune": cfg.make_prune("dq", "Sq", "Sk")},
     )(attn_bwd_dq_kernel)

@@ -20,7 +20,7 @@ else
 fi
 
 # Sources only: no virtual env, build tree, built extension or git data.
-tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*.so' \
+tar -C "$ROOT" --exclude=./.venv --exclude=./.compat --exclude=./build --exclude=./.git --exclude='*.so' \
     --exclude='__pycache__' -cf - . | tar -C "$WORK" -xf -
 cd "$WORK"
 

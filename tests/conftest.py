@@ -22,9 +22,16 @@ FP32_RTOL = 1e-4
 ATOL_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-5}
 
 
+# `make test-gpu` (scripts/test_gpu.sh) sets FASTATTN_TEST_GPU=1: the Triton tests must then run
+# compiled on CUDA tensors (DEVICE / backend_device below pick "cuda" when the interpreter is off).
+TEST_GPU = os.environ.get("FASTATTN_TEST_GPU") == "1"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running test")
+    if TEST_GPU and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()):
+        pytest.exit("FASTATTN_TEST_GPU=1 needs a CUDA GPU and TRITON_INTERPRET unset", returncode=2)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,6 +45,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
+    if TEST_GPU:
+        terminalreporter.write_line(
+            f"fastattn: Triton kernels compiled for {torch.cuda.get_device_name()} "
+            f"(interpreter off, tensors on {backend_device('triton')})")
     skipped = terminalreporter.stats.get("skipped", [])
     gpu_only = [r for r in skipped if "needs a CUDA GPU" in str(r.longrepr)]
     if gpu_only:

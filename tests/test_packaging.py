@@ -29,3 +29,25 @@ def test_non_editable_install_ships_fastattn_kernels(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "ok"
+
+
+def test_make_test_gpu_without_a_gpu_exits_2_in_one_line():
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on a GPU machine too.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    run = subprocess.run(["make", "--no-print-directory", "-s", "test-gpu"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stdout.strip() == ("make test-gpu: no CUDA GPU visible to "
+                                  f"{sys.executable} (torch.cuda.is_available() is False); "
+                                  "nothing run")
+
+
+def test_gpu_test_mode_refuses_the_interpreter(tmp_path):
+    # What make test-gpu runs must be compiled Triton on CUDA tensors: with FASTATTN_TEST_GPU=1
+    # the harness stops when the interpreter is on or there is no GPU.
+    env = {**os.environ, "FASTATTN_TEST_GPU": "1", "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist",
+                          os.path.join(ROOT, "tests", "test_reference.py"), "-x"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "FASTATTN_TEST_GPU=1 needs a CUDA GPU and TRITON_INTERPRET unset" in run.stderr

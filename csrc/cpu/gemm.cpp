@@ -4,6 +4,7 @@
 #include "cpu/gemm.h"
 
 #include <ATen/native/CPUBlas.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +17,15 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
+
+// fp32 x fp32 -> fp32 cpublas::brgemm appeared in torch 2.6 (later releases also define
+// CPUBLAS_BRGEMM_F32F32F32); with older headers only the MKL path is compiled.
+#if defined(CPUBLAS_BRGEMM_F32F32F32) || TORCH_VERSION_MAJOR > 2 || \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 6)
+#define FASTATTN_HAS_FP32_BRGEMM 1
+#else
+#define FASTATTN_HAS_FP32_BRGEMM 0
+#endif
 
 namespace fastattn::cpu {
 namespace {
@@ -36,12 +46,17 @@ void mkl(bool a_transposed, int64_t M, int64_t N, int64_t K, const float* A, int
 
 void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+#if FASTATTN_HAS_FP32_BRGEMM
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+#else
+  TORCH_CHECK(false, "fastattn: this torch has no fp32 cpublas::brgemm");  // never chosen
+#endif
 }
 
 // True when brgemm runs here and agrees with a plain loop on an awkward small product
 // (odd sizes, leading dims larger than the rows, both store and accumulate).
 bool brgemm_works() {
+  if (!FASTATTN_HAS_FP32_BRGEMM) return false;
   constexpr int64_t M = 5, N = 19, K = 7, lda = 9, ldb = 23, ldc = 21;
   std::vector<float> a(M * lda), b(K * ldb), c(M * ldc, 0.f), want(M * ldc, 0.f);
   for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i % 7) - 3.f;
