@@ -86,11 +86,10 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
                                                                   seed, offset, q.device)
         p_used = probs * keep / (1.0 - dropout_p)
         dp = dp * keep / (1.0 - dropout_p)
-    # delta = rowsum(dO * O) = rowsum(P_drop * dP_raw), taken from the fp32 P here rather than
-    # from the stored O: O's rounding to the input dtype then does not leak into dS, and a
-    # one-hot row gives dS = 1 * (dP - dP) = 0 exactly (dO . O summed in another order left
-    # ~1e-7 that scale = 1e10 turned into gradients of 1e4).
-    delta = (probs * dp).sum(-1, keepdim=True)
+    # delta = rowsum(dO * O) from the caller's O, as every backend computes it: `out` and `lse`
+    # may be the merged statistics of several key blocks (attention_backward_with_lse, ring
+    # attention), where the rowsum of this block's P_drop * dP would be only a partial sum.
+    delta = (do * out.to(acc)).sum(-1, keepdim=True)
     ds = probs * (dp - delta)                                              # dL/dscores
     ds_raw = ds * (1 - torch.tanh(raw / softcap) ** 2) if softcap > 0 else ds
     dq = torch.matmul(ds_raw, kf) * scale

@@ -59,6 +59,7 @@ def kvcache_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                            backend: str) -> tuple[Tensor, Tensor]:
     """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32. Arguments are validated by
     fastattn.kvcache_attention."""
+    _backend.log_dispatch("kvcache_attention", backend)
     seqlen_new = 0
     if k is not None:
         seqlen_new = k.shape[1]

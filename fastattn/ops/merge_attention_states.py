@@ -13,6 +13,7 @@ from .. import _backend
 
 def merge_impl(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
                backend: str) -> tuple[Tensor, Tensor]:
+    _backend.log_dispatch("merge_attention_states", backend)
     impl = _backend.backend_module(backend, "merge_attention_states")
     out, lse = impl.merge_attention_states(out_a, lse_a, out_b, lse_b)
     return out.contiguous(), lse.contiguous()

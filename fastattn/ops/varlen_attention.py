@@ -50,6 +50,7 @@ def varlen_attention_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     """out (total_q, H, Dv), lse (H, total_q) fp32. `deterministic` is for the backward.
     check_values: run check_cu_seqlens_values here (the public function asks for it when it
     could not run them itself, i.e. under torch.compile)."""
+    _backend.log_dispatch("varlen_attention", backend)
     if check_values:
         check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
                                 max_seqlen_q, max_seqlen_k)
