@@ -86,10 +86,16 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
                                                                   seed, offset, q.device)
         p_used = probs * keep / (1.0 - dropout_p)
         dp = dp * keep / (1.0 - dropout_p)
-    # delta = rowsum(dO * O) from the caller's O, as every backend computes it: `out` and `lse`
-    # may be the merged statistics of several key blocks (attention_backward_with_lse, ring
-    # attention), where the rowsum of this block's P_drop * dP would be only a partial sum.
-    delta = (do * out.to(acc)).sum(-1, keepdim=True)
+    # delta = rowsum(dO * O). Where lse is this block's own (its P sums to 1), take it from the
+    # fp32 P instead of the stored O: O's rounding then does not leak into dS, and a one-hot row
+    # gives dS = 1 * (dP - dP) = 0 exactly (dO . O summed in another order left ~1e-7 that
+    # scale = 1e10 turned into gradients of 1e4). Where `out`/`lse` are the merged statistics of
+    # several key blocks (attention_backward_with_lse, ring attention), this block's P sums to
+    # less than 1 and only the caller's O gives the full delta.
+    delta_from_p = (probs * dp).sum(-1, keepdim=True)
+    delta_from_out = (do * out.to(acc)).sum(-1, keepdim=True)
+    own_stats = (probs.sum(-1, keepdim=True) - 1).abs() <= 1e-6
+    delta = torch.where(own_stats, delta_from_p, delta_from_out)
     ds = probs * (dp - delta)                                              # dL/dscores
     ds_raw = ds * (1 - torch.tanh(raw / softcap) ** 2) if softcap > 0 else ds
     dq = torch.matmul(ds_raw, kf) * scale
