@@ -82,7 +82,6 @@ def test_parity(backend, dtype, case):
     _check_against_oracle(got, inp, dtype, opts)
 
 
-@pytest.mark.skipif("cpu" not in TESTABLE_BACKENDS, reason="fastattn._C is not built")
 @pytest.mark.parametrize("dtype,lens_q,lens_k,hkv", [
     (torch.float32, [600, 0, 130, 1], [700, 5, 130, 0], 1),   # few (sequence, kv head) pairs:
     (torch.bfloat16, [530, 129, 1, 260], [530, 129, 1, 600], 2),  # the backward splits keys
@@ -198,7 +197,6 @@ def test_max_seqlen_must_be_int():
         _bad_call(max_seqlen_q=torch.tensor(4))
 
 
-@pytest.mark.skipif("cpu" not in TESTABLE_BACKENDS, reason="fastattn._C is not built")
 def test_cpu_op_checks_offsets_itself():
     """The C++ entry validates every offset (no out-of-bounds read whoever calls it)."""
     inp = packed_inputs([3, 4], [3, 4], 2, 2, 16, torch.float32)
@@ -251,7 +249,6 @@ def test_opcheck_custom_op():
     torch.library.opcheck(torch.ops.fastattn.varlen_attention.default, args)
 
 
-@pytest.mark.skipif("cpu" not in TESTABLE_BACKENDS, reason="fastattn._C is not built")
 def test_opcheck_cpu_ops():
     """The C++ ops' schemas, fake implementations (fastattn/_C_ops.py) and kernels agree."""
     inp = packed_inputs([3, 0, 5], [4, 2, 5], 2, 1, 16, torch.float32)
