@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_ops(dev):
     if not dev:
-        import fastattn._C  # noqa: F401  registers torch.ops.fastattn
+        import fastattn._C  # noqa: F401  registers torch.ops.fastattn_kernels
         return
     from torch.utils.cpp_extension import load
     build = "/tmp/h3a_build"
@@ -36,15 +36,15 @@ def load_ops(dev):
 
 
 def ours_fwd(q, k, v, causal, p=0.0):
-    return torch.ops.fastattn.attention_forward(q, k, v, None, 1 / math.sqrt(q.shape[-1]),
+    return torch.ops.fastattn_kernels.attention_forward(q, k, v, None, 1 / math.sqrt(q.shape[-1]),
                                                 causal, False, -1, -1, 0.0, None, p, 1, 2)
 
 
 def ours_fwd_bwd(q, k, v, causal, dout, p=0.0):
     scale = 1 / math.sqrt(q.shape[-1])
-    out, lse = torch.ops.fastattn.attention_forward(q, k, v, None, scale, causal, False,
+    out, lse = torch.ops.fastattn_kernels.attention_forward(q, k, v, None, scale, causal, False,
                                                     -1, -1, 0.0, None, p, 1, 2)
-    return torch.ops.fastattn.attention_backward(dout, q, k, v, out, lse, None, scale, causal,
+    return torch.ops.fastattn_kernels.attention_backward(dout, q, k, v, out, lse, None, scale, causal,
                                                  False, -1, -1, 0.0, None, False, p, 1, 2)
 
 

@@ -253,7 +253,7 @@ at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t Sq, int64_t 
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, "
         "bool bottom_right, int window_left, int window_right, float softcap, "
         "Tensor? key_lengths, float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)");
@@ -273,14 +273,14 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         "int offset) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {
   m.impl("attention_forward", &attention_forward_cpu);
   m.impl("attention_backward", &attention_backward_cpu);
   m.impl("attention_weights_forward", &attention_weights_cpu);
 }
 
 // No tensor argument to dispatch on: the mask is built on the CPU whatever the caller wants.
-TORCH_LIBRARY_IMPL(fastattn, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CompositeExplicitAutograd, m) {
   m.impl("attention_dropout_mask", &attention_dropout_mask_cpu);
 }
 

@@ -67,7 +67,7 @@ std::string build_info() {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   // No tensor argument to dispatch on: registered as the catch-all kernel.
   m.def("build_info() -> str", &build_info);
 }

@@ -135,13 +135,13 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_forward(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("kvcache_attention_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
         " Tensor? block_table, Tensor? cache_batch_idx, int seqlen_new, float scale, bool causal,"
         " int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {
   m.impl("kvcache_attention_forward", &kvcache_attention_forward);
 }
 

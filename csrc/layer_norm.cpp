@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy, const
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("layer_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? residual)"
         " -> (Tensor y, Tensor mean, Tensor rstd, Tensor h)");
   m.def("layer_norm_backward(Tensor dy, Tensor h, Tensor? weight, Tensor? bias, Tensor mean,"
@@ -207,7 +207,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         " -> (Tensor dx, Tensor dweight)");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {
   m.impl("layer_norm_forward", &layer_norm_forward);
   m.impl("layer_norm_backward", &layer_norm_backward);
   m.impl("rms_norm_forward", &rms_norm_forward);
@@ -215,7 +215,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
 }
 
 #if FASTATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CUDA, m) {
   m.impl("layer_norm_forward", &layer_norm_forward);
   m.impl("layer_norm_backward", &layer_norm_backward);
   m.impl("rms_norm_forward", &rms_norm_forward);

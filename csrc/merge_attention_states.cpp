@@ -58,12 +58,12 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_forward(const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("merge_attention_states_forward(Tensor out_a, Tensor lse_a, Tensor out_b, "
         "Tensor lse_b) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {
   m.impl("merge_attention_states_forward", &merge_attention_states_forward);
 }
 

@@ -138,7 +138,7 @@ void rotary_forward_inplace(const at::Tensor& x, const at::Tensor& cos, const at
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("rotary_forward(Tensor x, Tensor cos, Tensor sin, bool interleaved, Tensor? offsets,"
         " bool conjugate, Tensor? positions=None) -> Tensor");
   m.def("rotary_forward_out(Tensor x, Tensor cos, Tensor sin, bool interleaved, Tensor? offsets,"
@@ -147,14 +147,14 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         " Tensor? offsets, bool conjugate, Tensor? positions=None) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {
   m.impl("rotary_forward", &rotary_forward);
   m.impl("rotary_forward_out", &rotary_forward_out);
   m.impl("rotary_forward_inplace", &rotary_forward_inplace);
 }
 
 #if FASTATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CUDA, m) {
   m.impl("rotary_forward", &rotary_forward);
   m.impl("rotary_forward_out", &rotary_forward_out);
   m.impl("rotary_forward_inplace", &rotary_forward_inplace);

@@ -85,18 +85,18 @@ at::Tensor softmax_backward(const at::Tensor& dy_in, const at::Tensor& y_in, dou
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("softmax_forward(Tensor x, float scale, Tensor? mask, bool causal) -> Tensor");
   m.def("softmax_backward(Tensor dy, Tensor y, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {
   m.impl("softmax_forward", &softmax_forward);
   m.impl("softmax_backward", &softmax_backward);
 }
 
 #if FASTATTN_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CUDA, m) {
   m.impl("softmax_forward", &softmax_forward);
   m.impl("softmax_backward", &softmax_backward);
 }

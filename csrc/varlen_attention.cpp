@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastattn, m) {
+TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   // q (total_q, H, D), k/v (total_k, Hkv, D), cu_seqlens_* int32 (B+1,): packed sequences,
   // bottom-right causal/window per sequence. lse is (H, total_q) fp32.
   m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
@@ -188,7 +188,7 @@ TORCH_LIBRARY_FRAGMENT(fastattn, m) {
         "Tensor dv)");
 }
 
-TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {
   m.impl("varlen_attention_forward", &varlen_attention_forward_cpu);
   m.impl("varlen_attention_backward", &varlen_attention_backward_cpu);
 }

@@ -1,4 +1,4 @@
-"""The `cpu` and `cuda` backends: docs/backend-contract.md over torch.ops.fastattn.* of the
+"""The `cpu` and `cuda` backends: docs/backend-contract.md over torch.ops.fastattn_kernels.* of the
 compiled extension fastattn._C.
 
 Imports cleanly without the extension (every function then raises, and unsupported() says why).
@@ -10,23 +10,32 @@ import functools
 import torch
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.fastattn.*)
+    from . import _C  # noqa: F401  (loading it registers torch.ops.fastattn_kernels.*)
     _IMPORT_ERROR = None
 except ImportError as exc:  # not built: the ops layer falls back to another backend
     _IMPORT_ERROR = str(exc)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The kernel ops behind each fastattn op: `{op}_forward` by convention (a new op needs no entry
+# here); the exceptions are listed.
 _KERNEL_OPS = {
-    "attention": ("attention_forward", "attention_backward"),
-    "varlen_attention": ("varlen_attention_forward", "varlen_attention_backward"),
-    "attention_weights": ("attention_weights_forward",),
-    "softmax": ("softmax_forward", "softmax_backward"),
-    "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "rms_norm": ("rms_norm_forward", "rms_norm_backward"),
+    "layer_norm": ("layer_norm_forward", "layer_norm_backward"),
     "rotary": ("rotary_forward", "rotary_forward_out", "rotary_forward_inplace"),
-    "merge_attention_states": ("merge_attention_states_forward",),
+    "rotary_qk": ("rotary_forward", "rotary_forward_out", "rotary_forward_inplace"),
 }
-_KERNEL_OPS["kvcache_attention"] = ("kvcache_attention_forward",)
+
+
+def _kernel_ops(op):
+    return _KERNEL_OPS.get(op, (f"{op}_forward",))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_cuda_kernel(op):
+    """Whether fastattn._C registered a CUDA implementation of op's kernels (the dispatcher
+    knows; no list of CUDA-capable ops to keep in step)."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn_kernels::{name}", "CUDA")
+               for name in _kernel_ops(op))
 
 
 def _has_op(name):
@@ -35,18 +44,18 @@ def _has_op(name):
 
 @functools.lru_cache(maxsize=None)
 def _registered(name):  # ops are never unregistered; the lookup is slow on every kernel call
-    return hasattr(torch.ops.fastattn, name)
+    return hasattr(torch.ops.fastattn_kernels, name)
 
 
 def _ops():
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"fastattn._C is not available ({_IMPORT_ERROR})")
-    return torch.ops.fastattn
+    return torch.ops.fastattn_kernels
 
 
 @functools.lru_cache(maxsize=None)
 def _rotary_takes_positions():
-    schema = torch.ops.fastattn.rotary_forward.default._schema
+    schema = torch.ops.fastattn_kernels.rotary_forward.default._schema
     return any(a.name == "positions" for a in schema.arguments)
 
 
@@ -54,7 +63,7 @@ def _cuda_compiled():
     if not _has_op("build_info"):
         return False
     import json
-    return bool(json.loads(torch.ops.fastattn.build_info()).get("cuda_compiled", False))
+    return bool(json.loads(torch.ops.fastattn_kernels.build_info()).get("cuda_compiled", False))
 
 
 def unsupported(op, **case):
@@ -62,11 +71,7 @@ def unsupported(op, **case):
     None when it can."""
     if _IMPORT_ERROR is not None:
         return f"fastattn._C is not built ({_IMPORT_ERROR})"
-    if op == "rotary_qk":
-        op = "rotary"
-    names = _KERNEL_OPS.get(op)
-    if names is None:
-        return f"no {op} kernel in fastattn._C"
+    names = _kernel_ops(op)
     if not all(_has_op(n) for n in names):
         return f"fastattn._C was built without the {op} kernels"
     dtype = case.get("dtype")
@@ -76,11 +81,10 @@ def unsupported(op, **case):
     if device not in (None, "cpu", "cuda"):
         return f"no kernels for device {device}"
     if device == "cuda":
-        if op in ("attention", "varlen_attention", "kvcache_attention",
-                  "merge_attention_states"):
-            return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
+        if not _has_cuda_kernel(op):
+            return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
     if (op == "attention" and case.get("dropout_p", 0.0) > 0
             and not _has_op("attention_dropout_mask")):
         return "fastattn._C was built without attention dropout (rebuild it)"
@@ -125,6 +129,13 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
         mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
         bool(mask_needs_grad), *_dropout_args(dropout_p, seed, offset))
     return dq, dk, dv, (dmask if mask_needs_grad else None)
+
+
+def attention_weights_forward(q, k, lse, *, mask, key_lengths, scale, causal, alignment,
+                              window_left, window_right, softcap, average):
+    return _ops().attention_weights_forward(
+        q, k, lse, mask, float(scale), bool(causal), alignment == "bottom_right",
+        int(window_left), int(window_right), float(softcap), key_lengths, bool(average))
 
 
 # ------------------------------------------------------------------ varlen attention
@@ -234,123 +245,3 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
     return _ops().kvcache_attention_forward(
         q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, int(seqlen_new),
         float(scale), bool(causal), int(window_left), int(window_right), float(softcap))
-
-
-# ------------------------------------------------------------------ fake implementations
-
-def _empty(ref, shape, dtype=None):
-    return ref.new_empty(shape, dtype=dtype if dtype is not None else ref.dtype)
-
-
-def _fake_softmax_forward(x, scale, mask, causal):
-    return _empty(x, x.shape)
-
-
-def _fake_softmax_backward(dy, y, scale):
-    return _empty(y, y.shape)
-
-
-def _fake_layer_norm_forward(x, weight, bias, eps, residual):
-    rows, cols = x.shape
-    h = _empty(x, (rows, cols) if residual is not None else (0,))
-    return (_empty(x, (rows, cols)), _empty(x, (rows,), torch.float32),
-            _empty(x, (rows,), torch.float32), h)
-
-
-def _fake_layer_norm_backward(dy, h, weight, bias, mean, rstd, dh_extra):
-    dw = _empty(h, h.shape[1:], weight.dtype) if weight is not None else _empty(h, (0,))
-    db = _empty(h, h.shape[1:], bias.dtype) if bias is not None else _empty(h, (0,))
-    return _empty(h, h.shape), dw, db
-
-
-def _fake_rms_norm_forward(x, weight, eps, residual):
-    rows, cols = x.shape
-    h = _empty(x, (rows, cols) if residual is not None else (0,))
-    return _empty(x, (rows, cols)), _empty(x, (rows,), torch.float32), h
-
-
-def _fake_rms_norm_backward(dy, h, weight, rstd, dh_extra):
-    dw = _empty(h, h.shape[1:], weight.dtype) if weight is not None else _empty(h, (0,))
-    return _empty(h, h.shape), dw
-
-
-def _fake_rotary_forward(x, cos, sin, interleaved, offsets, conjugate):
-    return _empty(x, x.shape)
-
-
-def _fake_rotary_forward_out(x, cos, sin, interleaved, offsets, conjugate, out):
-    return None
-
-
-def _fake_rotary_forward_inplace(x, cos, sin, interleaved, offsets, conjugate):
-    return None
-
-
-def _fake_attention_forward(q, k, v, mask, scale, causal, bottom_right, window_left,
-                            window_right, softcap, key_lengths, dropout_p, seed, offset):
-    b, h, sq, d = q.shape
-    return _empty(q, (b, h, sq, d)), _empty(q, (b, h, sq), torch.float32)
-
-
-def _fake_attention_backward(dout, q, k, v, out, lse, mask, scale, causal, bottom_right,
-                             window_left, window_right, softcap, key_lengths, mask_needs_grad,
-                             dropout_p, seed, offset):
-    b, h, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    dmask = _empty(q, (b, h, sq, sk) if mask_needs_grad else (0,), torch.float32)
-    return (_empty(q, (b, h, sq, d)), _empty(q, (b, hkv, sk, d)), _empty(q, (b, hkv, sk, d)),
-            dmask)
-
-
-def _fake_merge_attention_states(out_a, lse_a, out_b, lse_b):
-    return _empty(out_a, out_a.shape), _empty(out_a, lse_a.shape, torch.float32)
-
-
-def _fake_attention_dropout_mask(B, H, Sq, Sk, dropout_p, seed, offset):
-    return torch.empty((B, H, Sq, Sk), dtype=torch.bool)
-
-
-def _fake_varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                   max_seqlen_k, scale, causal, window_left, window_right,
-                                   softcap, dropout_p, seed, offset):
-    total_q, h, d = q.shape
-    return _empty(q, (total_q, h, d)), _empty(q, (h, total_q), torch.float32)
-
-
-def _fake_varlen_attention_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                    max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-                                    window_right, softcap, dropout_p, seed, offset):
-    return _empty(q, tuple(q.shape)), _empty(q, tuple(k.shape)), _empty(q, tuple(v.shape))
-
-
-def _fake_kvcache_attention_forward(q, k_cache, v_cache, cache_seqlens, block_table,
-                                    cache_batch_idx, seqlen_new, scale, causal, window_left,
-                                    window_right, softcap):
-    b, sq, h, d = q.shape
-    return _empty(q, (b, sq, h, d)), _empty(q, (b, h, sq), torch.float32)
-
-
-def _register_fakes():
-    for name, fn in {
-        "softmax_forward": _fake_softmax_forward,
-        "softmax_backward": _fake_softmax_backward,
-        "layer_norm_forward": _fake_layer_norm_forward,
-        "layer_norm_backward": _fake_layer_norm_backward,
-        "rms_norm_forward": _fake_rms_norm_forward,
-        "rms_norm_backward": _fake_rms_norm_backward,
-        "rotary_forward": _fake_rotary_forward,
-        "rotary_forward_out": _fake_rotary_forward_out,
-        "rotary_forward_inplace": _fake_rotary_forward_inplace,
-        "attention_forward": _fake_attention_forward,
-        "attention_backward": _fake_attention_backward,
-        "attention_dropout_mask": _fake_attention_dropout_mask,
-        "varlen_attention_forward": _fake_varlen_attention_forward,
-        "varlen_attention_backward": _fake_varlen_attention_backward,
-        "kvcache_attention_forward": _fake_kvcache_attention_forward,
-        "merge_attention_states_forward": _fake_merge_attention_states,
-    }.items():
-        if _has_op(name):
-            torch.library.register_fake(f"fastattn::{name}", fn)
-
-
-_register_fakes()

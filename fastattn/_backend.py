@@ -25,12 +25,9 @@ ENV_VAR = "FASTATTN_BACKEND"
 # orders of magnitude, so the interpreter is only used when asked for by name.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 
-# The kernels module of the triton backend that holds each op.
-TRITON_MODULES = {"attention": "attention", "softmax": "softmax", "layer_norm": "layer_norm",
-                  "rms_norm": "layer_norm", "rotary": "rotary",
-                  "varlen_attention": "varlen_attention",
-                  "kvcache_attention": "kvcache_attention",
-                  "merge_attention_states": "merge_attention_states"}
+# The kernels module of the triton backend that holds an op: kernels/{op}.py by convention (a
+# new op needs no entry here); the exceptions are listed.
+TRITON_MODULES = {"rms_norm": "layer_norm", "rotary_qk": "rotary"}
 
 _override = contextvars.ContextVar("fastattn_backend", default=None)
 _dispatch_logs = contextvars.ContextVar("fastattn_dispatch_logs", default=())
@@ -43,15 +40,22 @@ def _validate(name):
 
 
 def requested_backend():
-    """The backend asked for: the innermost use_backend(), else $FASTATTN_BACKEND, else auto."""
+    """The backend asked for: the innermost use_backend(), else $FASTATTN_BACKEND, else auto.
+    Read at every call (a few hundred nanoseconds: it sits on every op's path)."""
     name = _override.get()
-    if name is None:
-        name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-        try:
-            _validate(name)
-        except ValueError as exc:
-            raise ValueError(f"${ENV_VAR}: {exc}") from None
-    return name
+    if name is not None:
+        return name
+    raw = os.environ.get(ENV_VAR)
+    return "auto" if raw is None else _env_request(raw)
+
+
+@functools.lru_cache(maxsize=64)
+def _env_request(raw):
+    name = raw.strip().lower() or "auto"
+    try:
+        return _validate(name)
+    except ValueError as exc:
+        raise ValueError(f"${ENV_VAR}: {exc}") from None
 
 
 def use_backend_override():
@@ -129,16 +133,22 @@ def backend_module(name, op):
     """The module implementing the contract functions of `op` for backend `name` (cached: it
     is looked up on every eager call)."""
     if name == "triton":
-        return importlib.import_module(f"fastattn.kernels.{TRITON_MODULES[op]}")
+        return importlib.import_module(f"fastattn.kernels.{TRITON_MODULES.get(op, op)}")
     if name in ("cpu", "cuda"):
         return importlib.import_module("fastattn._C_ops")
     return importlib.import_module("fastattn._torch_backend")
 
 
-def select(op, device_type, **case):
+def select(op, device_type, *, fallback_to_torch=False, **case):
     """Return the name of the backend that runs `op` on `device_type` tensors.
 
-    `case` describes the call for the modules' unsupported() checks (dtype, dropout_p, ...).
+    The one selector of every op. `case` describes the call for the modules' unsupported()
+    checks (dtype, dropout_p, ...). `fallback_to_torch`: an explicitly requested backend that
+    cannot run the case gives "torch" instead of an error (for by-products such as
+    MultiHeadAttention's weights, which never make a call fail).
+
+    Eager calls read the request (use_backend(), $FASTATTN_BACKEND) at every call and cache the
+    decision per (op, device, case, request): availability does not change within a process.
     Under torch.compile the choice is made at trace time and baked into the graph, guarded on
     the use_backend() in force: a compiled function called under another use_backend()
     recompiles (dynamo guards on the value of the context variable read here, in traced code).
@@ -146,14 +156,14 @@ def select(op, device_type, **case):
     recompile. The dispatch itself is logged by each op's body when it runs (log_dispatch), so
     record_dispatch() sees compiled calls too.
     """
-    case_items = tuple(sorted(case.items()))
+    case_items = tuple(case.items())
     if torch.compiler.is_compiling():
-        return _select_at_trace_time(op, device_type, case_items, use_backend_override())
-    # Eager: a direct call; assume_constant_result's wrapper alone costs microseconds per op.
-    return _select(op, device_type, case_items)
+        return _select_at_trace_time(op, device_type, case_items, use_backend_override(),
+                                     fallback_to_torch)
+    return _select_cached(op, device_type, case_items, requested_backend(), fallback_to_torch)
 
 
-def _select(op, device_type, case_items, override=None):
+def _select(op, device_type, case_items, override=None, fallback_to_torch=False):
     """`override`: the use_backend() name (None: $FASTATTN_BACKEND or auto). An argument so that
     under torch.compile the constant result is a function of it."""
     case = dict(case_items)
@@ -167,10 +177,14 @@ def _select(op, device_type, case_items, override=None):
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")
+    if fallback_to_torch:
+        return "torch"
     raise RuntimeError(f"fastattn backend {requested!r} cannot run {op} on {device_type} "
                        f"tensors ({'; '.join(reasons)}); use backend 'auto' to fall back to torch")
 
 
+# Exceptions are not cached, so a refused request raises on every call.
+_select_cached = functools.lru_cache(maxsize=4096)(_select)
 _select_at_trace_time = torch.compiler.assume_constant_result(_select)
 
 

@@ -38,3 +38,19 @@ def mask_kind(mask):
     if mask is None:
         return None
     return "bool" if mask.dtype == torch.bool else "float"
+
+
+def window_pair(window, name="window"):
+    """The one sliding-window normaliser: None -> (-1, -1) (unbounded), an int w -> (w, w), a
+    (left, right) pair of ints each >= 0 or -1 -> itself. Bools are refused (True is not a
+    window size)."""
+    if window is None:
+        return -1, -1
+    if isinstance(window, int) and not isinstance(window, bool):
+        window = (window, window)
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+            or any(w < -1 for w in window)):
+        raise ValueError(f"{name} must be None, an int or a (left, right) pair of ints, each "
+                         f">= 0 or -1 (unbounded), got {window!r}")
+    return int(window[0]), int(window[1])

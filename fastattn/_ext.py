@@ -14,7 +14,7 @@ BUILD_HINT = ("build it with `make build` (or `python setup.py build_ext --inpla
 def _load():
     """Import fastattn._C once; return (loaded, error message)."""
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.fastattn.*)
+        from . import _C  # noqa: F401  (registers torch.ops.fastattn_kernels.*)
     except ImportError as exc:
         return False, str(exc)
     return True, ""
@@ -34,9 +34,9 @@ def load_extension():
 
 @functools.lru_cache(maxsize=None)
 def _extension_info():
-    if not extension_loaded() or not hasattr(torch.ops.fastattn, "build_info"):
+    if not extension_loaded() or not hasattr(torch.ops.fastattn_kernels, "build_info"):
         return {}
-    return json.loads(torch.ops.fastattn.build_info())
+    return json.loads(torch.ops.fastattn_kernels.build_info())
 
 
 def cuda_kernels_compiled():

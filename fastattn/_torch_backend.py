@@ -243,3 +243,4 @@ def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out,
 
 
 from ._kvcache_torch import kvcache_attention_forward  # noqa: E402,F401  (kvcache_attention)
+from ._attention_weights_torch import attention_weights_forward  # noqa: E402,F401

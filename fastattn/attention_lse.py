@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import _backend, _checks
-from .functional import ATTENTION_DTYPES, _attention_window
+from .functional import ATTENTION_DTYPES
 from .ops import attention as _attention_ops
 from .ops import merge_attention_states as _merge_ops
 
@@ -45,16 +45,6 @@ def _validate_qkv(q, k, v, causal_alignment, softcap):
         raise ValueError(f"softcap must be >= 0, got {softcap}")
 
 
-def _select(q, k, v, is_causal, causal_alignment, window, softcap, deterministic=False):
-    return _backend.select(
-        "attention", q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
-        v_head_dim=v.shape[-1], q_len=q.shape[2], k_len=k.shape[2], mask=None,
-        mask_needs_grad=False, causal=bool(is_causal), alignment=causal_alignment,
-        window=window[0] >= 0 or window[1] >= 0, softcap=float(softcap), key_lengths=False,
-        dropout_p=0.0, gqa=q.shape[1] != k.shape[1], deterministic=bool(deterministic),
-        device=q.device.type)
-
-
 def attention_forward_with_lse(q, k, v, *, scale=None, is_causal=False,
                                causal_alignment="top_left", window=None, softcap=0.0):
     """Attention forward that also returns the log-sum-exp of each query row.
@@ -66,14 +56,13 @@ def attention_forward_with_lse(q, k, v, *, scale=None, is_causal=False,
     and lse (B, H, Sq) fp32 (-inf for a row with no visible key, whose out is 0).
     """
     _validate_qkv(q, k, v, causal_alignment, softcap)
-    window = _attention_window(window)
+    window = _checks.window_pair(window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _select(q, k, v, is_causal, causal_alignment, window, softcap)
-    q, k, v = q.detach(), k.detach(), v.detach()
-    return _backend.eager_call(
-        _attention_ops.attention_op, _attention_ops.attention_impl, backend,
-        q, k, v, None, None, None, scale, bool(is_causal), causal_alignment == "bottom_right",
-        window[0], window[1], float(softcap), 0.0, False, backend)
+    out, lse, _, _ = _attention_ops.attend(
+        q.detach(), k.detach(), v.detach(), scale=scale, causal=bool(is_causal),
+        bottom_right=causal_alignment == "bottom_right", window_left=window[0],
+        window_right=window[1], softcap=float(softcap))
+    return out, lse
 
 
 def attention_backward_with_lse(dout, q, k, v, out, lse, *, scale=None, is_causal=False,
@@ -100,11 +89,14 @@ def attention_backward_with_lse(dout, q, k, v, out, lse, *, scale=None, is_causa
     _checks.check_same("lse", lse, "q", q, dtype=False)
     if tuple(lse.shape) != (b, h, sq):
         raise ValueError(f"lse must have shape {(b, h, sq)}, got {tuple(lse.shape)}")
-    window = _attention_window(window)
+    window = _checks.window_pair(window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _select(q, k, v, is_causal, causal_alignment, window, softcap, deterministic)
+    backend = _attention_ops.select_backend(
+        q, k, v, causal=bool(is_causal), bottom_right=causal_alignment == "bottom_right",
+        window_left=window[0], window_right=window[1], softcap=float(softcap),
+        deterministic=bool(deterministic))
     with torch.no_grad():
-        dq, dk, dv, _ = _attention_ops.attention_grad_op(
+        dq, dk, dv, _ = _attention_ops.attention_backward_op(
             dout.detach().contiguous(), q.detach(), k.detach(), v.detach(), out.detach(),
             lse.detach(), None, None, None, scale, bool(is_causal),
             causal_alignment == "bottom_right", window[0], window[1], float(softcap), 0.0,

@@ -11,7 +11,7 @@ import torch
 
 from . import _backend, _checks
 from .ops import attention as _attention_ops
-from .ops import norms as _norm_ops
+from .ops import layer_norm as _norm_ops
 from .ops import rotary as _rotary_ops
 from .ops import softmax as _softmax_ops
 
@@ -19,19 +19,6 @@ ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ------------------------------------------------------------------------------------ attention
-
-def _attention_window(window):
-    if window is None:
-        return -1, -1
-    if isinstance(window, int) and not isinstance(window, bool):
-        window = (window, window)
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)
-            or any(w < -1 for w in window)):
-        raise ValueError(f"window must be None, an int or a (left, right) pair of ints, each "
-                         f">= 0 or -1 (unbounded), got {window!r}")
-    return int(window[0]), int(window[1])
-
 
 def _finite_float(name, x, *, minimum=None):
     """float(x), or a ValueError naming `name` for NaN, +-inf or a value below `minimum`."""
@@ -141,7 +128,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     softcap = _finite_float("softcap", softcap, minimum=0.0)
-    window_left, window_right = _attention_window(window)
+    window_left, window_right = _checks.window_pair(window)
     if scale is not None:
         scale = _finite_float("scale", scale)
     elif d > 0:
@@ -170,25 +157,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             out, lse = out.squeeze(0), lse.squeeze(0)
         return (out, lse) if return_lse else out
 
-    rng = None
-    if dropout_p > 0:
-        # (seed, offset) from torch's default generator, so torch.manual_seed reproduces runs.
-        rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
-
-    mask_needs_grad = (mask is not None and mask.is_floating_point() and mask.requires_grad
-                       and torch.is_grad_enabled())
-    backend = _backend.select(
-        "attention", query.device.type, dtype=query.dtype, head_dim=d,
-        v_head_dim=value.shape[-1], q_len=sq, k_len=sk, mask=_checks.mask_kind(mask),
-        mask_needs_grad=mask_needs_grad, causal=bool(is_causal), alignment=causal_alignment,
-        window=window_left >= 0 or window_right >= 0, softcap=float(softcap),
-        key_lengths=key_lengths is not None, dropout_p=float(dropout_p), gqa=h != hkv,
-        deterministic=bool(deterministic), device=query.device.type)
-    out, lse = _backend.eager_call(
-        _attention_ops.attention_op, _attention_ops.attention_impl, backend,
-        query, key, value, mask, key_lengths, rng, scale, bool(is_causal),
-        causal_alignment == "bottom_right", window_left, window_right, float(softcap),
-        float(dropout_p), bool(deterministic), backend)
+    out, lse, _, _ = _attention_ops.attend(
+        query, key, value, mask=mask, key_lengths=key_lengths, scale=scale,
+        causal=bool(is_causal), bottom_right=causal_alignment == "bottom_right",
+        window_left=window_left, window_right=window_right, softcap=softcap,
+        dropout_p=dropout_p, deterministic=bool(deterministic))
     if unbatched:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out

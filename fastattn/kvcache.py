@@ -6,7 +6,6 @@ import math
 import torch
 
 from . import _backend, _checks
-from .functional import _attention_window
 from .ops import kvcache_attention as _ops
 
 KVCACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,7 +132,7 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
                              f"(2 * shape[1]) but the head dim is {D}")
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0, got {softcap}")
-    window_left, window_right = _attention_window(window)
+    window_left, window_right = _checks.window_pair(window)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     if not torch.compiler.is_compiling():

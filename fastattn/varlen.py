@@ -6,7 +6,7 @@ import math
 import torch
 
 from . import _backend, _checks
-from .functional import ATTENTION_DTYPES, _attention_window
+from .functional import ATTENTION_DTYPES
 from .ops import varlen_attention as _varlen_ops
 
 
@@ -81,9 +81,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0, got {softcap}")
-    window_left, window_right = _attention_window(window)
-    if window_left < -1 or window_right < -1:
-        raise ValueError(f"window: entries must be >= 0 or -1 (unbounded), got {window!r}")
+    window_left, window_right = _checks.window_pair(window)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     # Eager: check the offsets' values now (one host sync). Under torch.compile the op's
     # body checks them on the real tensors instead.

@@ -93,10 +93,16 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def unsupported(op, **case):
+    """Why this launcher cannot run the case, or None (fastattn._backend.select)."""
+    from ._support import dtype_device_reason
+    return dtype_device_reason(case, (), (torch.float16, torch.bfloat16, torch.float32))
+
+
 def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, causal=False,
                               alignment="top_left", window_left=-1, window_right=-1,
-                              softcap=0.0):
-    """P (B, H, Sq, Sk) in q's dtype. q (B, H, Sq, D), k (B, Hkv, Sk, D) any strides;
+                              softcap=0.0, average=False):
+    """P (B, H, Sq, Sk) in q's dtype, or its mean over heads (B, Sq, Sk) with `average`. q (B, H, Sq, D), k (B, Hkv, Sk, D) any strides;
     lse (B, H, Sq) fp32; mask None or expanded to (B, H, Sq, Sk) (bool True = may attend, or
     float added); key_lengths int (B,) or None."""
     B, H, Sq, D = q.shape
@@ -107,7 +113,7 @@ def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, 
     lse = lse.to(torch.float32).contiguous()
     p = torch.zeros((B, H, Sq, Sk), device=q.device, dtype=q.dtype)
     if p.numel() == 0:
-        return p
+        return p.mean(dim=1) if average else p
     mask_kind, mask_arg, mask_strides = 0, q, (0, 0, 0, 0)
     if mask is not None:
         mask = mask.expand(B, H, Sq, Sk)
@@ -133,7 +139,7 @@ def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, 
         HAS_KL=key_lengths is not None, HAS_SOFTCAP=softcap > 0,
         DOT_PREC=fp32_prec if q.dtype == torch.float32 else "tf32",
         num_warps=4)
-    return p
+    return p.mean(dim=1) if average else p
 
 
 def static_variants(arch):

@@ -1,4 +1,4 @@
-"""Parity of the C++ CPU attention kernels (torch.ops.fastattn.attention_forward/backward of
+"""Parity of the C++ CPU attention kernels (torch.ops.fastattn_kernels.attention_forward/backward of
 fastattn._C, called directly) with fastattn.reference.attention.
 
 fp32: tight bounds against an fp64 reference. fp16/bf16: the 2x rule of DESIGN.md, for the
@@ -13,8 +13,8 @@ import torch
 from conftest import ATOL_FLOOR, FP32_ATOL, FP32_RTOL, max_err
 
 try:
-    import fastattn._C  # noqa: F401  registers torch.ops.fastattn.*
-    _BUILT = hasattr(torch.ops.fastattn, "attention_forward")
+    import fastattn._C  # noqa: F401  registers torch.ops.fastattn_kernels.*
+    _BUILT = hasattr(torch.ops.fastattn_kernels, "attention_forward")
 except ImportError:  # the extension is built in CI; only a pure-Python checkout lacks it
     _BUILT = False
 from fastattn import reference
@@ -32,14 +32,14 @@ def ours(q, k, v, dout, *, mask=None, scale=None, causal=False, alignment="top_l
     args = (mask, scale, causal, alignment == "bottom_right", window_left, window_right,
             softcap, key_lengths)
     drop = (dropout_p, seed, offset)
-    out, lse = torch.ops.fastattn.attention_forward(q, k, v, *args, *drop)
-    dq, dk, dv, dmask = torch.ops.fastattn.attention_backward(dout, q, k, v, out, lse, *args,
+    out, lse = torch.ops.fastattn_kernels.attention_forward(q, k, v, *args, *drop)
+    dq, dk, dv, dmask = torch.ops.fastattn_kernels.attention_backward(dout, q, k, v, out, lse, *args,
                                                               mask_grad, *drop)
     return out, lse, dq, dk, dv, dmask
 
 
 def keep_mask(q, k, dropout_p, seed, offset):
-    return torch.ops.fastattn.attention_dropout_mask(q.shape[0], q.shape[1], q.shape[2],
+    return torch.ops.fastattn_kernels.attention_dropout_mask(q.shape[0], q.shape[1], q.shape[2],
                                                      k.shape[2], dropout_p, seed, offset)
 
 
@@ -264,7 +264,7 @@ def test_empty_sequences():
 # ---------------------------------------------------------------------------------- bad input
 
 def _fwd(q, k, v, mask=None, softcap=0.0, key_lengths=None, wl=-1, dropout_p=0.0):
-    return torch.ops.fastattn.attention_forward(q, k, v, mask, 0.1, False, False, wl, -1,
+    return torch.ops.fastattn_kernels.attention_forward(q, k, v, mask, 0.1, False, False, wl, -1,
                                                 softcap, key_lengths, dropout_p, 0, 0)
 
 
@@ -325,14 +325,14 @@ def test_bad_backward_input_names_the_argument():
     args = (None, 0.1, False, False, -1, -1, 0.0, None)
     drop = (0.0, 0, 0)
     with pytest.raises(RuntimeError, match="dout must be"):
-        torch.ops.fastattn.attention_backward(out[:, :, :4], q, k, v, out, lse, *args, False,
+        torch.ops.fastattn_kernels.attention_backward(out[:, :, :4], q, k, v, out, lse, *args, False,
                                               *drop)
     with pytest.raises(RuntimeError, match="lse must be"):
-        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse[0], *args, False, *drop)
+        torch.ops.fastattn_kernels.attention_backward(out, q, k, v, out, lse[0], *args, False, *drop)
     with pytest.raises(RuntimeError, match="mask_needs_grad"):
-        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse, *args, True, *drop)
+        torch.ops.fastattn_kernels.attention_backward(out, q, k, v, out, lse, *args, True, *drop)
     with pytest.raises(RuntimeError, match="dropout_p must be in"):
-        torch.ops.fastattn.attention_backward(out, q, k, v, out, lse, *args, False, -0.5, 0, 0)
+        torch.ops.fastattn_kernels.attention_backward(out, q, k, v, out, lse, *args, False, -0.5, 0, 0)
 
 
 # ------------------------------------------------------------------------------------- dropout
@@ -374,14 +374,14 @@ def _keep_by_definition(shape, p, seed, offset):
 def test_dropout_mask_definition(p, seed, offset):
     # Odd Sk: rows end mid-vector, so the 16-lane path, its tails and the row bases are all hit.
     shape = (2, 3, 19, 37)
-    keep = torch.ops.fastattn.attention_dropout_mask(*shape, p, seed, offset)
+    keep = torch.ops.fastattn_kernels.attention_dropout_mask(*shape, p, seed, offset)
     assert keep.dtype == torch.bool and keep.shape == shape
     assert torch.equal(keep, _keep_by_definition(shape, p, seed, offset))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_keep_fraction(p):
-    keep = torch.ops.fastattn.attention_dropout_mask(4, 4, 128, 128, p, 3, 0)
+    keep = torch.ops.fastattn_kernels.attention_dropout_mask(4, 4, 128, 128, p, 3, 0)
     n = keep.numel()
     frac = keep.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / n)
@@ -392,14 +392,14 @@ def test_dropout_keep_fraction(p):
 
 
 def test_dropout_seed_and_offset():
-    a = torch.ops.fastattn.attention_dropout_mask(2, 2, 33, 65, 0.5, 1, 0)
-    assert torch.equal(a, torch.ops.fastattn.attention_dropout_mask(2, 2, 33, 65, 0.5, 1, 0))
+    a = torch.ops.fastattn_kernels.attention_dropout_mask(2, 2, 33, 65, 0.5, 1, 0)
+    assert torch.equal(a, torch.ops.fastattn_kernels.attention_dropout_mask(2, 2, 33, 65, 0.5, 1, 0))
     for seed, offset in [(2, 0), (1, 1)]:
-        b = torch.ops.fastattn.attention_dropout_mask(2, 2, 33, 65, 0.5, seed, offset)
+        b = torch.ops.fastattn_kernels.attention_dropout_mask(2, 2, 33, 65, 0.5, seed, offset)
         # unrelated masks disagree on about half the entries (not a shifted copy either)
         assert 0.45 < (a != b).double().mean().item() < 0.55
         assert 0.45 < (a[..., 1:] != b[..., :-1]).double().mean().item() < 0.55
-    assert torch.ops.fastattn.attention_dropout_mask(1, 1, 4, 4, 0.0, 5, 5).all()
+    assert torch.ops.fastattn_kernels.attention_dropout_mask(1, 1, 4, 4, 0.0, 5, 5).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -281,13 +281,13 @@ def test_issue12_cpu_entry_points_check_key_lengths_range():
     args = (None, 0.25, False, False, -1, -1, 0.0)
     for bad in ([9], [-1]):
         with pytest.raises(RuntimeError, match="key_lengths"):
-            torch.ops.fastattn.attention_forward(q, k, v, *args, torch.tensor(bad), 0.0, 0, 0)
+            torch.ops.fastattn_kernels.attention_forward(q, k, v, *args, torch.tensor(bad), 0.0, 0, 0)
     with pytest.raises(RuntimeError, match="softcap"):
-        torch.ops.fastattn.attention_forward(q, k, v, None, 0.25, False, False, -1, -1,
+        torch.ops.fastattn_kernels.attention_forward(q, k, v, None, 0.25, False, False, -1, -1,
                                              float("nan"), None, 0.0, 0, 0)
     lse = torch.zeros(1, 1, 4)
     with pytest.raises(RuntimeError, match="key_lengths"):
-        torch.ops.fastattn.attention_weights_forward(q, k, lse, None, 0.25, False, False, -1,
+        torch.ops.fastattn_kernels.attention_weights_forward(q, k, lse, None, 0.25, False, False, -1,
                                                      -1, 0.0, torch.tensor([5]), False)
 
 

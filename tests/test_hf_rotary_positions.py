@@ -119,5 +119,5 @@ def test_positions_bad_input():
                               offsets=torch.zeros(2, dtype=int))
     # the C++ op checks its own inputs too
     with pytest.raises(RuntimeError, match="positions"):
-        torch.ops.fastattn.rotary_forward(x, cos, sin, False, None, False,
+        torch.ops.fastattn_kernels.rotary_forward(x, cos, sin, False, None, False,
                                           torch.full((2, 4), -1))

@@ -205,7 +205,7 @@ def test_requires_grad_is_refused():
 def test_cpu_entry_checks_bounds():
     """The C++ op checks every index itself (the public checks can be bypassed under
     torch.compile): no out-of-bounds read whatever the caller passes."""
-    ops = torch.ops.fastattn
+    ops = torch.ops.fastattn_kernels
     q = torch.randn(2, 1, 2, 16)
     kc = torch.randn(5, 4, 1, 16)
     lens = torch.tensor([3, 2], dtype=torch.int32)

@@ -180,10 +180,10 @@ def test_cpu_kernel_checks_arguments():
             ops.unsupported("merge_attention_states", device="cpu", dtype=torch.float32)))
     o = torch.randn(1, 2, 3, 4)
     with pytest.raises(RuntimeError, match="lse_a must be float32"):
-        torch.ops.fastattn.merge_attention_states_forward(o, torch.zeros(1, 2, 3).double(), o,
+        torch.ops.fastattn_kernels.merge_attention_states_forward(o, torch.zeros(1, 2, 3).double(), o,
                                                           torch.zeros(1, 2, 3))
     with pytest.raises(RuntimeError, match="lse_b must have shape"):
-        torch.ops.fastattn.merge_attention_states_forward(o, torch.zeros(1, 2, 3), o,
+        torch.ops.fastattn_kernels.merge_attention_states_forward(o, torch.zeros(1, 2, 3), o,
                                                           torch.zeros(1, 2))
 
 

@@ -40,6 +40,31 @@ def op_samples(backend):
     ]
 
 
+# One registered op per public operation and direction (issue #13); the C++ kernels live in
+# their own namespace and run only inside these ops.
+PUBLIC_OPS = {"attention", "attention_backward", "attention_weights", "attention_dropout_keep",
+              "softmax", "softmax_backward", "layer_norm", "layer_norm_backward", "rms_norm",
+              "rms_norm_backward", "rotary", "rotary_", "rotary_qk", "varlen_attention",
+              "varlen_attention_backward", "kvcache_attention", "merge_attention_states"}
+
+
+def _ops_in(namespace):
+    import fastattn.ops  # noqa: F401  (registers every op)
+    prefix = namespace + "::"
+    return {name[len(prefix):].split(".")[0] for name in torch._C._dispatch_get_all_op_names()
+            if name.startswith(prefix)}
+
+
+def test_one_registered_op_per_operation_and_direction():
+    assert _ops_in("fastattn") == PUBLIC_OPS
+    from fastattn import _ext
+    if _ext.extension_loaded():
+        kernels = _ops_in("fastattn_kernels")
+        assert kernels, kernels
+        assert all(n.endswith(("_forward", "_backward", "_out", "_inplace", "_mask"))
+                   or n == "build_info" for n in kernels), kernels
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck(backend):
     for op, args in op_samples(backend):

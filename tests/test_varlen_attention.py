@@ -200,7 +200,7 @@ def test_max_seqlen_must_be_int():
 def test_cpu_op_checks_offsets_itself():
     """The C++ entry validates every offset (no out-of-bounds read whoever calls it)."""
     inp = packed_inputs([3, 4], [3, 4], 2, 2, 16, torch.float32)
-    op = torch.ops.fastattn.varlen_attention_forward
+    op = torch.ops.fastattn_kernels.varlen_attention_forward
     tail = (1.0, False, -1, -1, 0.0, 0.0, 0, 0)
     for cu_q, mq, match in ((torch.tensor([0, 9, 7], dtype=torch.int32), 9, "non-decreasing"),
                             (torch.tensor([0, 3, 8], dtype=torch.int32), 5, "token count"),
@@ -250,16 +250,18 @@ def test_opcheck_custom_op():
 
 
 def test_opcheck_cpu_ops():
-    """The C++ ops' schemas, fake implementations (fastattn/_C_ops.py) and kernels agree."""
+    """The C++ kernel ops' schemas and kernels agree (they have no fakes: they run only inside
+    fastattn::varlen_attention's body)."""
     inp = packed_inputs([3, 0, 5], [4, 2, 5], 2, 1, 16, torch.float32)
     tail = (0.25, True, -1, -1, 0.0, 0.0, 0, 0)
-    out, lse = torch.ops.fastattn.varlen_attention_forward(
+    out, lse = torch.ops.fastattn_kernels.varlen_attention_forward(
         inp["q"], inp["k"], inp["v"], inp["cu_q"], inp["cu_k"], 5, 5, *tail)
-    torch.library.opcheck(torch.ops.fastattn.varlen_attention_forward.default,
-                          (inp["q"], inp["k"], inp["v"], inp["cu_q"], inp["cu_k"], 5, 5, *tail))
-    torch.library.opcheck(torch.ops.fastattn.varlen_attention_backward.default,
+    torch.library.opcheck(torch.ops.fastattn_kernels.varlen_attention_forward.default,
+                          (inp["q"], inp["k"], inp["v"], inp["cu_q"], inp["cu_k"], 5, 5, *tail),
+                          test_utils=("test_schema",))
+    torch.library.opcheck(torch.ops.fastattn_kernels.varlen_attention_backward.default,
                           (inp["dout"], inp["q"], inp["k"], inp["v"], out, lse, inp["cu_q"],
-                           inp["cu_k"], 5, 5, *tail))
+                           inp["cu_k"], 5, 5, *tail), test_utils=("test_schema",))
 
 
 @pytest.mark.parametrize("arch,kind,prec,block_d", [(80, "fwd", "ieee", 64),

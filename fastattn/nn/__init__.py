@@ -1,7 +1,7 @@
 """Drop-in modules on fastattn's kernels and patch(model), which installs them."""
 
-from .attention import MultiHeadAttention
-from .norms import LayerNorm, RMSNorm
+from .mha import MultiHeadAttention
+from .layer_norm import LayerNorm, RMSNorm
 from .patch import patch
 from .rotary import RotaryEmbedding
 

@@ -7,8 +7,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .attention import MultiHeadAttention
-from .norms import LayerNorm, RMSNorm
+from .mha import MultiHeadAttention
+from .layer_norm import LayerNorm, RMSNorm
 
 logger = logging.getLogger("fastattn")
 

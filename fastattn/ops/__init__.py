@@ -1,3 +1,5 @@
-"""torch.library custom ops of fastattn (registered on import), one file per op family."""
+"""fastattn's registered ops (torch.ops.fastattn.*): one file per op, one op per public operation
+and direction, each with its fake and autograd registered once (docs/architecture.md)."""
 
-from . import attention, norms, rotary, softmax, varlen_attention  # noqa: F401
+from . import (attention, attention_weights, kvcache_attention, layer_norm,  # noqa: F401
+               merge_attention_states, rotary, softmax, varlen_attention)

@@ -1,6 +1,6 @@
 """Attention as torch.library custom ops with autograd and fake (meta) implementations.
 
-`fastattn::attention` (forward, returns out and lse) and `fastattn::attention_grad` (backward)
+`fastattn::attention` (forward, returns out and lse) and `fastattn::attention_backward` (backward)
 take the backend chosen by the caller as an argument, so forward and backward run on the same
 backend even when autograd runs the backward on another thread, and torch.compile bakes the
 choice into the graph. They are opaque custom ops (not `triton_op`): one op serves every backend,
@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, _checks
 
 ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -52,8 +52,8 @@ def _(q, k, v, mask, key_lengths, rng, scale, causal, bottom_right, window_left,
     return out, lse
 
 
-@torch.library.custom_op("fastattn::attention_grad", mutates_args=())
-def attention_grad_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+@torch.library.custom_op("fastattn::attention_backward", mutates_args=())
+def attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                       mask: Optional[Tensor], key_lengths: Optional[Tensor],
                       rng: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
                       window_left: int, window_right: int, softcap: float, dropout_p: float,
@@ -72,7 +72,7 @@ def attention_grad_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
 
-@attention_grad_op.register_fake
+@attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, mask, key_lengths, rng, scale, causal, bottom_right, window_left,
       window_right, softcap, dropout_p, deterministic, mask_needs_grad, backend):
     dmask = (q.new_empty(mask.shape, dtype=torch.float32) if mask_needs_grad
@@ -95,7 +95,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, mask, key_lengths, rng = ctx.saved_tensors
-    dq, dk, dv, dmask = attention_grad_op(dout.contiguous(), q, k, v, out, lse, mask,
+    dq, dk, dv, dmask = attention_backward_op(dout.contiguous(), q, k, v, out, lse, mask,
                                           key_lengths, rng, *ctx.args, ctx.mask_needs_grad,
                                           ctx.backend)
     dmask = dmask.to(mask.dtype) if ctx.mask_needs_grad else None
@@ -103,3 +103,40 @@ def _backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("fastattn::attention", _backward, setup_context=_setup_context)
+
+
+def attend(q, k, v, *, mask=None, key_lengths=None, scale, causal=False, bottom_right=False,
+           window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0, deterministic=False):
+    """The one internal attention entry, behind fastattn.scaled_dot_product_attention,
+    MultiHeadAttention and attention_forward_with_lse: validated, normalised arguments in
+    (q (B, H, Sq, D), k/v (B, Hkv, Sk, D), mask expanded to (B, H, Sq, Sk) or None), the
+    backend chosen once, the op called. Returns out (B, H, Sq, Dv), lse (B, H, Sq) fp32, the
+    backend and the dropout rng (seed, offset) or None (MultiHeadAttention's weights reuse
+    both)."""
+    backend = select_backend(q, k, v, mask=mask, key_lengths=key_lengths, causal=causal,
+                             bottom_right=bottom_right, window_left=window_left,
+                             window_right=window_right, softcap=softcap, dropout_p=dropout_p,
+                             deterministic=deterministic)
+    rng = None
+    if dropout_p > 0:
+        # (seed, offset) from torch's default generator, so torch.manual_seed reproduces runs.
+        rng = torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64)
+    out, lse = _backend.eager_call(
+        attention_op, attention_impl, backend, q, k, v, mask, key_lengths, rng, scale, causal,
+        bottom_right, window_left, window_right, softcap, dropout_p, deterministic, backend)
+    return out, lse, backend, rng
+
+
+def select_backend(q, k, v, *, mask=None, key_lengths=None, causal=False, bottom_right=False,
+                   window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0,
+                   deterministic=False):
+    """The backend that runs this attention call (forward and backward)."""
+    mask_needs_grad = (mask is not None and mask.is_floating_point() and mask.requires_grad
+                       and torch.is_grad_enabled())
+    return _backend.select(
+        "attention", q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
+        v_head_dim=v.shape[-1], q_len=q.shape[2], k_len=k.shape[2],
+        mask=_checks.mask_kind(mask), mask_needs_grad=mask_needs_grad, causal=causal,
+        alignment=_alignment(bottom_right), window=window_left >= 0 or window_right >= 0,
+        softcap=softcap, key_lengths=key_lengths is not None, dropout_p=dropout_p,
+        gqa=q.shape[1] != k.shape[1], deterministic=deterministic, device=q.device.type)

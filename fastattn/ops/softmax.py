@@ -23,13 +23,13 @@ def _(x, mask, scale, causal, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastattn::softmax_grad", mutates_args=())
-def softmax_grad_op(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
+@torch.library.custom_op("fastattn::softmax_backward", mutates_args=())
+def softmax_backward_op(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
     impl = _backend.backend_module(backend, "softmax")
     return impl.softmax_backward(dy, y, scale=scale).contiguous()
 
 
-@softmax_grad_op.register_fake
+@softmax_backward_op.register_fake
 def _(dy, y, scale, backend):
     return y.new_empty(y.shape)
 
@@ -44,9 +44,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
     if not ctx.mask_needs_grad:
-        return softmax_grad_op(dy.contiguous(), y, ctx.scale, ctx.backend), None, None, None, None
+        return softmax_backward_op(dy.contiguous(), y, ctx.scale, ctx.backend), None, None, None, None
     # s = x * scale + mask: the mask receives dS, x receives scale * dS.
-    ds = softmax_grad_op(dy.contiguous(), y, 1.0, ctx.backend)
+    ds = softmax_backward_op(dy.contiguous(), y, 1.0, ctx.backend)
     return ds * ctx.scale, ds, None, None, None
 
 

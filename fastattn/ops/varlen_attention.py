@@ -74,8 +74,8 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng, scal
     return q.new_empty(total_q, h, v.shape[-1]), q.new_empty(h, total_q, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastattn::varlen_attention_grad", mutates_args=())
-def varlen_attention_grad_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+@torch.library.custom_op("fastattn::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                              lse: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                              max_seqlen_q: int, max_seqlen_k: int, rng: Optional[Tensor],
                              scale: float, causal: bool, window_left: int, window_right: int,
@@ -91,7 +91,7 @@ def varlen_attention_grad_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-@varlen_attention_grad_op.register_fake
+@varlen_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, rng,
       scale, causal, window_left, window_right, softcap, dropout_p, deterministic, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -111,7 +111,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng = ctx.saved_tensors
-    dq, dk, dv = varlen_attention_grad_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q,
+    dq, dk, dv = varlen_attention_backward_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens_q,
                                           cu_seqlens_k, *ctx.args, rng, *ctx.kwargs)
     return (dq, dk, dv) + (None,) * 14
 
