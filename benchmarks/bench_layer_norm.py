@@ -1,5 +1,5 @@
 """pytest-benchmark: layer_norm and rms_norm, fastattn against F.layer_norm / F.rms_norm
-(cases: cases/norms.py)."""
+(cases: cases/layer_norm.py)."""
 
 import pytest
 

@@ -1,8 +1,9 @@
 """The benchmark cases of every op, for the pytest microbenchmarks, the CLI and the gate."""
 
-from . import attention, hf, kvcache, mha, norms, rotary, softmax, varlen
+from . import attention, hf, kvcache, layer_norm, mha, overhead, rotary, softmax, varlen
 
-OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha", "varlen", "kvcache")
+OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "mha", "varlen", "kvcache",
+       "overhead")
 # Whole-model cases (minutes each), only when asked for by name: --ops hf
 MODEL_OPS = ("hf",)
 
@@ -18,7 +19,7 @@ def build_cases(device_type, quick=False, ops=OPS, backends=None):
     out = []
     for op in ops:
         if op in ("layer_norm", "rms_norm"):
-            out += norms.cases(op, device_type, quick, backends)
+            out += layer_norm.cases(op, device_type, quick, backends)
         elif op in OPS or op in MODEL_OPS:
             out += globals()[op].cases(device_type, quick, backends)
         else:
