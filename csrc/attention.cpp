@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "cpu/attention.h"
+#include "cpu/tensor_args.h"
 
 namespace fastattn {
 namespace {
@@ -18,14 +19,6 @@ using cpu::AttentionParams;
 at::Tensor rows_contiguous(const at::Tensor& t) {
   const bool ok = t.stride(-1) == 1 && (t.size(-2) <= 1 || t.stride(-2) >= t.size(-1));
   return ok ? t : t.contiguous();
-}
-
-cpu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::f32;
-    case at::kBFloat16: return cpu::DType::bf16;
-    default: return cpu::DType::f16;
-  }
 }
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -81,7 +74,7 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
   keep.insert(keep.end(), {q, k, v});
 
   AttentionParams p;
-  p.dtype = kernel_dtype(q.scalar_type());
+  p.dtype = dtype_of(q, "attention (cpu)", "q");
   p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3);
   p.Hkv = k.size(1); p.Sk = k.size(2);
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
@@ -104,10 +97,13 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
                 "attention (cpu): mask must be expanded to (B, H, Sq, Sk) = (", p.B, ", ", p.H,
                 ", ", p.Sq, ", ", p.Sk, "), got ", m.sizes());
     switch (m.scalar_type()) {
-      case at::kBool: p.mask_kind = cpu::MaskKind::boolean; break;
-      case at::kFloat: p.mask_kind = cpu::MaskKind::f32; break;
-      case at::kBFloat16: p.mask_kind = cpu::MaskKind::bf16; break;
-      case at::kHalf: p.mask_kind = cpu::MaskKind::f16; break;
+      case at::kBool: p.mask_kind = MaskKind::kBool; break;
+      case at::kFloat:
+      case at::kBFloat16:
+      case at::kHalf:
+        p.mask_kind = MaskKind::kFloat;
+        p.mask_dtype = dtype_of(m, "attention (cpu)", "mask");
+        break;
       default:
         TORCH_CHECK(false, "attention (cpu): mask must be bool or float32/bfloat16/float16, got ",
                     m.scalar_type());
@@ -185,8 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
                   lse_in.size(2) == p.Sq,
               "attention_backward (cpu): lse must be a float32 CPU tensor (B, H, Sq) = (", p.B,
               ", ", p.H, ", ", p.Sq, "), got ", lse_in.scalar_type(), " ", lse_in.sizes());
-  const bool float_mask = p.mask_kind != cpu::MaskKind::none &&
-                          p.mask_kind != cpu::MaskKind::boolean;
+  const bool float_mask = p.mask_kind == MaskKind::kFloat;
   TORCH_CHECK(!mask_needs_grad || float_mask,
               "attention_backward (cpu): mask_needs_grad=True needs a floating mask");
 

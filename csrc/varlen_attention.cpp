@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/attention.h"
+#include "cpu/tensor_args.h"
 
 namespace fastattn {
 namespace {
@@ -63,14 +64,6 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch_plus
               c[batch_plus_1 - 1], " must equal the token count ", total);
 }
 
-cpu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::f32;
-    case at::kBFloat16: return cpu::DType::bf16;
-    default: return cpu::DType::f16;
-  }
-}
-
 // Fills everything but the outputs; keeps the contiguous inputs alive in `keep`.
 AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
                             const at::Tensor& v_in, const at::Tensor& cu_q,
@@ -91,7 +84,7 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
   keep.insert(keep.end(), {q, k, v, cu_q, cu_k});
 
   AttentionParams p;
-  p.dtype = kernel_dtype(q.scalar_type());
+  p.dtype = dtype_of(q, "varlen_attention (cpu)", "q");
   p.B = cu_q.size(0) - 1; p.H = q.size(1); p.Hkv = k.size(1); p.D = q.size(2);
   p.Sq = max_q; p.Sk = max_k; p.total_q = q.size(0);
   p.cu_q = cu_q.data_ptr<int32_t>();
