@@ -3,7 +3,10 @@
 // GEMMs on the tiles are in gemm.h.
 #pragma once
 
-#include "cpu/attention_vec.h"  // must come first: picks the at::vec width
+#include "cpu/cpu_capability.h"  // must come first: picks the at::vec width
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
