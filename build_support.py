@@ -33,8 +33,8 @@ def find_cuda_root():
 # ----------------------------------------------------------------------------- CPU target
 
 # The portable x86-64 target: AVX2 + FMA + F16C (Haswell / Zen and later). ATen's AVX2 vectors
-# need F16C for their fp16 conversions; csrc/cpu/vec.h picks at::vec's AVX2 implementation
-# from the __AVX2__/__FMA__ these define.
+# need F16C for their fp16 conversions; csrc/cpu/cpu_capability.h picks at::vec's AVX2
+# implementation from the __AVX2__/__FMA__/__F16C__ these define.
 PORTABLE_X86_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
 
 

@@ -76,8 +76,8 @@ def extension_modules():
                      "-fno-omit-frame-pointer"]
     # A wheel may run on another machine than it was built on: portable (AVX2) by default;
     # `make` builds where it runs and asks for -march=native (ASan builds too, so they check
-    # the same SIMD code paths). csrc/cpu/vec.h derives at::vec's CPU_CAPABILITY from the
-    # flags these enable.
+    # the same SIMD code paths). csrc/cpu/cpu_capability.h derives at::vec's CPU_CAPABILITY
+    # from the flags these enable.
     arch_name, arch_flags = cpu_arch()
     print(f"fastattn: CPU kernels for {arch_name} ({' '.join(arch_flags) or 'compiler default'})")
     cxx_flags += arch_flags

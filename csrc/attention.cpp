@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "cpu/attention.h"
+#include "cpu/tensor_args.h"
 
 namespace fastattn {
 namespace {
@@ -20,28 +21,9 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-cpu::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::f32;
-    case at::kBFloat16: return cpu::DType::bf16;
-    default: return cpu::DType::f16;
-  }
-}
-
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
-    TORCH_CHECK(t->device().is_cpu(), "attention (cpu): ", name, " must be a CPU tensor, got ",
-                t->device());
-    TORCH_CHECK(t->dim() == 4, "attention (cpu): ", name, " must be 4-D (B, H, S, D), got ",
-                t->dim(), "-D");
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 ||
-                    t->scalar_type() == at::kHalf,
-                "attention (cpu): ", name, " must be float32, bfloat16 or float16, got ",
-                t->scalar_type());
-  }
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "attention (cpu): k and v must have q's dtype ", q.scalar_type(), ", got ",
-              k.scalar_type(), " and ", v.scalar_type());
+// Returns q's dtype.
+DType check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const DType dtype = check_qkv_cpu(q, k, v, 4, "attention (cpu)", "(B, H, S, D)");
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0),
               "attention (cpu): k and v must have q's batch size ", q.size(0));
   TORCH_CHECK(k.size(1) >= 1 && v.size(1) == k.size(1) && q.size(1) % k.size(1) == 0,
@@ -53,6 +35,7 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
               "attention (cpu): k and v must have q's head dim ", q.size(3), ", got ",
               k.size(3), " and ", v.size(3));
   TORCH_CHECK(q.size(3) >= 1, "attention (cpu): q must have a head dim >= 1");
+  return dtype;
 }
 
 void set_dropout(AttentionParams& p, double dropout_p, int64_t seed, int64_t offset) {
@@ -70,7 +53,7 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
                             int64_t window_right, double softcap,
                             const std::optional<at::Tensor>& key_lengths, double dropout_p,
                             int64_t seed, int64_t offset, std::vector<at::Tensor>& keep) {
-  check_qkv(q_in, k_in, v_in);
+  const DType dtype = check_qkv(q_in, k_in, v_in);
   TORCH_CHECK(softcap >= 0, "attention (cpu): softcap must be >= 0 (0 = off), got ", softcap);
   TORCH_CHECK(std::isfinite(softcap), "attention (cpu): softcap must be finite, got ", softcap);
   TORCH_CHECK(std::isfinite(scale), "attention (cpu): scale must be finite, got ", scale);
@@ -81,7 +64,7 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
   keep.insert(keep.end(), {q, k, v});
 
   AttentionParams p;
-  p.dtype = kernel_dtype(q.scalar_type());
+  p.dtype = dtype;
   p.B = q.size(0); p.H = q.size(1); p.Sq = q.size(2); p.D = q.size(3);
   p.Hkv = k.size(1); p.Sk = k.size(2);
   p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_ss = q.stride(2);
@@ -104,10 +87,13 @@ AttentionParams make_params(const at::Tensor& q_in, const at::Tensor& k_in,
                 "attention (cpu): mask must be expanded to (B, H, Sq, Sk) = (", p.B, ", ", p.H,
                 ", ", p.Sq, ", ", p.Sk, "), got ", m.sizes());
     switch (m.scalar_type()) {
-      case at::kBool: p.mask_kind = cpu::MaskKind::boolean; break;
-      case at::kFloat: p.mask_kind = cpu::MaskKind::f32; break;
-      case at::kBFloat16: p.mask_kind = cpu::MaskKind::bf16; break;
-      case at::kHalf: p.mask_kind = cpu::MaskKind::f16; break;
+      case at::kBool: p.mask_kind = MaskKind::kBool; break;
+      case at::kFloat:
+      case at::kBFloat16:
+      case at::kHalf:
+        p.mask_kind = MaskKind::kFloat;
+        p.mask_dtype = dtype_of(m, "attention (cpu)", "mask");
+        break;
       default:
         TORCH_CHECK(false, "attention (cpu): mask must be bool or float32/bfloat16/float16, got ",
                     m.scalar_type());
@@ -173,20 +159,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   AttentionParams p = make_params(q, k, v, mask, scale, causal, bottom_right, window_left,
                                   window_right, softcap, key_lengths, dropout_p, seed, offset,
                                   keep);
-  for (auto [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&out_in, "out"}}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == q.scalar_type() &&
-                    t->sizes() == q.sizes(),
-                "attention_backward (cpu): ", name, " must be a CPU ", q.scalar_type(),
-                " tensor of q's shape ", q.sizes(), ", got ", t->scalar_type(), " ",
-                t->sizes(), " on ", t->device());
-  }
-  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat &&
-                  lse_in.dim() == 3 && lse_in.size(0) == p.B && lse_in.size(1) == p.H &&
-                  lse_in.size(2) == p.Sq,
-              "attention_backward (cpu): lse must be a float32 CPU tensor (B, H, Sq) = (", p.B,
-              ", ", p.H, ", ", p.Sq, "), got ", lse_in.scalar_type(), " ", lse_in.sizes());
-  const bool float_mask = p.mask_kind != cpu::MaskKind::none &&
-                          p.mask_kind != cpu::MaskKind::boolean;
+  constexpr const char* fn = "attention_backward (cpu)";
+  check_cpu_tensor(dout_in, fn, "dout", q.scalar_type(), q.sizes(), "of q's shape");
+  check_cpu_tensor(out_in, fn, "out", q.scalar_type(), q.sizes(), "of q's shape");
+  check_cpu_tensor(lse_in, fn, "lse", at::kFloat, {p.B, p.H, p.Sq}, "(B, H, Sq)");
+  const bool float_mask = p.mask_kind == MaskKind::kFloat;
   TORCH_CHECK(!mask_needs_grad || float_mask,
               "attention_backward (cpu): mask_needs_grad=True needs a floating mask");
 
@@ -223,11 +200,8 @@ at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k,
   // k stands in for v, which the weights never read.
   AttentionParams p = make_params(q, k, k, mask, scale, causal, bottom_right, window_left,
                                   window_right, softcap, key_lengths, 0.0, 0, 0, keep);
-  TORCH_CHECK(lse_in.device().is_cpu() && lse_in.scalar_type() == at::kFloat &&
-                  lse_in.dim() == 3 && lse_in.size(0) == p.B && lse_in.size(1) == p.H &&
-                  lse_in.size(2) == p.Sq,
-              "attention_weights (cpu): lse must be a float32 CPU tensor (B, H, Sq) = (", p.B,
-              ", ", p.H, ", ", p.Sq, "), got ", lse_in.scalar_type(), " ", lse_in.sizes());
+  check_cpu_tensor(lse_in, "attention_weights (cpu)", "lse", at::kFloat, {p.B, p.H, p.Sq},
+                   "(B, H, Sq)");
   const at::Tensor lse = lse_in.contiguous();
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   at::Tensor out = average ? at::empty({p.B, p.Sq, p.Sk}, q.options())

@@ -17,29 +17,14 @@ constexpr const char* kFn = "kvcache_attention (cpu)";
 
 at::Tensor head_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-void check_index(const at::Tensor& t, const char* name, int64_t rows) {
-  TORCH_CHECK(t.device().is_cpu(), kFn, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kInt, kFn, ": ", name, " must be int32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() >= 1 && t.size(0) == rows, kFn, ": ", name, " must have ", rows,
-              " rows (q's batch), got shape ", t.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> kvcache_attention_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& seqlens_in, const std::optional<at::Tensor>& block_table_in,
     const std::optional<at::Tensor>& batch_idx_in, int64_t seqlen_new, double scale,
     bool causal, int64_t window_left, int64_t window_right, double softcap) {
-  for (auto [t, name] : {std::pair{&q_in, "q"}, std::pair{&k_in, "k_cache"},
-                         std::pair{&v_in, "v_cache"}}) {
-    TORCH_CHECK(t->device().is_cpu(), kFn, ": ", name, " must be a CPU tensor, got ",
-                t->device());
-    TORCH_CHECK(t->dim() == 4, kFn, ": ", name, " must be 4-D, got shape ", t->sizes());
-  }
   cpu::KVCacheParams p;
-  p.dtype = dtype_of(q_in, kFn, "q");
-  check_dtype(k_in, q_in, kFn, "k_cache", "q");
-  check_dtype(v_in, q_in, kFn, "v_cache", "q");
+  p.dtype = check_qkv_cpu(q_in, k_in, v_in, 4, kFn, "(batch, seq, heads, D)", "k_cache",
+                          "v_cache");
   TORCH_CHECK(v_in.sizes() == k_in.sizes(), kFn, ": v_cache must have k_cache's shape ",
               k_in.sizes(), ", got ", v_in.sizes());
   const int64_t B = q_in.size(0), Sq = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
@@ -53,8 +38,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_forward(
   TORCH_CHECK(window_left >= -1 && window_right >= -1, kFn,
               ": window_left/window_right must be >= 0 or -1 (off)");
 
-  check_index(seqlens_in, "cache_seqlens", B);
-  TORCH_CHECK(seqlens_in.dim() == 1, kFn, ": cache_seqlens must be 1-D");
+  check_index_tensor(seqlens_in, kFn, "cache_seqlens", at::kInt, 1, B, "q's batch");
   const at::Tensor seqlens = seqlens_in.contiguous();
   const bool paged = block_table_in.has_value() && block_table_in->defined();
   const bool has_idx = batch_idx_in.has_value() && batch_idx_in->defined();
@@ -63,13 +47,13 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_forward(
   int64_t capacity = block_size;
   if (paged) {
     TORCH_CHECK(!has_idx, kFn, ": cache_batch_idx cannot be combined with block_table");
-    check_index(*block_table_in, "block_table", B);
-    TORCH_CHECK(block_table_in->dim() == 2, kFn, ": block_table must be 2-D (B, max_blocks)");
+    check_index_tensor(*block_table_in, kFn, "block_table", at::kInt, 2, B,
+                       "(B, max_blocks), B = q's batch");
     TORCH_CHECK(block_size >= 1, kFn, ": a paged cache needs block_size >= 1");
     block_table = block_table_in->contiguous();
     capacity = block_table.size(1) * block_size;
   } else if (has_idx) {
-    check_index(*batch_idx_in, "cache_batch_idx", B);
+    check_index_tensor(*batch_idx_in, kFn, "cache_batch_idx", at::kInt, 1, B, "q's batch");
     batch_idx = batch_idx_in->contiguous();
     const int32_t* bi = batch_idx.data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b)

@@ -100,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward(
   auto stat = [&](const at::Tensor& t, const char* name) {
     check_device(t, h, fn, name, "h");
     check_shape(t, {rows}, fn, name);
-    TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, " must be float32, got ",
-                t.scalar_type());
+    check_scalar_type(t, at::kFloat, fn, name);
     return t.contiguous();
   };
   at::Tensor rstd = stat(rstd_in, "rstd");

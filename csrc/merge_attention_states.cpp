@@ -29,10 +29,8 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_forward(const at::Tens
   const auto lse_shape = out_a_in.sizes().slice(0, out_a_in.dim() - 1);
   check_shape(lse_a_in, lse_shape, fn, "lse_a");
   check_shape(lse_b_in, lse_shape, fn, "lse_b");
-  TORCH_CHECK(lse_a_in.scalar_type() == at::kFloat, fn, ": lse_a must be float32, got ",
-              lse_a_in.scalar_type());
-  TORCH_CHECK(lse_b_in.scalar_type() == at::kFloat, fn, ": lse_b must be float32, got ",
-              lse_b_in.scalar_type());
+  check_scalar_type(lse_a_in, at::kFloat, fn, "lse_a");
+  check_scalar_type(lse_b_in, at::kFloat, fn, "lse_b");
   at::Tensor out_a = last_dim_contiguous(out_a_in), out_b = last_dim_contiguous(out_b_in);
   const at::Tensor lse_a = lse_a_in.contiguous(), lse_b = lse_b_in.contiguous();
   at::Tensor out = at::empty(out_a.sizes(), out_a.options());  // contiguous

@@ -4,14 +4,12 @@
 
 namespace fastattn {
 
-enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };  // float mask: x's dtype
-
 struct SoftmaxParams {
   DType dtype = DType::kFloat32;
   const void* x = nullptr;   // rows via x_rows, last dim contiguous
   void* y = nullptr;         // contiguous (rows, cols)
   const void* mask = nullptr;  // rows via mask_rows, last dim contiguous; bool stored as uint8
-  MaskKind mask_kind = MaskKind::kNone;
+  MaskKind mask_kind = MaskKind::kNone;  // a kFloat mask has x's dtype
   RowIndexer x_rows, mask_rows;
   int64_t rows = 0, cols = 0;
   int64_t m = 1;             // size of dim -2 (the causal row index is row % m)

@@ -15,6 +15,11 @@ namespace fastattn {
 
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// An additive mask: none, bool (true = keep; stored as one byte per element) or floating (added
+// to the scores). A floating mask's dtype is the op's to say: softmax's has x's dtype, the
+// attention kernels' has AttentionParams::mask_dtype.
+enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
+
 // Addresses the rows of a tensor whose last dim is the reduced/row dim: row r of the flattened
 // leading dims lives at element offset row_offset(r). Leading dims are kept separately so that
 // expanded (stride 0) and sliced views need no copy.

@@ -6,15 +6,13 @@
 #include <cstdint>
 
 #include "common/dropout_rng.h"
+#include "common/types.h"
 
 namespace fastattn::cpu {
 
-enum class DType { f32, bf16, f16 };
-enum class MaskKind { none, boolean, f32, bf16, f16 };
-
 // Strides are in elements; the head dim (last dim) is contiguous for q, k, v, out, dout.
 struct AttentionParams {
-  DType dtype = DType::f32;
+  DType dtype = DType::kFloat32;
   int64_t B = 0, H = 0, Hkv = 0, Sq = 0, Sk = 0, D = 0;
 
   const void* q = nullptr;  // (B, H, Sq, D)
@@ -24,7 +22,8 @@ struct AttentionParams {
   int64_t k_sb = 0, k_sh = 0, k_ss = 0;
   int64_t v_sb = 0, v_sh = 0, v_ss = 0;
 
-  MaskKind mask_kind = MaskKind::none;
+  MaskKind mask_kind = MaskKind::kNone;
+  DType mask_dtype = DType::kFloat32;  // of a kFloat mask (its own, not necessarily q's)
   const void* mask = nullptr;  // (B, H, Sq, Sk), broadcast dims have stride 0
   int64_t m_sb = 0, m_sh = 0, m_sq = 0, m_sk = 0;
 

@@ -259,9 +259,9 @@ void backward_impl(const AttentionParams& p, const AttentionGrads& g) {
 
 void attention_backward(const AttentionParams& p, const AttentionGrads& g) {
   switch (p.dtype) {
-    case DType::f32: backward_impl<float>(p, g); break;
-    case DType::bf16: backward_impl<c10::BFloat16>(p, g); break;
-    case DType::f16: backward_impl<c10::Half>(p, g); break;
+    case DType::kFloat32: backward_impl<float>(p, g); break;
+    case DType::kBFloat16: backward_impl<c10::BFloat16>(p, g); break;
+    case DType::kFloat16: backward_impl<c10::Half>(p, g); break;
   }
 }
 

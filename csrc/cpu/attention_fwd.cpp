@@ -171,9 +171,9 @@ void attention_dropout_mask(const AttentionParams& p, bool* keep) {
 
 void attention_forward(const AttentionParams& p) {
   switch (p.dtype) {
-    case DType::f32: forward_impl<float>(p); break;
-    case DType::bf16: forward_impl<c10::BFloat16>(p); break;
-    case DType::f16: forward_impl<c10::Half>(p); break;
+    case DType::kFloat32: forward_impl<float>(p); break;
+    case DType::kBFloat16: forward_impl<c10::BFloat16>(p); break;
+    case DType::kFloat16: forward_impl<c10::Half>(p); break;
   }
 }
 

@@ -3,7 +3,10 @@
 // GEMMs on the tiles are in gemm.h.
 #pragma once
 
-#include "cpu/attention_vec.h"  // must come first: picks the at::vec width
+#include "cpu/cpu_capability.h"  // must come first: picks the at::vec width
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -195,7 +198,7 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
     std::fill(tanh_out + e, tanh_out + n, 0.f);
   }
   if (a == e) return {kNegInf, a, e};
-  const bool masked = p.mask_kind != MaskKind::none;
+  const bool masked = p.mask_kind != MaskKind::kNone;
   // Plain scores: max(scale * s) = scale * max(s) for scale > 0 (rounding is monotonic), and
   // probs() folds the scale into its exp, so the row is not rewritten here.
   if (p.softcap <= 0.f && !masked && p.scale > 0.f)
@@ -219,16 +222,17 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
   }
   if (masked) {
     const int64_t off = b * p.m_sb + h * p.m_sh + i * p.m_sq + j0 * p.m_sk;
-    switch (p.mask_kind) {
-      case MaskKind::boolean:
-        add_mask_row(s, static_cast<const bool*>(p.mask) + off, p.m_sk, a, e); break;
-      case MaskKind::f32:
-        add_mask_row(s, static_cast<const float*>(p.mask) + off, p.m_sk, a, e); break;
-      case MaskKind::bf16:
-        add_mask_row(s, static_cast<const c10::BFloat16*>(p.mask) + off, p.m_sk, a, e); break;
-      case MaskKind::f16:
-        add_mask_row(s, static_cast<const c10::Half*>(p.mask) + off, p.m_sk, a, e); break;
-      default: break;
+    if (p.mask_kind == MaskKind::kBool) {
+      add_mask_row(s, static_cast<const bool*>(p.mask) + off, p.m_sk, a, e);
+    } else {
+      switch (p.mask_dtype) {
+        case DType::kFloat32:
+          add_mask_row(s, static_cast<const float*>(p.mask) + off, p.m_sk, a, e); break;
+        case DType::kBFloat16:
+          add_mask_row(s, static_cast<const c10::BFloat16*>(p.mask) + off, p.m_sk, a, e); break;
+        case DType::kFloat16:
+          add_mask_row(s, static_cast<const c10::Half*>(p.mask) + off, p.m_sk, a, e); break;
+      }
     }
   }
   return {row_max(s + a, e - a), a, e};

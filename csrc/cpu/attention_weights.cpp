@@ -104,9 +104,9 @@ void weights_impl(const AttentionParams& p, bool average, T* out) {
 
 void attention_weights(const AttentionParams& p, bool average, void* out) {
   switch (p.dtype) {
-    case DType::f32: weights_impl(p, average, static_cast<float*>(out)); break;
-    case DType::bf16: weights_impl(p, average, static_cast<c10::BFloat16*>(out)); break;
-    case DType::f16: weights_impl(p, average, static_cast<c10::Half*>(out)); break;
+    case DType::kFloat32: weights_impl(p, average, static_cast<float*>(out)); break;
+    case DType::kBFloat16: weights_impl(p, average, static_cast<c10::BFloat16*>(out)); break;
+    case DType::kFloat16: weights_impl(p, average, static_cast<c10::Half*>(out)); break;
   }
 }
 

@@ -6,7 +6,7 @@
 // was half of an in-cache softmax. x = n ln2 + r, |r| <= ln2 / 2 (ln2 split in two constants
 // so r is exact to ~1 ulp), e^r by a degree-5 polynomial fitted for relative error on
 // Chebyshev nodes (1.5e-7 with these fp32 coefficients), times 2^n.
-// Include after cpu/vec.h or cpu/attention_vec.h (they pick the at::vec width).
+// Include after cpu/cpu_capability.h (directly or through cpu/vec.h): it picks the at::vec width.
 #pragma once
 
 namespace fastattn::cpu {

@@ -1,5 +1,8 @@
 // Engine choice and the two implementations behind gemm_nn (see gemm.h).
-#include "cpu/attention_vec.h"  // first: picks the at::vec width
+#include "cpu/cpu_capability.h"  // first: picks the at::vec width
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include "cpu/gemm.h"
 

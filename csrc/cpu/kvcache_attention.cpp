@@ -367,9 +367,9 @@ void forward_impl(const KVCacheParams& p) {
 void kvcache_attention_forward(const KVCacheParams& p) {
   if (p.B == 0 || p.Sq == 0 || p.H == 0) return;
   switch (p.dtype) {
-    case ::fastattn::DType::kFloat32: forward_impl<float>(p); break;
-    case ::fastattn::DType::kBFloat16: forward_impl<c10::BFloat16>(p); break;
-    case ::fastattn::DType::kFloat16: forward_impl<c10::Half>(p); break;
+    case DType::kFloat32: forward_impl<float>(p); break;
+    case DType::kBFloat16: forward_impl<c10::BFloat16>(p); break;
+    case DType::kFloat16: forward_impl<c10::Half>(p); break;
   }
 }
 

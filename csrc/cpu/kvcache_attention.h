@@ -11,7 +11,7 @@ namespace fastattn::cpu {
 
 // Strides are in elements; the head dim (last dim) of q, caches and out is contiguous.
 struct KVCacheParams {
-  ::fastattn::DType dtype = ::fastattn::DType::kFloat32;  // q, caches and out
+  DType dtype = DType::kFloat32;  // q, caches and out
   int64_t B = 0, Sq = 0, H = 0, Hkv = 0, D = 0;
 
   const void* q = nullptr;                 // (B, Sq, H, D)

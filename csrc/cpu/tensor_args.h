@@ -48,6 +48,70 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const cha
               t.sizes());
 }
 
+// Checks for the tensors a CPU kernel reads directly (attention, varlen, KV cache). Each message
+// starts "<fn>: <name> must be ..." and says what was passed instead.
+
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(t);
+  }
+}
+
+inline void check_scalar_type(const at::Tensor& t, at::ScalarType dtype, const char* fn,
+                              const char* name) {
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must be ", dtype_name(dtype),
+              ", got ", dtype_name(t.scalar_type()));
+}
+
+// q, k, v of an attention kernel: `ndim`-D CPU tensors (layout names the dims, e.g.
+// "(B, H, S, D)"), float32/float16/bfloat16, k and v with q's dtype. Returns that dtype.
+inline DType check_qkv_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           int64_t ndim, const char* fn, const char* layout,
+                           const char* k_name = "k", const char* v_name = "v") {
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, k_name}, std::pair{&v, v_name}}) {
+    TORCH_CHECK(t->device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ",
+                t->device());
+    TORCH_CHECK(t->dim() == ndim, fn, ": ", name, " must be ", ndim, "-D ", layout, ", got ",
+                t->dim(), "-D");
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 ||
+                    t->scalar_type() == at::kHalf,
+                fn, ": ", name, " must be float32, bfloat16 or float16, got ",
+                t->scalar_type());
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), fn,
+              ": ", k_name, " and ", v_name, " must have q's dtype ", q.scalar_type(), ", got ",
+              k.scalar_type(), " and ", v.scalar_type());
+  return dtype_of(q, fn, "q");
+}
+
+// A CPU tensor of exactly `dtype` and `shape` (shape_what says whose, e.g. "(B, H, Sq)" or
+// "of q's shape").
+inline void check_cpu_tensor(const at::Tensor& t, const char* fn, const char* name,
+                             at::ScalarType dtype, at::IntArrayRef shape,
+                             const char* shape_what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape, fn, ": ",
+              name, " must be a ", dtype_name(dtype), " CPU tensor ", shape_what, " = ", shape,
+              ", got ", dtype_name(t.scalar_type()), " ", t.sizes(), " on ", t.device());
+}
+
+// An index tensor a kernel follows (offsets, lengths, page tables): an `ndim`-D CPU tensor of
+// `dtype` with `rows` entries in dim 0 (rows_what says why, e.g. "q's batch"). Its values are
+// the caller's to check.
+inline void check_index_tensor(const at::Tensor& t, const char* fn, const char* name,
+                               at::ScalarType dtype, int64_t ndim, int64_t rows,
+                               const char* rows_what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == ndim &&
+                  t.size(0) == rows,
+              fn, ": ", name, " must be a ", ndim, "-D ", dtype_name(dtype), " CPU tensor with ",
+              rows, " rows (", rows_what, "), got ", dtype_name(t.scalar_type()), " ",
+              t.sizes(), " on ", t.device());
+}
+
 // Makes the last dim contiguous (stride 1) if it is not; a copy only in that case.
 inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();

@@ -2,23 +2,7 @@
 // targets and loads/stores fp32/fp16/bf16 rows as fp32 vectors.
 #pragma once
 
-// at::vec only uses AVX2/AVX-512 intrinsics when told so by CPU_CAPABILITY_* (ATen's own
-// build compiles one copy per capability). Derive it from what -march enabled; the namespace
-// name is ours so these inline functions never merge with libtorch's copies.
-#if defined(__at_align__)
-#error "csrc/cpu/vec.h must be included before any ATen vectorization header"
-#endif
-#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY fastattn_avx512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY fastattn_avx2
-#else
-#define CPU_CAPABILITY fastattn_default
-#endif
-#endif
+#include "cpu/cpu_capability.h"  // first: sets CPU_CAPABILITY for at::vec
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
