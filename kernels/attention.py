@@ -25,22 +25,25 @@ import triton
 
 from . import _attention_configs as cfg
 from . import _compat
-from ._attention_configs import MERGE_BLOCK_S, decode_tiles
+from ._attention_configs import decode_tiles
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ._attention_common import dropout_mask_kernel
-from ._attention_decode import attn_decode_merge_kernel, attn_decode_split_kernel
+from ._attention_decode import attn_decode_split_kernel, merge_split_partials, split_chunks
 from ._attention_fwd import attn_fwd_kernel
+from ._compat import interpreting
+from ._support import device_reason
 
 # attention_forward takes the split-K decode path from here on (dropout off)
 DECODE_MAX_SQ = 16
 DECODE_MIN_SK = 512
 MAX_HEAD_DIM = 256
+MIN_CAPABILITY = (8, 0)   # sm_80: bf16 tensor cores, the smallest arch the tiles are sized for
 
 # autotune keys: exact lengths (as Triton's own tutorials) plus every flag that changes the code
 _FLAGS = ["D", "ALIGNED", "DOT_PREC", "IS_CAUSAL", "HAS_WL", "HAS_WR", "MASK_KIND", "HAS_KL",
           "HAS_SOFTCAP", "HAS_DROPOUT", "VARLEN"]
 
-if cfg.interpreting():
+if interpreting():
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None
 else:
     # _compat.autotune: the Autotuner is built on first launch (Triton 3.2 needs a GPU for it)
@@ -218,7 +221,7 @@ class _Case:
     @property
     def arch(self):
         """q's device as sm_XY -> XY (the tile tables' key); None under the interpreter."""
-        return None if cfg.interpreting() else cfg.device_arch(self.q)
+        return None if interpreting() else cfg.device_arch(self.q)
 
     def scalars(self, dropout=True):
         s = [self.Sq, self.Sk, self.D, self.group, self.shift, self.wl, self.wr,
@@ -290,7 +293,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
         return _finish(dq.zero_()), _finish(dk.zero_()), _finish(dv.zero_()), dmask
 
     delta = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
-    pre_bm = 16 if cfg.interpreting() else cfg.preprocess_block_m(c.block_d)
+    pre_bm = 16 if interpreting() else cfg.preprocess_block_m(c.block_d)
     attn_bwd_preprocess_kernel[(triton.cdiv(c.Sq, pre_bm) * c.B * c.H,)](
         out, dout, delta, *_strides3(out), *_strides3(dout), c.H, c.Sq, c.D,
         BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
@@ -319,7 +322,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
 
 def _num_splits(c, bm, bn, device):
     n_blocks = triton.cdiv(c.Sk, bn)
-    if cfg.interpreting():
+    if interpreting():
         return min(4, n_blocks)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = c.B * c.Hkv * triton.cdiv(c.group * c.Sq, bm)
@@ -339,9 +342,7 @@ def _decode(c, num_splits=None):
                                          arch=c.arch)
     if num_splits is None:
         num_splits = _num_splits(c, bm, bn, c.q.device)
-    num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn), 1024))
-    chunk = triton.cdiv(triton.cdiv(c.Sk, num_splits), bn) * bn       # BLOCK_N aligned
-    num_splits = triton.cdiv(c.Sk, chunk)
+    chunk, num_splits = split_chunks(c.Sk, bn, num_splits)
     opart = torch.empty((c.B * c.H, num_splits, c.Sq, c.block_d), device=c.q.device,
                         dtype=torch.float32)
     lpart = torch.empty((c.B * c.H, num_splits, c.Sq), device=c.q.device, dtype=torch.float32)
@@ -351,9 +352,7 @@ def _decode(c, num_splits=None):
         *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *c.mask_strides,
         c.H, c.Hkv, *c.scalars(dropout=False), chunk, num_splits,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **c.consts)
-    attn_decode_merge_kernel[(c.B * c.H * c.Sq,)](
-        opart, lpart, out, lse, *_strides3(out), c.H, c.Sq, c.D, num_splits,
-        BLOCK_S=MERGE_BLOCK_S, BLOCK_D=c.block_d, num_warps=4)
+    merge_split_partials(opart, lpart, out, lse, _strides3(out), c.H, c.Sq, c.D)
     return out, lse
 
 
@@ -419,16 +418,9 @@ def unsupported(op, **case):
         if dtype is not None and dtype not in _DTYPES:
             return f"dtype {dtype}"
     for device in devices:
-        if device is None:
-            continue
-        device = torch.device(device)
-        if device.type == "cpu" and not cfg.interpreting():
-            return "CPU tensors need TRITON_INTERPRET=1"
-        if device.type not in ("cpu", "cuda"):
-            return f"device {device.type}"
-        if device.type == "cuda" and torch.cuda.is_available() \
-                and torch.cuda.get_device_capability(device) < (8, 0):
-            return "needs compute capability 8.0 or newer"
+        reason = None if device is None else device_reason(device, MIN_CAPABILITY)
+        if reason:
+            return reason
     if head_dim is not None and not 1 <= int(head_dim) <= MAX_HEAD_DIM:
         return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"
     if v_head_dim is not None and head_dim is not None and int(v_head_dim) != int(head_dim):

@@ -26,6 +26,7 @@ from . import _attention_configs as cfg
 from . import attention as _dense
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ._attention_fwd import attn_fwd_kernel
+from ._compat import interpreting
 
 
 class _VarlenCase:
@@ -76,7 +77,7 @@ class _VarlenCase:
 
     @property
     def arch(self):
-        return None if cfg.interpreting() else cfg.device_arch(self.q)
+        return None if interpreting() else cfg.device_arch(self.q)
 
     def scalars(self):
         # Sq, Sk = the max lengths (grid, dropout RNG index); shift is set per sequence
@@ -136,7 +137,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     # delta (H, total_q), lse's layout: the dense preprocess over all rows as one sequence
     delta = torch.empty((c.H, c.total_q), device=q.device, dtype=torch.float32)
     out4, dout4 = out.transpose(0, 1).unsqueeze(0), dout.transpose(0, 1).unsqueeze(0)
-    pre_bm = 16 if cfg.interpreting() else cfg.preprocess_block_m(c.block_d)
+    pre_bm = 16 if interpreting() else cfg.preprocess_block_m(c.block_d)
     attn_bwd_preprocess_kernel[(triton.cdiv(c.total_q, pre_bm) * c.H,)](
         out4, dout4, delta, *_dense._strides3(out4), *_dense._strides3(dout4), c.H, c.total_q,
         c.D, BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
