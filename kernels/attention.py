@@ -37,6 +37,7 @@ from ._support import device_reason
 DECODE_MAX_SQ = 16
 DECODE_MIN_SK = 512
 MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_CAPABILITY = (8, 0)   # sm_80: bf16 tensor cores, the smallest arch the tiles are sized for
 
 # autotune keys: exact lengths (as Triton's own tutorials) plus every flag that changes the code
@@ -73,10 +74,10 @@ def _launch(jit_fn, tuned, interp_cfg, grid_rows, args, consts):
 
 # ----------------------------------------------------------------------------- argument handling
 
-def _as_int(x, name):
+def _as_int(x):
+    """A Python int from an int or a one-element tensor (the ops layer's RNG seed / offset)."""
     if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(x.shape)}")
+        assert x.numel() == 1
         return int(x.item())
     return int(x)
 
@@ -126,32 +127,19 @@ def _dot_precision(dtype):
 
 
 class _Case:
-    """Validated, normalised arguments shared by forward, backward and decode."""
+    """Normalised arguments shared by forward, backward and decode. The public functions
+    (fastattn.scaled_dot_product_attention, attention_lse, the modules) validate them and
+    `unsupported` turns away what the kernels cannot run; here they are only asserted."""
 
     def __init__(self, q, k, v, mask, scale, causal, alignment, window_left, window_right,
                  softcap, key_lengths, dropout_p, seed, offset):
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"{name}: expected a 4-D tensor (B, H, S, D)")
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                raise ValueError(f"{name}: dtype {t.dtype} is not float16/bfloat16/float32")
+        assert q.dim() == 4 and q.dtype in _DTYPES and k.dtype == q.dtype == v.dtype
         B, H, Sq, D = q.shape
-        if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape:
-            raise ValueError(f"k, v: expected (B={B}, Hkv, Sk, D={D}) with equal shapes, got "
-                             f"{tuple(k.shape)} and {tuple(v.shape)}")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            raise ValueError("k, v: dtype must match q")
+        assert k.dim() == 4 and k.shape[0] == B and k.shape[3] == D and v.shape == k.shape
         Hkv, Sk = k.shape[1], k.shape[2]
-        if Hkv == 0 or H % Hkv != 0:
-            raise ValueError(f"k: kv heads {Hkv} must divide query heads {H}")
-        if D > MAX_HEAD_DIM or D < 1:
-            raise ValueError(f"q: head dim {D} outside 1..{MAX_HEAD_DIM}")
-        if alignment not in ("top_left", "bottom_right"):
-            raise ValueError(f"alignment: expected 'top_left' or 'bottom_right', got {alignment!r}")
-        if not 0.0 <= float(dropout_p) < 1.0:
-            raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
-        if softcap is not None and float(softcap) < 0:
-            raise ValueError(f"softcap: expected >= 0, got {softcap}")
+        assert Hkv > 0 and H % Hkv == 0 and 1 <= D <= MAX_HEAD_DIM
+        assert alignment in ("top_left", "bottom_right")
+        assert 0.0 <= float(dropout_p) < 1.0 and (softcap is None or float(softcap) >= 0)
         self.B, self.H, self.Hkv, self.Sq, self.Sk, self.D = B, H, Hkv, Sq, Sk, D
         # every row the kernels touch starts on 16 bytes (copies only for odd layouts / D)
         self.row_len = _padded_dim(D, q.element_size())
@@ -164,39 +152,29 @@ class _Case:
         self.wr = int(window_right) if window_right is not None else -1
         self.softcap = float(softcap or 0.0)
         self.dropout_p = float(dropout_p)
-        self.seed = _as_int(seed, "seed") if self.dropout_p > 0 else 0
-        self.offset = _as_int(offset, "offset") if self.dropout_p > 0 else 0
+        self.seed = _as_int(seed) if self.dropout_p > 0 else 0
+        self.offset = _as_int(offset) if self.dropout_p > 0 else 0
 
         self.mask_kind = 0
         self.mask = q                                   # dummy pointer when there is no mask
         self.mask_strides = (0, 0, 0, 0)
         if mask is not None:
-            if not isinstance(mask, torch.Tensor):
-                raise ValueError("mask: expected a tensor or None")
-            try:
-                mask = mask.expand(B, H, Sq, Sk)
-            except RuntimeError as e:
-                raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to "
-                                 f"{(B, H, Sq, Sk)}") from e
-            if mask.device != q.device:
-                raise ValueError(f"mask: on {mask.device}, expected {q.device}")
+            assert mask.device == q.device and (mask.dtype == torch.bool
+                                                or mask.is_floating_point())
+            mask = mask.expand(B, H, Sq, Sk)
             if mask.dtype == torch.bool:
                 self.mask_kind = 1
                 mask = mask.view(torch.uint8)           # same strides, loadable bytes
-            elif mask.is_floating_point():
-                self.mask_kind = 2
             else:
-                raise ValueError(f"mask: dtype {mask.dtype} is neither bool nor floating")
+                self.mask_kind = 2
             self.mask = mask
             self.mask_strides = tuple(mask.stride())
 
         self.key_lengths = q                            # dummy pointer
         self.has_kl = key_lengths is not None
         if self.has_kl:
-            if not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (B,):
-                raise ValueError(f"key_lengths: expected an int tensor of shape ({B},)")
-            if key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
-                raise ValueError(f"key_lengths: dtype {key_lengths.dtype} is not an integer type")
+            assert key_lengths.shape == (B,) and not key_lengths.is_floating_point() \
+                and key_lengths.dtype != torch.bool
             self.key_lengths = key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
 
         self.block_d = cfg.block_d_of(D)
@@ -273,12 +251,8 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
     del deterministic   # the kernels never use atomics
     c = _Case(q, k, v, mask, scale, causal, alignment, window_left, window_right, softcap,
               key_lengths, dropout_p, seed, offset)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout, out: expected shape {tuple(q.shape)}")
-    if lse.shape != (c.B, c.H, c.Sq):
-        raise ValueError(f"lse: expected shape {(c.B, c.H, c.Sq)}, got {tuple(lse.shape)}")
-    if mask_needs_grad and c.mask_kind != 2:
-        raise ValueError("mask_needs_grad: requires a floating-point mask")
+    assert dout.shape == q.shape and out.shape == q.shape and lse.shape == (c.B, c.H, c.Sq)
+    assert not mask_needs_grad or c.mask_kind == 2, "mask_needs_grad needs a float mask"
     dout = _aligned_rows(dout.to(q.dtype), c.row_len)
     out = _aligned_rows(out, c.row_len)
     lse = lse.to(torch.float32).contiguous()
@@ -364,8 +338,7 @@ def attention_decode(q, k, v, *, mask=None, scale=None, causal=False, alignment=
     Same semantics as attention_forward without dropout; any Sq works, it pays off for Sq <= 16.
     `num_splits` overrides the number of key chunks (default: enough programs to fill the GPU).
     """
-    if float(dropout_p) > 0.0:
-        raise ValueError("dropout_p: the decode path has no dropout; use attention_forward")
+    assert float(dropout_p) == 0.0, "the decode path has no dropout; use attention_forward"
     c = _Case(q, k, v, mask, scale, causal, alignment, window_left, window_right, softcap,
               key_lengths, 0.0, seed, offset)
     return _decode(c, num_splits)
@@ -384,14 +357,12 @@ def dropout_keep_mask(shape, dropout_p, seed, offset=0, device="cpu"):
         return keep.bool()
     bm, bn = 16, 64
     dropout_mask_kernel[(triton.cdiv(Sq, bm), triton.cdiv(Sk, bn), B * H)](
-        keep, _as_int(seed, "seed"), _as_int(offset, "offset"), Sq, Sk, float(dropout_p),
+        keep, _as_int(seed), _as_int(offset), Sq, Sk, float(dropout_p),
         BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()
 
 
 # ----------------------------------------------------------------------------- capability
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported(op, **case):

@@ -33,7 +33,8 @@ import triton.language as tl
 from . import _attention_configs as cfg
 from ._attention_common import head_mask, kv_range, online_softmax_step, scores, tile
 from ._attention_configs import decode_tiles
-from ._attention_decode import merge_split_partials, split_chunks, split_program, store_split_partial
+from ._attention_decode import (merge_split_partials, split_chunks, split_program,
+                                store_split_partial)
 from ._compat import interpreting
 from ._support import device_reason
 from .attention import MAX_HEAD_DIM, MIN_CAPABILITY, _dot_precision, _rows_aligned
@@ -159,8 +160,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
     """
     B, Sq, H, D = q.shape
     Hkv = k_cache.shape[2]
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim {D} above {MAX_HEAD_DIM}")
+    assert D <= MAX_HEAD_DIM        # fastattn.kvcache_attention validates; unsupported() checks
     out = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     if B * Sq * H == 0:
