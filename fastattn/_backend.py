@@ -65,7 +65,8 @@ def use_backend_override():
 
 
 def interpreter_enabled():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from .kernels._compat import interpreting   # triton-free: importable without a GPU
+    return interpreting()
 
 
 def unavailable_reason(name, device_type=None):

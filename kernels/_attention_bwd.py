@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, q_range,
-                                tile, scores)
+                                scores, sequence_bounds, tile)
 
 
 @triton.jit
@@ -82,16 +82,7 @@ def attn_bwd_dkdv_kernel(
     bhk = pid // (D_SPLIT * num_n)
     b = bhk // Hkv
     hk = bhk % Hkv
-    q_start = pid * 0                                                 # first row (packed)
-    k_start = pid * 0
-    seq_q = Sq                                                        # this sequence's lengths
-    seq_k = Sk
-    if VARLEN:                                                        # see attn_fwd_kernel
-        q_start = tl.load(CuQ + b)
-        seq_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seq_k = tl.load(CuK + b + 1) - k_start
-        shift = seq_k - seq_q
+    q_start, k_start, seq_q, seq_k, shift = sequence_bounds(CuQ, CuK, b, Sq, Sk, shift, VARLEN)
     if pid_n * BLOCK_N >= seq_k:                                      # past a short sequence
         return
 
@@ -210,16 +201,7 @@ def attn_bwd_dq_kernel(
     b = bh // H
     h = bh % H
     hk = h // group
-    q_start = pid * 0                                                 # first row (packed)
-    k_start = pid * 0
-    seq_q = Sq                                                        # this sequence's lengths
-    seq_k = Sk
-    if VARLEN:                                                        # see attn_fwd_kernel
-        q_start = tl.load(CuQ + b)
-        seq_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seq_k = tl.load(CuK + b + 1) - k_start
-        shift = seq_k - seq_q
+    q_start, k_start, seq_q, seq_k, shift = sequence_bounds(CuQ, CuK, b, Sq, Sk, shift, VARLEN)
     if pid_m * BLOCK_M >= seq_q:                                      # past a short sequence
         return
 

@@ -56,6 +56,38 @@ def head_mask(offs_d, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ALIGNED: t
 
 
 @triton.jit
+def sequence_bounds(CuQ, CuK, b, Sq, Sk, shift, VARLEN: tl.constexpr):
+    """(q_start, k_start, seq_q, seq_k, shift) of batch entry b: its first query / key row and
+    its lengths. Dense: rows from 0, lengths Sq / Sk, the caller's shift. VARLEN (packed
+    sequences): sequence b spans CuQ[b]..CuQ[b+1] / CuK[b]..CuK[b+1] of the token dim and is
+    bottom-right aligned (shift = seq_k - seq_q)."""
+    q_start = b * 0
+    k_start = b * 0
+    seq_q = Sq
+    seq_k = Sk
+    if VARLEN:
+        q_start = tl.load(CuQ + b)
+        seq_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seq_k = tl.load(CuK + b + 1) - k_start
+        shift = seq_k - seq_q
+    return q_start, k_start, seq_q, seq_k, shift
+
+
+@triton.jit
+def online_softmax_step(s2, m_i, l_i):
+    """One key block of the online softmax, scores s2 (rows, keys) in log2 units:
+    (p = exp2(s2 - m_new), alpha = rescale of the old sums, m_new, l_new). A row with nothing
+    visible yet keeps m = -inf; 0 is subtracted instead (no inf - inf)."""
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s2 - m_safe[:, None])                                 # (rows, keys)
+    alpha = tl.exp2(m_i - m_safe)
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_new
+
+
+@triton.jit
 def kv_len_of(KeyLens, b, Sk, HAS_KL: tl.constexpr):
     """Number of keys batch `b` may attend to (Sk without key_lengths)."""
     kv_len = Sk

@@ -5,9 +5,9 @@ call (shared-memory limit of the arch, row alignment, sequence lengths). Under T
 nothing is autotuned: one small config keeps the interpreter fast.
 """
 
-import os
-
 import triton
+
+from ._compat import interpreting
 
 # bytes of shared memory per block (opt-in maximum)
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -118,10 +118,6 @@ INTERP_DECODE_BLOCK_N = 32
 # the interpreter splits dK/dV head-dim blocks from this size on, so the parity tests run both
 # the D_SPLIT = 1 and the D_SPLIT = 2 code of the dK/dV kernel
 INTERP_DKDV_SPLIT_FROM = 64
-
-
-def interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def block_d_of(head_dim):

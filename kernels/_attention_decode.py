@@ -8,7 +8,46 @@ group's queries fill the MMA tile and K/V are read once per group. Stage 2 merge
 import triton
 import triton.language as tl
 
-from ._attention_common import head_mask, kv_len_of, kv_range, tile, scores
+from ._attention_configs import MERGE_BLOCK_S
+from ._attention_common import head_mask, kv_len_of, kv_range, online_softmax_step, scores, tile
+
+
+@triton.jit
+def split_program(group, Sq, Hkv, num_splits, BLOCK_M: tl.constexpr):
+    """This program's (b, kv head, split, h, offs_i, r_ok) for a split-K grid of
+    (B * Hkv) x num_splits x row blocks. Its BLOCK_M rows are packed (query head of the GQA
+    group, query index) pairs g * Sq + i sharing the kv head: h (BLOCK_M,) is the query head,
+    offs_i (BLOCK_M,) the query index and r_ok (BLOCK_M,) whether the row exists. Padded rows
+    repeat row 0 (in bounds everywhere); their results are never stored."""
+    rows = group * Sq
+    num_r = tl.cdiv(rows, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_r = pid % num_r
+    split = (pid // num_r) % num_splits
+    bhk = pid // (num_r * num_splits)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)                  # packed row g*Sq + i
+    r_ok = offs_r < rows
+    offs_rc = tl.where(r_ok, offs_r, 0)
+    g = offs_rc // Sq
+    offs_i = offs_rc % Sq                                              # (BLOCK_M,) query index
+    h = hk * group + g                                                # (BLOCK_M,) query head
+    return b, hk, split, h, offs_i, r_ok
+
+
+@triton.jit
+def store_split_partial(OPart, LPart, acc, m_i, l_i, b, H, h, split, num_splits, Sq, offs_i,
+                        r_ok, offs_d, d_ok, BLOCK_D: tl.constexpr):
+    """Normalise one split's online-softmax state and store it as attn_decode_merge_kernel
+    reads it: out (B*H, num_splits, Sq, BLOCK_D) fp32 (rows always 16-byte aligned) and lse
+    (B*H, num_splits, Sq) in log2 units, -inf for rows that saw no key."""
+    empty = l_i == 0.0
+    out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
+    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    prow = ((b * H + h).to(tl.int64) * num_splits + split) * Sq + offs_i   # (BLOCK_M,)
+    tl.store(tile(OPart + prow[:, None] * BLOCK_D, offs_d, True), out, mask=r_ok[:, None] & d_ok)
+    tl.store(LPart + prow, lse2, mask=r_ok)
 
 
 @triton.jit
@@ -25,22 +64,7 @@ def attn_decode_split_kernel(
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    rows = group * Sq
-    num_r = tl.cdiv(rows, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_r = pid % num_r
-    split = (pid // num_r) % num_splits
-    bhk = pid // (num_r * num_splits)
-    b = bhk // Hkv
-    hk = bhk % Hkv
-
-    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)                  # packed row g*Sq + i
-    r_ok = offs_r < rows
-    # padded rows repeat row 0 (in bounds everywhere); their results are never stored
-    offs_rc = tl.where(r_ok, offs_r, 0)
-    g = offs_rc // Sq
-    offs_i = offs_rc % Sq                                              # (BLOCK_M,) query index
-    h = hk * group + g                                                # (BLOCK_M,) query head
+    b, hk, split, h, offs_i, r_ok = split_program(group, Sq, Hkv, num_splits, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
                      Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
@@ -75,24 +99,14 @@ def attn_decode_split_kernel(
         s2, _t = scores(qk, offs_i[:, None], offs_n[None, :], mask_rows, 1, stride_mn, Sq,
                         kv_len, shift, window_left, window_right, sm_scale, softcap,
                         IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s2 - m_safe[:, None])                             # (BLOCK_M, BLOCK_N)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(s2, m_i, l_i)      # p (BLOCK_M, BLOCK_N)
         v = tl.load(tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
-    empty = l_i == 0.0
-    out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    # partials: (B*H, num_splits, Sq, BLOCK_D) fp32 (rows always 16-byte aligned) and
-    # (B*H, num_splits, Sq), lse in log2 units
-    prow = ((b * H + h).to(tl.int64) * num_splits + split) * Sq + offs_i   # (BLOCK_M,)
-    tl.store(tile(OPart + prow[:, None] * BLOCK_D, offs_d, True), out, mask=r_ok[:, None] & d_ok)
-    tl.store(LPart + prow, lse2, mask=r_ok)
+    store_split_partial(OPart, LPart, acc, m_i, l_i, b, H, h, split, num_splits, Sq, offs_i,
+                        r_ok, offs_d, d_ok, BLOCK_D)
 
 
 @triton.jit
@@ -145,3 +159,25 @@ def attn_decode_merge_kernel(
     tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + i.to(tl.int64) * stride_om + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
     tl.store(Lse + bh.to(tl.int64) * Sq + i, lse)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def split_chunks(n_keys, block_n, num_splits):
+    """(chunk, num_splits) of a split-K launch over n_keys keys: the requested split count is
+    clamped to 1..1024 and to the BLOCK_N blocks there are, each split then gets a BLOCK_N
+    aligned chunk of keys and the count is what covers n_keys (at least 1)."""
+    n_blocks = max(1, triton.cdiv(n_keys, block_n))
+    num_splits = max(1, min(int(num_splits), n_blocks, 1024))
+    chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), num_splits), block_n) * block_n
+    return chunk, max(1, triton.cdiv(n_keys, chunk))
+
+
+def merge_split_partials(opart, lpart, out, lse, out_strides, H, Sq, D):
+    """Stage 2: out and lse (B, H, Sq) fp32 from the partials opart (B*H, splits, Sq, BLOCK_D)
+    and lpart (B*H, splits, Sq) that the split kernels stored. out_strides: (b, h, i) strides
+    of out (any layout; written without vector hints)."""
+    bh, num_splits, _, block_d = opart.shape
+    attn_decode_merge_kernel[(bh * Sq,)](
+        opart, lpart, out, lse, *out_strides, H, Sq, D, num_splits,
+        BLOCK_S=MERGE_BLOCK_S, BLOCK_D=block_d, num_warps=4)

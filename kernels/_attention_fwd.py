@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-from ._attention_common import dropout_keep, head_mask, kv_len_of, kv_range, tile, scores
+from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, online_softmax_step,
+                                scores, sequence_bounds, tile)
 
 
 @triton.jit
@@ -36,16 +37,7 @@ def attn_fwd_kernel(
     b = bh // H
     h = bh % H
     hk = h // group                                                   # GQA: never repeat K/V
-    q_start = pid * 0                                                 # first row (packed)
-    k_start = pid * 0
-    seq_q = Sq                                                        # this sequence's lengths
-    seq_k = Sk
-    if VARLEN:
-        q_start = tl.load(CuQ + b)
-        seq_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seq_k = tl.load(CuK + b + 1) - k_start
-        shift = seq_k - seq_q
+    q_start, k_start, seq_q, seq_k, shift = sequence_bounds(CuQ, CuK, b, Sq, Sk, shift, VARLEN)
     if pid_m * BLOCK_M >= seq_q:                                      # past a short sequence
         return
 
@@ -83,12 +75,7 @@ def attn_fwd_kernel(
         s2, _t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
                         seq_q, kv_len, shift, window_left, window_right, sm_scale, softcap,
                         IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s2 - m_safe[:, None])                             # (BLOCK_M, BLOCK_N)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(s2, m_i, l_i)      # p (BLOCK_M, BLOCK_N)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[:, None], offs_n[None, :],

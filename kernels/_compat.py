@@ -9,15 +9,24 @@
 - `INTERPRETER_HOOKS`: the interpreter internals the test harness patches (tests/conftest.py:
   bf16 dot and fp32->bf16 rounding); `missing_interpreter_hooks()` says which of them this
   Triton lacks, so a release that renames one fails a test instead of silently going unpatched.
+- `interpreting()`: whether Triton runs under its interpreter (TRITON_INTERPRET=1, read on each
+  call). The one place that reads the variable; this module imports triton only inside the
+  functions that need it, so fastattn/_backend.py and the tests can ask without triton or a GPU.
 """
 
 import inspect
+import os
 
-import triton
+
+def interpreting():
+    """True when TRITON_INTERPRET=1: Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_version():
     """(major, minor) of the installed Triton."""
+    import triton
+
     parts = triton.__version__.split("+")[0].split(".")
     return int(parts[0]), int(parts[1])
 
@@ -33,6 +42,8 @@ class _LazyAutotuner:
     @property
     def tuner(self):
         if self._tuner is None:
+            import triton
+
             self._tuner = triton.autotune(**self.kwargs)(self.fn)
         return self._tuner
 

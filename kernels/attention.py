@@ -25,22 +25,26 @@ import triton
 
 from . import _attention_configs as cfg
 from . import _compat
-from ._attention_configs import MERGE_BLOCK_S, decode_tiles
+from ._attention_configs import decode_tiles
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ._attention_common import dropout_mask_kernel
-from ._attention_decode import attn_decode_merge_kernel, attn_decode_split_kernel
+from ._attention_decode import attn_decode_split_kernel, merge_split_partials, split_chunks
 from ._attention_fwd import attn_fwd_kernel
+from ._compat import interpreting
+from ._support import device_reason
 
 # attention_forward takes the split-K decode path from here on (dropout off)
 DECODE_MAX_SQ = 16
 DECODE_MIN_SK = 512
 MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_CAPABILITY = (8, 0)   # sm_80: bf16 tensor cores, the smallest arch the tiles are sized for
 
 # autotune keys: exact lengths (as Triton's own tutorials) plus every flag that changes the code
 _FLAGS = ["D", "ALIGNED", "DOT_PREC", "IS_CAUSAL", "HAS_WL", "HAS_WR", "MASK_KIND", "HAS_KL",
           "HAS_SOFTCAP", "HAS_DROPOUT", "VARLEN"]
 
-if cfg.interpreting():
+if interpreting():
     _fwd_tuned = _dkdv_tuned = _dq_tuned = None
 else:
     # _compat.autotune: the Autotuner is built on first launch (Triton 3.2 needs a GPU for it)
@@ -70,10 +74,10 @@ def _launch(jit_fn, tuned, interp_cfg, grid_rows, args, consts):
 
 # ----------------------------------------------------------------------------- argument handling
 
-def _as_int(x, name):
+def _as_int(x):
+    """A Python int from an int or a one-element tensor (the ops layer's RNG seed / offset)."""
     if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"{name}: expected a scalar, got a tensor of shape {tuple(x.shape)}")
+        assert x.numel() == 1
         return int(x.item())
     return int(x)
 
@@ -123,32 +127,19 @@ def _dot_precision(dtype):
 
 
 class _Case:
-    """Validated, normalised arguments shared by forward, backward and decode."""
+    """Normalised arguments shared by forward, backward and decode. The public functions
+    (fastattn.scaled_dot_product_attention, attention_lse, the modules) validate them and
+    `unsupported` turns away what the kernels cannot run; here they are only asserted."""
 
     def __init__(self, q, k, v, mask, scale, causal, alignment, window_left, window_right,
                  softcap, key_lengths, dropout_p, seed, offset):
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"{name}: expected a 4-D tensor (B, H, S, D)")
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                raise ValueError(f"{name}: dtype {t.dtype} is not float16/bfloat16/float32")
+        assert q.dim() == 4 and q.dtype in _DTYPES and k.dtype == q.dtype == v.dtype
         B, H, Sq, D = q.shape
-        if k.shape[0] != B or k.shape[3] != D or v.shape != k.shape:
-            raise ValueError(f"k, v: expected (B={B}, Hkv, Sk, D={D}) with equal shapes, got "
-                             f"{tuple(k.shape)} and {tuple(v.shape)}")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            raise ValueError("k, v: dtype must match q")
+        assert k.dim() == 4 and k.shape[0] == B and k.shape[3] == D and v.shape == k.shape
         Hkv, Sk = k.shape[1], k.shape[2]
-        if Hkv == 0 or H % Hkv != 0:
-            raise ValueError(f"k: kv heads {Hkv} must divide query heads {H}")
-        if D > MAX_HEAD_DIM or D < 1:
-            raise ValueError(f"q: head dim {D} outside 1..{MAX_HEAD_DIM}")
-        if alignment not in ("top_left", "bottom_right"):
-            raise ValueError(f"alignment: expected 'top_left' or 'bottom_right', got {alignment!r}")
-        if not 0.0 <= float(dropout_p) < 1.0:
-            raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
-        if softcap is not None and float(softcap) < 0:
-            raise ValueError(f"softcap: expected >= 0, got {softcap}")
+        assert Hkv > 0 and H % Hkv == 0 and 1 <= D <= MAX_HEAD_DIM
+        assert alignment in ("top_left", "bottom_right")
+        assert 0.0 <= float(dropout_p) < 1.0 and (softcap is None or float(softcap) >= 0)
         self.B, self.H, self.Hkv, self.Sq, self.Sk, self.D = B, H, Hkv, Sq, Sk, D
         # every row the kernels touch starts on 16 bytes (copies only for odd layouts / D)
         self.row_len = _padded_dim(D, q.element_size())
@@ -161,39 +152,29 @@ class _Case:
         self.wr = int(window_right) if window_right is not None else -1
         self.softcap = float(softcap or 0.0)
         self.dropout_p = float(dropout_p)
-        self.seed = _as_int(seed, "seed") if self.dropout_p > 0 else 0
-        self.offset = _as_int(offset, "offset") if self.dropout_p > 0 else 0
+        self.seed = _as_int(seed) if self.dropout_p > 0 else 0
+        self.offset = _as_int(offset) if self.dropout_p > 0 else 0
 
         self.mask_kind = 0
         self.mask = q                                   # dummy pointer when there is no mask
         self.mask_strides = (0, 0, 0, 0)
         if mask is not None:
-            if not isinstance(mask, torch.Tensor):
-                raise ValueError("mask: expected a tensor or None")
-            try:
-                mask = mask.expand(B, H, Sq, Sk)
-            except RuntimeError as e:
-                raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to "
-                                 f"{(B, H, Sq, Sk)}") from e
-            if mask.device != q.device:
-                raise ValueError(f"mask: on {mask.device}, expected {q.device}")
+            assert mask.device == q.device and (mask.dtype == torch.bool
+                                                or mask.is_floating_point())
+            mask = mask.expand(B, H, Sq, Sk)
             if mask.dtype == torch.bool:
                 self.mask_kind = 1
                 mask = mask.view(torch.uint8)           # same strides, loadable bytes
-            elif mask.is_floating_point():
-                self.mask_kind = 2
             else:
-                raise ValueError(f"mask: dtype {mask.dtype} is neither bool nor floating")
+                self.mask_kind = 2
             self.mask = mask
             self.mask_strides = tuple(mask.stride())
 
         self.key_lengths = q                            # dummy pointer
         self.has_kl = key_lengths is not None
         if self.has_kl:
-            if not isinstance(key_lengths, torch.Tensor) or key_lengths.shape != (B,):
-                raise ValueError(f"key_lengths: expected an int tensor of shape ({B},)")
-            if key_lengths.is_floating_point() or key_lengths.dtype == torch.bool:
-                raise ValueError(f"key_lengths: dtype {key_lengths.dtype} is not an integer type")
+            assert key_lengths.shape == (B,) and not key_lengths.is_floating_point() \
+                and key_lengths.dtype != torch.bool
             self.key_lengths = key_lengths.to(device=q.device, dtype=torch.int32).contiguous()
 
         self.block_d = cfg.block_d_of(D)
@@ -218,7 +199,7 @@ class _Case:
     @property
     def arch(self):
         """q's device as sm_XY -> XY (the tile tables' key); None under the interpreter."""
-        return None if cfg.interpreting() else cfg.device_arch(self.q)
+        return None if interpreting() else cfg.device_arch(self.q)
 
     def scalars(self, dropout=True):
         s = [self.Sq, self.Sk, self.D, self.group, self.shift, self.wl, self.wr,
@@ -270,12 +251,8 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
     del deterministic   # the kernels never use atomics
     c = _Case(q, k, v, mask, scale, causal, alignment, window_left, window_right, softcap,
               key_lengths, dropout_p, seed, offset)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout, out: expected shape {tuple(q.shape)}")
-    if lse.shape != (c.B, c.H, c.Sq):
-        raise ValueError(f"lse: expected shape {(c.B, c.H, c.Sq)}, got {tuple(lse.shape)}")
-    if mask_needs_grad and c.mask_kind != 2:
-        raise ValueError("mask_needs_grad: requires a floating-point mask")
+    assert dout.shape == q.shape and out.shape == q.shape and lse.shape == (c.B, c.H, c.Sq)
+    assert not mask_needs_grad or c.mask_kind == 2, "mask_needs_grad needs a float mask"
     dout = _aligned_rows(dout.to(q.dtype), c.row_len)
     out = _aligned_rows(out, c.row_len)
     lse = lse.to(torch.float32).contiguous()
@@ -290,7 +267,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
         return _finish(dq.zero_()), _finish(dk.zero_()), _finish(dv.zero_()), dmask
 
     delta = torch.empty((c.B, c.H, c.Sq), device=q.device, dtype=torch.float32)
-    pre_bm = 16 if cfg.interpreting() else cfg.preprocess_block_m(c.block_d)
+    pre_bm = 16 if interpreting() else cfg.preprocess_block_m(c.block_d)
     attn_bwd_preprocess_kernel[(triton.cdiv(c.Sq, pre_bm) * c.B * c.H,)](
         out, dout, delta, *_strides3(out), *_strides3(dout), c.H, c.Sq, c.D,
         BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
@@ -319,7 +296,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
 
 def _num_splits(c, bm, bn, device):
     n_blocks = triton.cdiv(c.Sk, bn)
-    if cfg.interpreting():
+    if interpreting():
         return min(4, n_blocks)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = c.B * c.Hkv * triton.cdiv(c.group * c.Sq, bm)
@@ -339,9 +316,7 @@ def _decode(c, num_splits=None):
                                          arch=c.arch)
     if num_splits is None:
         num_splits = _num_splits(c, bm, bn, c.q.device)
-    num_splits = max(1, min(int(num_splits), triton.cdiv(c.Sk, bn), 1024))
-    chunk = triton.cdiv(triton.cdiv(c.Sk, num_splits), bn) * bn       # BLOCK_N aligned
-    num_splits = triton.cdiv(c.Sk, chunk)
+    chunk, num_splits = split_chunks(c.Sk, bn, num_splits)
     opart = torch.empty((c.B * c.H, num_splits, c.Sq, c.block_d), device=c.q.device,
                         dtype=torch.float32)
     lpart = torch.empty((c.B * c.H, num_splits, c.Sq), device=c.q.device, dtype=torch.float32)
@@ -351,9 +326,7 @@ def _decode(c, num_splits=None):
         *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *c.mask_strides,
         c.H, c.Hkv, *c.scalars(dropout=False), chunk, num_splits,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **c.consts)
-    attn_decode_merge_kernel[(c.B * c.H * c.Sq,)](
-        opart, lpart, out, lse, *_strides3(out), c.H, c.Sq, c.D, num_splits,
-        BLOCK_S=MERGE_BLOCK_S, BLOCK_D=c.block_d, num_warps=4)
+    merge_split_partials(opart, lpart, out, lse, _strides3(out), c.H, c.Sq, c.D)
     return out, lse
 
 
@@ -365,8 +338,7 @@ def attention_decode(q, k, v, *, mask=None, scale=None, causal=False, alignment=
     Same semantics as attention_forward without dropout; any Sq works, it pays off for Sq <= 16.
     `num_splits` overrides the number of key chunks (default: enough programs to fill the GPU).
     """
-    if float(dropout_p) > 0.0:
-        raise ValueError("dropout_p: the decode path has no dropout; use attention_forward")
+    assert float(dropout_p) == 0.0, "the decode path has no dropout; use attention_forward"
     c = _Case(q, k, v, mask, scale, causal, alignment, window_left, window_right, softcap,
               key_lengths, 0.0, seed, offset)
     return _decode(c, num_splits)
@@ -385,14 +357,12 @@ def dropout_keep_mask(shape, dropout_p, seed, offset=0, device="cpu"):
         return keep.bool()
     bm, bn = 16, 64
     dropout_mask_kernel[(triton.cdiv(Sq, bm), triton.cdiv(Sk, bn), B * H)](
-        keep, _as_int(seed, "seed"), _as_int(offset, "offset"), Sq, Sk, float(dropout_p),
+        keep, _as_int(seed), _as_int(offset), Sq, Sk, float(dropout_p),
         BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()
 
 
 # ----------------------------------------------------------------------------- capability
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unsupported(op, **case):
@@ -419,16 +389,9 @@ def unsupported(op, **case):
         if dtype is not None and dtype not in _DTYPES:
             return f"dtype {dtype}"
     for device in devices:
-        if device is None:
-            continue
-        device = torch.device(device)
-        if device.type == "cpu" and not cfg.interpreting():
-            return "CPU tensors need TRITON_INTERPRET=1"
-        if device.type not in ("cpu", "cuda"):
-            return f"device {device.type}"
-        if device.type == "cuda" and torch.cuda.is_available() \
-                and torch.cuda.get_device_capability(device) < (8, 0):
-            return "needs compute capability 8.0 or newer"
+        reason = None if device is None else device_reason(device, MIN_CAPABILITY)
+        if reason:
+            return reason
     if head_dim is not None and not 1 <= int(head_dim) <= MAX_HEAD_DIM:
         return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"
     if v_head_dim is not None and head_dim is not None and int(v_head_dim) != int(head_dim):

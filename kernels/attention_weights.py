@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._attention_common import scores
+from ._compat import interpreting
 
 LOG2E = tl.constexpr(1.4426950408889634)   # a constexpr: jit code may read it
 
@@ -88,11 +89,6 @@ def gpu_tiles(fp32, head_dim, has_mask):
     return (64, 32) if has_mask else (64, 64)
 
 
-def _interpreting():
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def unsupported(op, **case):
     """Why this launcher cannot run the case, or None (fastattn._backend.select)."""
     from ._support import dtype_device_reason
@@ -102,8 +98,8 @@ def unsupported(op, **case):
 def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, causal=False,
                               alignment="top_left", window_left=-1, window_right=-1,
                               softcap=0.0, average=False):
-    """P (B, H, Sq, Sk) in q's dtype, or its mean over heads (B, Sq, Sk) with `average`. q (B, H, Sq, D), k (B, Hkv, Sk, D) any strides;
-    lse (B, H, Sq) fp32; mask None or expanded to (B, H, Sq, Sk) (bool True = may attend, or
+    """P (B, H, Sq, Sk) in q's dtype, or its mean over heads (B, Sq, Sk) with `average`.
+    q (B, H, Sq, D), k (B, Hkv, Sk, D) any strides; lse (B, H, Sq) fp32; mask None or expanded to (B, H, Sq, Sk) (bool True = may attend, or
     float added); key_lengths int (B,) or None."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -122,7 +118,7 @@ def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, 
         mask_strides = tuple(mask.stride())
     kl = q if key_lengths is None else key_lengths.to(device=q.device,
                                                      dtype=torch.int32).contiguous()
-    bm, bn = (16, 16) if _interpreting() else gpu_tiles(q.dtype == torch.float32, D,
+    bm, bn = (16, 16) if interpreting() else gpu_tiles(q.dtype == torch.float32, D,
                                                       mask is not None)
     block_d = max(16, triton.next_power_of_2(D))
     fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"

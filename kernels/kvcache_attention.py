@@ -31,10 +31,13 @@ import triton
 import triton.language as tl
 
 from . import _attention_configs as cfg
-from ._attention_common import head_mask, kv_range, scores, tile
-from ._attention_configs import MERGE_BLOCK_S, decode_tiles
-from ._attention_decode import attn_decode_merge_kernel
-from .attention import MAX_HEAD_DIM, _dot_precision, _rows_aligned
+from ._attention_common import head_mask, kv_range, online_softmax_step, scores, tile
+from ._attention_configs import decode_tiles
+from ._attention_decode import (merge_split_partials, split_chunks, split_program,
+                                store_split_partial)
+from ._compat import interpreting
+from ._support import device_reason
+from .attention import MAX_HEAD_DIM, MIN_CAPABILITY, _dot_precision, _rows_aligned
 from .static_variant import StaticVariant
 
 
@@ -52,21 +55,7 @@ def kvcache_split_kernel(
     HAS_BATCH_IDX: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    rows = group * Sq
-    num_r = tl.cdiv(rows, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_r = pid % num_r
-    split = (pid // num_r) % num_splits
-    bhk = pid // (num_r * num_splits)
-    b = bhk // Hkv
-    hk = bhk % Hkv
-
-    offs_r = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)                  # packed row g*Sq + i
-    r_ok = offs_r < rows
-    offs_rc = tl.where(r_ok, offs_r, 0)        # padded rows repeat row 0; never stored
-    g = offs_rc // Sq
-    offs_i = offs_rc % Sq                                              # (BLOCK_M,) query index
-    h = hk * group + g                                                # (BLOCK_M,) query head
+    b, hk, split, h, offs_i, r_ok = split_program(group, Sq, Hkv, num_splits, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = head_mask(offs_d, D, BLOCK_D, EVEN_D, ALIGNED,
                      Q.dtype.element_ty.primitive_bitwidth)          # (1, BLOCK_D)
@@ -113,23 +102,13 @@ def kvcache_split_kernel(
         s2, _t = scores(qk, offs_i[:, None], offs_n[None, :], Q, 0, 0, Sq, kv_len, shift,
                         window_left, window_right, sm_scale, softcap,
                         IS_CAUSAL, HAS_WL, HAS_WR, 0, HAS_SOFTCAP)
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s2 - m_safe[:, None])                             # (BLOCK_M, BLOCK_N)
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = online_softmax_step(s2, m_i, l_i)      # p (BLOCK_M, BLOCK_N)
         v = tl.load(tile(v_head + v_rows, offs_d, ALIGNED), mask=n_ok, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
 
-    empty = l_i == 0.0
-    out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))[:, None]
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-    # partials as the merge kernel reads them: (B*H, num_splits, Sq, BLOCK_D) and
-    # (B*H, num_splits, Sq), lse in log2 units
-    prow = ((b * H + h).to(tl.int64) * num_splits + split) * Sq + offs_i   # (BLOCK_M,)
-    tl.store(tile(OPart + prow[:, None] * BLOCK_D, offs_d, True), out, mask=r_ok[:, None] & d_ok)
-    tl.store(LPart + prow, lse2, mask=r_ok)
+    store_split_partial(OPart, LPart, acc, m_i, l_i, b, H, h, split, num_splits, Sq, offs_i,
+                        r_ok, offs_d, d_ok, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -166,7 +145,7 @@ def kv_tiles(group, Sq, D, elem, prec, arch, paged):
 
 
 def _num_splits(programs, n_blocks, device):
-    if cfg.interpreting():
+    if interpreting():
         return min(4, n_blocks)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_blocks, triton.cdiv(2 * sms, programs), 128))
@@ -181,8 +160,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
     """
     B, Sq, H, D = q.shape
     Hkv = k_cache.shape[2]
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"q: head dim {D} above {MAX_HEAD_DIM}")
+    assert D <= MAX_HEAD_DIM        # fastattn.kvcache_attention validates; unsupported() checks
     out = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     if B * Sq * H == 0:
@@ -192,7 +170,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
     capacity = block_table.shape[1] * block_size if paged else k_cache.shape[1]
     group = H // Hkv
     prec = _dot_precision(q.dtype)
-    arch = None if cfg.interpreting() else cfg.device_arch(q)
+    arch = None if interpreting() else cfg.device_arch(q)
     bm, bn, warps, stages = kv_tiles(group, Sq, D, q.element_size(), prec, arch, paged)
     block_d = cfg.block_d_of(D)
     aligned = (D * q.element_size()) % 16 == 0 and all(
@@ -206,9 +184,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
     programs = B * Hkv * triton.cdiv(group * Sq, bm)
     if num_splits is None:
         num_splits = _num_splits(programs, n_blocks, q.device)
-    num_splits = max(1, min(int(num_splits), n_blocks, 1024))
-    chunk = triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), bn) * bn   # BLOCK_N aligned
-    num_splits = max(1, triton.cdiv(capacity, chunk))
+    chunk, num_splits = split_chunks(capacity, bn, num_splits)
     opart, lpart = _workspace(q.device, (B * H, num_splits, Sq, block_d),
                               (B * H, num_splits, Sq))
     seqlens = cache_seqlens
@@ -227,9 +203,8 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
         HAS_WL=window_left >= 0, HAS_WR=window_right >= 0, HAS_SOFTCAP=softcap > 0,
         DOT_PREC=prec, num_warps=warps, num_stages=stages)
     # out (B, Sq, H, D) seen as (b, h, i) by the merge kernel's strides
-    attn_decode_merge_kernel[(B * H * Sq,)](
-        opart, lpart, out, lse, out.stride(0), out.stride(2), out.stride(1), H, Sq, D,
-        num_splits, BLOCK_S=MERGE_BLOCK_S, BLOCK_D=block_d, num_warps=4)
+    merge_split_partials(opart, lpart, out, lse, (out.stride(0), out.stride(2), out.stride(1)),
+                         H, Sq, D)
     return out, lse
 
 
@@ -240,15 +215,9 @@ def unsupported(op, **case):
     dtype, device = case.get("dtype"), case.get("device")
     if dtype is not None and dtype not in _DTYPES:
         return f"dtype {dtype}"
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cpu" and not cfg.interpreting():
-            return "CPU tensors need TRITON_INTERPRET=1"
-        if device.type not in ("cpu", "cuda"):
-            return f"device {device.type}"
-        if device.type == "cuda" and torch.cuda.is_available() \
-                and torch.cuda.get_device_capability(device) < (8, 0):
-            return "needs compute capability 8.0 or newer"
+    reason = None if device is None else device_reason(device, MIN_CAPABILITY)
+    if reason:
+        return reason
     head_dim = case.get("head_dim")
     if head_dim is not None and not 1 <= int(head_dim) <= MAX_HEAD_DIM:
         return f"head dim {head_dim} outside 1..{MAX_HEAD_DIM}"

@@ -7,14 +7,12 @@ program's group of rows into a (programs, N) buffer that a torch sum reduces (no
 deterministic).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
-from ._support import dtype_device_reason
+from ._support import assert_runnable, dtype_device_reason
 
 # (BLOCK_N, BLOCK_M, num_warps) for rows that fit in one tile, smallest first. The backward
 # holds more per element (dy, h, two accumulators), so its tiles are smaller; these sizes keep
@@ -249,49 +247,43 @@ def _tile(n, tiles):
     return LOOP_BLOCK, 1, LOOP_WARPS, True
 
 
-def _check(x, name):
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"triton norm: {name} must be fp16, bf16 or fp32, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"triton norm: {name} must be 2-D (M, N), got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"triton norm: {name} must be a CUDA tensor "
-                           "(CPU tensors need TRITON_INTERPRET=1)")
+# Arguments are validated by fastattn.layer_norm / rms_norm (and the modules); the launchers
+# only assert what the kernels rely on.
+
+def _assert_rows(x):
+    assert x.dtype in _DTYPES and x.dim() == 2, "x must be (M, N) fp16/bf16/fp32"
+    assert_runnable(x)
 
 
-def _rows(t, name, n):
+def _rows(t, n):
     """t as (M, N) with unit column stride (a copy only if the columns are strided)."""
-    if t.shape[-1] != n:
-        raise ValueError(f"triton norm: {name} has {t.shape[-1]} columns, expected {n}")
+    assert t.shape[-1] == n
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _param(p, name, n, device, fill):
+def _param(p, n, device, fill):
     """The parameter as an fp32 (N,) vector (ones / zeros when absent)."""
     if p is None:
         return torch.full((n,), fill, dtype=torch.float32, device=device)
-    if p.shape != (n,):
-        raise ValueError(f"triton norm: {name} must have shape ({n},), got {tuple(p.shape)}")
+    assert p.shape == (n,)
     return p.to(torch.float32).contiguous()
 
 
 def _forward(x, weight, bias, eps, residual, rms):
-    _check(x, "x")
+    _assert_rows(x)
     m, n = x.shape
-    x = _rows(x, "x", n)
+    x = _rows(x, n)
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    w = _param(weight, "weight", n, x.device, 1.0)
-    b = w if rms else _param(bias, "bias", n, x.device, 0.0)
+    w = _param(weight, n, x.device, 1.0)
+    b = w if rms else _param(bias, n, x.device, 0.0)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     mean = torch.empty(m if not rms else 0, dtype=torch.float32, device=x.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     h = None
     if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"triton norm: residual shape {tuple(residual.shape)} != x shape "
-                             f"{tuple(x.shape)}")
-        residual = _rows(residual.to(x.dtype), "residual", n)
+        assert residual.shape == x.shape
+        residual = _rows(residual.to(x.dtype), n)
         h = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y, mean, rstd, h
@@ -321,17 +313,13 @@ def _num_groups(device, row_tiles):
 
 
 def _backward(dy, h, weight, bias, mean, rstd, dh_extra, rms):
-    _check(h, "h")
+    _assert_rows(h)
     m, n = h.shape
-    if dy.shape != h.shape:
-        raise ValueError(f"triton norm: dy shape {tuple(dy.shape)} != h shape {tuple(h.shape)}")
-    dy, h = _rows(dy, "dy", n), _rows(h, "h", n)
-    w = _param(weight, "weight", n, h.device, 1.0)
+    assert dy.shape == h.shape and (dh_extra is None or dh_extra.shape == h.shape)
+    dy, h = _rows(dy, n), _rows(h, n)
+    w = _param(weight, n, h.device, 1.0)
     if dh_extra is not None:
-        if dh_extra.shape != h.shape:
-            raise ValueError(f"triton norm: dh_extra shape {tuple(dh_extra.shape)} != h shape "
-                             f"{tuple(h.shape)}")
-        dh_extra = _rows(dh_extra, "dh_extra", n)
+        dh_extra = _rows(dh_extra, n)
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     if mean is None or rms:
         mean = rstd

@@ -7,14 +7,12 @@ One program owns one token (b, s) and a block of BLOCK_H heads; q and k share on
 head blocks of k follow those of q on grid axis 1).
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
-from ._support import dtype_device_reason
+from ._support import assert_runnable, dtype_device_reason
 
 # (max R/2, BLOCK_K): the chunk of pair indices per step; longer halves loop.
 K_BLOCKS = ((16, 16), (32, 32), (None, 64))
@@ -118,32 +116,25 @@ def _pick(table, n):
     raise AssertionError("unreachable")
 
 
-def _check_x(x, name):
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"triton rotary: {name} must be fp16, bf16 or fp32, got {x.dtype}")
-    if x.dim() != 4:
-        raise ValueError(f"triton rotary: {name} must be (B, S, H, D), got shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"triton rotary: {name} must be a CUDA tensor "
-                           "(CPU tensors need TRITON_INTERPRET=1)")
+# Arguments are validated by fastattn.apply_rotary / apply_rotary_qk / kvcache_attention; the
+# launchers only assert what the kernel relies on.
+
+def _assert_x(x):
+    assert x.dtype in _DTYPES and x.dim() == 4, "x must be (B, S, H, D) fp16/bf16/fp32"
+    assert_runnable(x)
 
 
-def _check_out(out, x, name):
+def _out_or_new(out, x):
     if out is None:
         return torch.empty_like(x)
-    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"triton rotary: {name} must match the input's shape {tuple(x.shape)} "
-                         f"and dtype {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
     return out
 
 
 def _tables(cos, sin, x, d):
-    if cos.dim() != 2 or cos.shape != sin.shape:
-        raise ValueError(f"triton rotary: cos and sin must both be (S_cache, R/2), got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+    assert cos.dim() == 2 and cos.shape == sin.shape, "cos, sin must both be (S_cache, R/2)"
     r2 = cos.shape[1]
-    if r2 == 0 or 2 * r2 > d:
-        raise ValueError(f"triton rotary: cos/sin rotate {2 * r2} features but the head dim is {d}")
+    assert 0 < 2 * r2 <= d, "cos/sin must rotate 0 < R <= head dim features"
     # the kernel reads tables in x's dtype or fp32, cos and sin with one layout
     dtype = cos.dtype if cos.dtype in (x.dtype, torch.float32) else torch.float32
     cos, sin = cos.to(dtype), sin.to(dtype)
@@ -162,18 +153,12 @@ def _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out, posit
     hk = k.shape[2] if k is not None else 0
     cos, sin, r2 = _tables(cos, sin, q, d)
     if offsets is not None:
-        if offsets.shape != (b,):
-            raise ValueError(f"triton rotary: offsets must have shape ({b},), got "
-                             f"{tuple(offsets.shape)}")
+        assert offsets.shape == (b,), "offsets must be (B,)"
         offs = offsets.to(device=q.device, dtype=torch.int32)
     else:
         offs = torch.zeros(1, dtype=torch.int32, device=q.device)
     if positions is not None:
-        if offsets is not None:
-            raise ValueError("triton rotary: pass offsets or positions, not both")
-        if tuple(positions.shape) != (b, s):
-            raise ValueError(f"triton rotary: positions must have shape ({b}, {s}), got "
-                             f"{tuple(positions.shape)}")
+        assert offsets is None and tuple(positions.shape) == (b, s), "positions must be (B, S)"
         poss = positions.to(device=q.device, dtype=torch.int32).contiguous()
     else:
         poss = offs
@@ -202,8 +187,8 @@ def rotary_forward(x, cos, sin, *, interleaved=False, offsets=None, conjugate=Fa
                    positions=None):
     """Rotate the first R = 2 * cos.shape[1] features of x (B, S, H, D); returns out.
     positions (B, S): the cache row of every token (instead of s + offsets[b])."""
-    _check_x(x, "x")
-    out = _check_out(out, x, "out")
+    _assert_x(x)
+    out = _out_or_new(out, x)
     _launch(x, None, cos, sin, interleaved, offsets, conjugate, out, None, positions)
     return out
 
@@ -211,14 +196,12 @@ def rotary_forward(x, cos, sin, *, interleaved=False, offsets=None, conjugate=Fa
 def rotary_forward_qk(q, k, cos, sin, *, interleaved=False, offsets=None, conjugate=False,
                       q_out=None, k_out=None, positions=None):
     """Rotate q (B, S, Hq, D) and k (B, S, Hk, D) in one launch; returns (q_out, k_out)."""
-    _check_x(q, "q")
-    _check_x(k, "k")
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3] or k.dtype != q.dtype \
-            or k.device != q.device:
-        raise ValueError(f"triton rotary: k {tuple(k.shape)} {k.dtype} must match q "
-                         f"{tuple(q.shape)} {q.dtype} in batch, sequence, head dim and dtype")
-    q_out = _check_out(q_out, q, "q_out")
-    k_out = _check_out(k_out, k, "k_out")
+    _assert_x(q)
+    _assert_x(k)
+    assert k.shape[:2] == q.shape[:2] and k.shape[3] == q.shape[3] and k.dtype == q.dtype \
+        and k.device == q.device, "k must match q in batch, sequence, head dim and dtype"
+    q_out = _out_or_new(q_out, q)
+    k_out = _out_or_new(k_out, k)
     _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out, positions)
     return q_out, k_out
 

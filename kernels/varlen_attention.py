@@ -26,32 +26,24 @@ from . import _attention_configs as cfg
 from . import attention as _dense
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ._attention_fwd import attn_fwd_kernel
+from ._compat import interpreting
 
 
 class _VarlenCase:
-    """Validated, normalised arguments shared by the varlen forward and backward."""
+    """Normalised arguments shared by the varlen forward and backward. fastattn.varlen_attention
+    validates them (offsets included) and `unsupported` turns away what the kernels cannot run;
+    here they are only asserted."""
 
     def __init__(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
                  window_right, softcap, dropout_p, seed, offset):
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                raise ValueError(f"{name}: expected a 3-D tensor (total, heads, D)")
-        if k.shape != v.shape:
-            raise ValueError(f"k, v: equal shapes expected, got {tuple(k.shape)} and "
-                             f"{tuple(v.shape)}")
-        if k.dtype != q.dtype or v.dtype != q.dtype:
-            raise ValueError("k, v: dtype must match q")
-        for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-            if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
-                raise ValueError(f"{name}: expected a 1-D int32 tensor on {q.device}")
-        if cu_q.shape != cu_k.shape:
-            raise ValueError("cu_seqlens_q, cu_seqlens_k: sizes differ")
+        assert q.dim() == 3 and k.shape == v.shape and k.dtype == q.dtype == v.dtype
+        for cu in (cu_q, cu_k):
+            assert cu.dtype == torch.int32 and cu.dim() == 1 and cu.device == q.device
+        assert cu_q.shape == cu_k.shape
         self.total_q, self.H, self.D = q.shape
         self.total_k, self.Hkv = k.shape[0], k.shape[1]
-        if self.Hkv == 0 or self.H % self.Hkv:
-            raise ValueError(f"k: kv heads {self.Hkv} must divide query heads {self.H}")
-        if not 1 <= self.D <= _dense.MAX_HEAD_DIM or k.shape[2] != self.D:
-            raise ValueError(f"q: head dim {self.D} outside 1..{_dense.MAX_HEAD_DIM} or != k's")
+        assert self.Hkv > 0 and self.H % self.Hkv == 0
+        assert 1 <= self.D <= _dense.MAX_HEAD_DIM and k.shape[2] == self.D
         self.B = cu_q.shape[0] - 1
         self.max_q, self.max_k = int(max_q), int(max_k)
         self.cu_q, self.cu_k = cu_q.contiguous(), cu_k.contiguous()
@@ -63,10 +55,9 @@ class _VarlenCase:
         self.wr = int(window_right) if window_right is not None else -1
         self.softcap = float(softcap or 0.0)
         self.dropout_p = float(dropout_p)
-        if not 0.0 <= self.dropout_p < 1.0:
-            raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
-        self.seed = _dense._as_int(seed, "seed") if self.dropout_p > 0 else 0
-        self.offset = _dense._as_int(offset, "offset") if self.dropout_p > 0 else 0
+        assert 0.0 <= self.dropout_p < 1.0
+        self.seed = _dense._as_int(seed) if self.dropout_p > 0 else 0
+        self.offset = _dense._as_int(offset) if self.dropout_p > 0 else 0
         self.block_d = cfg.block_d_of(self.D)
         self.consts = dict(
             BLOCK_D=self.block_d, EVEN_D=(self.D == self.block_d), ALIGNED=True,
@@ -76,7 +67,7 @@ class _VarlenCase:
 
     @property
     def arch(self):
-        return None if cfg.interpreting() else cfg.device_arch(self.q)
+        return None if interpreting() else cfg.device_arch(self.q)
 
     def scalars(self):
         # Sq, Sk = the max lengths (grid, dropout RNG index); shift is set per sequence
@@ -119,10 +110,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     del deterministic                                # no atomics: always deterministic
     c = _VarlenCase(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                     causal, window_left, window_right, softcap, dropout_p, seed, offset)
-    if dout.shape != q.shape or out.shape != q.shape:
-        raise ValueError(f"dout, out: expected shape {tuple(q.shape)}")
-    if lse.shape != (c.H, c.total_q):
-        raise ValueError(f"lse: expected shape {(c.H, c.total_q)}, got {tuple(lse.shape)}")
+    assert dout.shape == q.shape and out.shape == q.shape and lse.shape == (c.H, c.total_q)
     dq = _dense._empty_rows((c.total_q, c.H, c.D), c.row_len, q)
     dk = _dense._empty_rows((c.total_k, c.Hkv, c.D), c.row_len, k)
     dv = _dense._empty_rows((c.total_k, c.Hkv, c.D), c.row_len, v)
@@ -136,7 +124,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     # delta (H, total_q), lse's layout: the dense preprocess over all rows as one sequence
     delta = torch.empty((c.H, c.total_q), device=q.device, dtype=torch.float32)
     out4, dout4 = out.transpose(0, 1).unsqueeze(0), dout.transpose(0, 1).unsqueeze(0)
-    pre_bm = 16 if cfg.interpreting() else cfg.preprocess_block_m(c.block_d)
+    pre_bm = 16 if interpreting() else cfg.preprocess_block_m(c.block_d)
     attn_bwd_preprocess_kernel[(triton.cdiv(c.total_q, pre_bm) * c.H,)](
         out4, dout4, delta, *_dense._strides3(out4), *_dense._strides3(dout4), c.H, c.total_q,
         c.D, BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)

@@ -13,6 +13,7 @@ import torch
 
 import fastattn
 from fastattn import _backend
+from fastattn.kernels._compat import interpreting
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Tight fp32 bounds: kernels reorder fp32 sums, so a few ulps times the reduction depth.
@@ -30,7 +31,7 @@ TEST_GPU = os.environ.get("FASTATTN_TEST_GPU") == "1"
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running test")
-    if TEST_GPU and (os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()):
+    if TEST_GPU and (interpreting() or not torch.cuda.is_available()):
         pytest.exit("FASTATTN_TEST_GPU=1 needs a CUDA GPU and TRITON_INTERPRET unset", returncode=2)
 
 
@@ -61,7 +62,7 @@ def pytest_terminal_summary(terminalreporter):
 
 def _interpreter_modules():
     """(numpy, triton.language, triton.runtime.interpreter) when running interpreted, else None."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         return None
     try:
         import numpy as np
@@ -134,7 +135,7 @@ def backend_device(name):
     if name == "cuda":
         return "cuda"
     if name == "triton":
-        return "cpu" if _backend.interpreter_enabled() else "cuda"
+        return "cpu" if interpreting() else "cuda"
     return "cpu"
 
 

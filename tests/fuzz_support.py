@@ -22,6 +22,7 @@ import torch
 
 import fastattn
 from fastattn import _backend
+from fastattn.kernels._compat import interpreting
 
 FUZZ_BACKENDS = ("cpu", "torch", "triton", "cuda")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -52,7 +53,7 @@ def device_of(backend):
     if backend == "cuda":
         return "cuda"
     if backend == "triton":
-        return "cpu" if _backend.interpreter_enabled() else "cuda"
+        return "cpu" if interpreting() else "cuda"
     return "cpu"
 
 

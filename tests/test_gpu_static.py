@@ -13,9 +13,11 @@ import pytest
 
 pytest.importorskip("triton")
 
+from fastattn.kernels._compat import interpreting  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-if os.environ.get("TRITON_INTERPRET") == "1":
+if interpreting():
     def test_static_report_checks_in_a_compiling_process():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastattn.kernels._compat import interpreting
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,7 +82,7 @@ def test_torch_compile_forward(patched):
     assert ("attention", "cpu") in calls
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not interpreting(),
                     reason="the triton backend runs CPU tensors only with TRITON_INTERPRET=1")
 def test_triton_backend_two_layer_llama():
     pytest.importorskip("transformers")

@@ -3,14 +3,13 @@ left-padded batches, packed sequences) on every backend against an independent o
 a seeded random-configuration fuzz over odd sizes, strided views, partial rotary, both pair
 layouts, outputs and gradients; low precision under the 2x rule."""
 
-import os
-
 import pytest
 import torch
 
 import fastattn
+from fastattn.kernels._compat import interpreting
 
-BACKENDS = ["cpu", "torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+BACKENDS = ["cpu", "torch"] + (["triton"] if interpreting() else [])
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 0.0}
 
 
