@@ -91,7 +91,7 @@ def test_softmax():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_norms_match_functional(dtype):
+def test_layer_norm_and_rms_norm_match_functional(dtype):
     x, w, b = rand(4, 3, 33, dtype=dtype), rand(33, dtype=dtype), rand(33, dtype=dtype)
     tol = dict(**TIGHT_FP32_TOL) if dtype == torch.float32 else {}
     torch.testing.assert_close(reference.layer_norm(x, 33, w, b, 1e-5),

@@ -103,12 +103,12 @@ def test_issue12_softmax_huge_logits_are_one_hot(backend, scale, masked):
     assert torch.equal(y.argmax(-1), torch.full((6,), 7, device=dev))
 
 
-# ------------------------------------------------------------------ item 10: norms
+# ------------------------------------------------------------------ item 10: layer_norm, rms_norm
 
 @pytest.mark.parametrize("shape,nshape", [((4, 0), (0,)), ((2, 3, 0), (3, 0)), ((0,), (0,)),
                                           ((0, 8), (8,))])
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
-def test_issue12_norms_over_zero_size_dims_return_empty(backend, kind, shape, nshape):
+def test_issue12_layer_norm_over_zero_size_dims_return_empty(backend, kind, shape, nshape):
     """Norms over a zero-size dim failed in a reshape; PyTorch returns empty tensors (and
     zero gradients for the weight)."""
     dev = backend_device(backend)
