@@ -74,8 +74,8 @@ HUGE_LOGIT_SOFTMAX_FP32_TOL = dict(atol=1e-6, rtol=0)
 # The CPU kernel's own exp (csrc/cpu/fast_exp.h) over the whole softmax range: ~17 ulps
 # relative, no absolute slack (tiny values must be right relative to themselves).
 CPU_EXP_FP32_TOL = dict(atol=0, rtol=2e-6)
-# In-place rotary of fp16/bf16 against the fp32 oracle: one rounding of the dtype (2^-8 for
-# bf16 at |x| ~ 1..2) on top of the fp32 rotation.
+# In-place rotary of fp16 (tests/test_rowwise_regressions.py, issue 12) against the fp32
+# oracle: one rounding to the dtype (fp16's ulp is 2^-8 at |x| ~ 4) on top of the rotation.
 INPLACE_ROTARY_LOWP_TOL = dict(atol=4e-3, rtol=4e-3)
 # Rotary forward then its conjugate (round trip) must give x back: fp32 a few ulps; fp16/bf16
 # two roundings of values up to ~8 (randn * 2) in bf16 (ulp 2^-5 at 8).
