@@ -121,6 +121,7 @@ def test_issue12_mha_weights_window_no_heap_corruption(backend):
     # MultiHeadAttention(8, 1, window=(0,-1)), query (2,10,8), key/value (2,8,8),
     # need_weights=True, average_attn_weights=False: SIGSEGV / "corrupted size vs. prev_size".
     code = """
+from tolerances import TIGHT_FP32_TOL   # the child runs in tests/ (cwd)
 torch.manual_seed(0)
 mha = fastattn.MultiHeadAttention(8, 1, batch_first=True, window=(0, -1))
 query, key = torch.randn(2, 10, 8), torch.randn(2, 8, 8)
