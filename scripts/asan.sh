@@ -10,7 +10,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-TESTS="${ASAN_TESTS:-tests/test_extension.py tests/test_attention_cpu.py tests/test_softmax_cpu.py tests/test_norms_cpu.py tests/test_rotary_cpu.py tests/test_cpu_streaming.py tests/test_varlen_attention.py tests/test_kvcache_attention.py}"
+TESTS="${ASAN_TESTS:-tests/test_extension.py tests/test_attention_cpu.py tests/test_softmax_cpu.py tests/test_layer_norm_cpu.py tests/test_rotary_cpu.py tests/test_cpu_streaming.py tests/test_varlen_attention.py tests/test_kvcache_attention.py}"
 if [[ -n "${ASAN_DIR:-}" ]]; then
   mkdir -p "$ASAN_DIR"
   WORK="$(cd "$ASAN_DIR" && pwd)"

@@ -70,7 +70,7 @@ run_stage() {   # run_stage NAME ARGS...: pytest with an optional time limit; re
 
 # (2) Triton parity on CUDA tensors, before anything is built
 PARITY_FILES=(tests/test_attention_triton.py tests/test_softmax_triton.py
-              tests/test_norms_triton.py tests/test_rotary_triton.py)
+              tests/test_layer_norm_triton.py tests/test_rotary_triton.py)
 run_stage parity "${PARITY_FILES[@]}"
 parity=$?
 verdict="PASS"

@@ -11,7 +11,8 @@ Each test compares a fastattn op with a float64 oracle written from the op's mat
 test file (independent of fastattn/reference.py), outputs and gradients. Tolerances follow
 DESIGN.md: fp16/bf16 max|out - ref| <= 2 * max|pt - ref| + floor, where pt is PyTorch's own
 computation in the input dtype; fp32 is held to the same rule with a floor of a few fp32 ulps
-of the reference's magnitude (tight: PyTorch's fp32 error is ~1e-7 relative).
+of the reference's magnitude (tight: PyTorch's fp32 error is ~1e-7 relative). The constants
+live in tests/tolerances.py.
 """
 
 import os
@@ -23,14 +24,9 @@ import torch
 import fastattn
 from fastattn import _backend
 from fastattn.kernels._compat import interpreting
+from tolerances import FUZZ_FP32_REL_FLOOR, LOW_PRECISION, floor_for, max_err
 
 FUZZ_BACKENDS = ("cpu", "torch", "triton", "cuda")
-LOW_PRECISION = (torch.float16, torch.bfloat16)
-# The absolute floor of the 2x rule for low precision: about one ulp near 1 (DESIGN.md).
-FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-# fp32: relative floor (of max|ref|), ~20 ulps: covers reordered fp32 sums and the kernels'
-# ~3-ulp exp without hiding a wrong answer.
-FP32_REL_FLOOR = 2e-6
 
 
 def num_configs(default):
@@ -96,12 +92,6 @@ def strided_copy(t, rng, gen=None):
     return view
 
 
-def max_err(a, b):
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
-
-
 def check(name, out, ref, pt, cfg, failures, cond=1.0, scale=None):
     """Append a message to `failures` when out (kernel) misses the tolerance rule against ref
     (float64 oracle) and pt (PyTorch in the input dtype). `cond` (>= 1) scales the fp32 floor
@@ -126,9 +116,9 @@ def check(name, out, ref, pt, cfg, failures, cond=1.0, scale=None):
     pt_err = max_err(pt, ref)
     scale = max(ref.abs().max().item(), scale or 0.0)
     if out.dtype in LOW_PRECISION:
-        bound = 2 * pt_err + FLOOR[out.dtype]
+        bound = 2 * pt_err + floor_for(out.dtype)
     else:
-        bound = 2 * pt_err + FP32_REL_FLOOR * max(1.0, scale) * cond
+        bound = 2 * pt_err + FUZZ_FP32_REL_FLOOR * max(1.0, scale) * cond
     if not err <= bound:
         failures.append(f"{name}: max err {err:.3g} > bound {bound:.3g} (pt err {pt_err:.3g}, "
                         f"max|ref| {scale:.3g})")

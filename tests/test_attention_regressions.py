@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import fastattn
-from conftest import ATOL_FLOOR, TESTABLE_BACKENDS, backend_device
+from conftest import TESTABLE_BACKENDS, backend_device
+from tolerances import (ATTENTION_FP32, assert_max_err, bound_2x, floor_for,
+                        max_relative_bound)
 from test_fuzz_attention import oracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,12 +61,11 @@ def _check_against_oracle(backend, q, k, v, *, mask=None, window=None, is_causal
     for name, got, r, p in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_g),
                                (pt, *pt_g)):
         assert torch.isfinite(got).all(), f"{name}: NaN/inf"
-        err = (got.double() - r).abs().max().item()
         if got.dtype == torch.float32:
-            bound = 2e-5 + 2e-5 * r.abs().max().item()
+            bound = max_relative_bound(r, **ATTENTION_FP32)
         else:
-            bound = 2 * (p.double() - r).abs().max().item() + ATOL_FLOOR[got.dtype]
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+            bound = bound_2x(p, r, floor_for(got.dtype))
+        assert_max_err(got, r, bound, name)
     return out, grads
 
 
@@ -120,6 +121,7 @@ def test_issue12_mha_weights_window_no_heap_corruption(backend):
     # MultiHeadAttention(8, 1, window=(0,-1)), query (2,10,8), key/value (2,8,8),
     # need_weights=True, average_attn_weights=False: SIGSEGV / "corrupted size vs. prev_size".
     code = """
+from tolerances import TIGHT_FP32_TOL   # the child runs in tests/ (cwd)
 torch.manual_seed(0)
 mha = fastattn.MultiHeadAttention(8, 1, batch_first=True, window=(0, -1))
 query, key = torch.randn(2, 10, 8), torch.randn(2, 8, 8)
@@ -129,7 +131,7 @@ for average in (False, True):
     w4 = w if not average else w.unsqueeze(1)
     assert (w4[:, :, 8:] == 0).all()                       # rows 8, 9: no key in the window
     sums = w4[:, :, :8].sum(-1)
-    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+    assert torch.allclose(sums, torch.ones_like(sums), **TIGHT_FP32_TOL)
 """
     _run_isolated(code, backend, runs=3 if backend == "cpu" else 1)
 

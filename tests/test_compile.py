@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 
 import fastattn
+from tolerances import COMPOSED_FP32_GRAD_TOL, COMPOSED_FP32_TOL
 
-ATOL, RTOL = 2e-5, 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,7 @@ def assert_same(results):
         if a is None:
             assert b is None
             continue
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(a, b, **COMPOSED_FP32_TOL)
 
 
 @pytest.mark.parametrize("with_kpm", [False, True])
@@ -74,14 +74,14 @@ def test_block_compiles_fullgraph(with_kpm):
     compiled = torch.compile(block, fullgraph=True)
     got = compiled(x, mask, kpm)
     for a, b in zip(got, eager):
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(a, b, **COMPOSED_FP32_TOL)
     # backward through the compiled graph, parameters included
     ge = torch.autograd.grad(eager[0].sum() + eager[1].square().sum(),
                              [x] + list(block.parameters()))
     gc = torch.autograd.grad(got[0].sum() + got[1].square().sum(),
                              [x] + list(block.parameters()))
     for a, b in zip(gc, ge):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=RTOL)
+        torch.testing.assert_close(a, b, **COMPOSED_FP32_GRAD_TOL)
 
 
 def test_mha_drop_in_compiles_need_weights_false():
@@ -125,7 +125,7 @@ def test_mha_training_with_dropout_and_weights_compiles():
     with torch.no_grad():
         _, _, v = m._project(x, x, x, True)
         expected = m.out_proj((w @ v).transpose(1, 2).reshape(2, 10, 32))
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(out, expected, **COMPOSED_FP32_TOL)
     assert 0.15 < (w == 0).float().mean().item() < 0.45
 
 
@@ -155,7 +155,7 @@ def test_changing_backend_recompiles_and_dispatch_is_recorded():
     for name in ("torch", "cpu", "torch", "cpu"):
         with fastattn.use_backend(name), fastattn.record_dispatch() as calls:
             out = f(x)
-        torch.testing.assert_close(out, expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(out, expected, **COMPOSED_FP32_TOL)
         seen.append((name, calls, counting.graphs))
     assert [calls for _, calls, _ in seen] == [[("softmax", "torch")], [("softmax", "cpu")],
                                                [("softmax", "torch")], [("softmax", "cpu")]]
@@ -216,5 +216,5 @@ def test_mha_with_weights_follows_the_backend_when_compiled():
             with fastattn.use_backend(name), fastattn.record_dispatch() as calls:
                 out, w = f(x)
             assert calls == [("attention", name), ("attention_weights", name)], (name, calls)
-            torch.testing.assert_close(out, eager[0], atol=ATOL, rtol=RTOL)
-            torch.testing.assert_close(w, eager[1], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(out, eager[0], **COMPOSED_FP32_TOL)
+            torch.testing.assert_close(w, eager[1], **COMPOSED_FP32_TOL)

@@ -13,12 +13,12 @@ import sys
 
 import pytest
 import torch
+from tolerances import FP32_TOL, TIGHT_FP32_TOL
 
 import distributed_workers as workers
 import fastattn.distributed as fd
 
 # Tight fp32 bounds of the dense attention tests (tests/conftest.py)
-FP32 = dict(atol=1e-5, rtol=1e-4)
 
 
 def cfg(name, layout, causal, H=4, Hkv=4, D=16, S=32, B=2, **extra):
@@ -31,8 +31,8 @@ def check_parity(results):
             for tname, (ours, ref, ref64) in tensors.items():
                 msg = f"rank {rank}, {cname}, {tname}"
                 assert ours.dtype == torch.float32 and torch.isfinite(ours).all(), msg
-                torch.testing.assert_close(ours, ref, **FP32, msg=lambda m: f"{msg}: {m}")
-                torch.testing.assert_close(ours.double(), ref64, **FP32,
+                torch.testing.assert_close(ours, ref, **FP32_TOL, msg=lambda m: f"{msg}: {m}")
+                torch.testing.assert_close(ours.double(), ref64, **FP32_TOL,
                                            msg=lambda m: f"{msg} (fp64 ref): {m}")
 
 
@@ -67,8 +67,8 @@ def test_ddp_and_fsdp2_train_like_one_process():
     assert len(single) == 3 and single[0] != single[-1]
     for rank, r in enumerate(results):
         for kind in ("ddp", "fsdp2"):
-            torch.testing.assert_close(torch.tensor(r[kind]), torch.tensor(single), atol=1e-5,
-                                       rtol=1e-5, msg=lambda m: f"rank {rank} {kind}: {m}")
+            torch.testing.assert_close(torch.tensor(r[kind]), torch.tensor(single),
+                                       **TIGHT_FP32_TOL, msg=lambda m: f"rank {rank} {kind}: {m}")
 
 
 def test_rank_dying_raises_instead_of_hanging():

@@ -29,7 +29,9 @@ import torch
 
 import fastattn
 from fastattn import _backend
-from conftest import ATOL_FLOOR, TESTABLE_BACKENDS, backend_device
+from conftest import TESTABLE_BACKENDS, backend_device
+from tolerances import (ATTENTION_FP32, ATTENTION_FUZZ_LSE, EPS, bound_2x, floor_for, max_err,
+                        max_relative_bound)
 
 SEED = int(os.environ.get("FASTATTN_FUZZ_SEED", "0"))
 
@@ -41,7 +43,6 @@ def n_configs(default):
 # Defaults: a few hundred configs on the C++ kernels, fewer on the torch backend (it
 # materialises the scores) and a handful of small ones on the slow Triton interpreter.
 DEFAULTS = {"cpu": 100, "torch": 40, "triton": 6, "cuda": 40}
-FP32_ATOL, FP32_RTOL = 2e-5, 2e-5
 
 # ------------------------------------------------------------------------------------ oracle
 
@@ -104,31 +105,25 @@ def oracle(q, k, v, *, mask, scale, causal, bottom_right, wl, wr, softcap, key_l
 # ------------------------------------------------------------------------------------ checks
 
 
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 def check_close(name, got, ref, pt, cfg, extra=0.0):
     """fp32: tight bounds against the fp64 oracle; fp16/bf16: the 2x rule (+ `extra`)."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}\n{cfg}"
     assert torch.isfinite(got).all(), f"{name}: NaN/inf in the result\n{cfg}"
-    err = _max_err(got, ref)
+    err = max_err(got, ref)
     if got.dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(pt).all():
         # The dtype-precision oracle itself overflows (fp16 gradients at scale 1e10): no 2x
         # rule to apply; allow two ulps of the dtype relative to the result instead.
-        ulp = 2.0 ** -10 if got.dtype == torch.float16 else 2.0 ** -7
-        bound = ATOL_FLOOR[got.dtype] + 2 * ulp * ref.abs().max().item()
+        bound = max_relative_bound(ref, floor_for(got.dtype), 2 * EPS[got.dtype])
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}\n{cfg}"
     elif got.dtype in (torch.float16, torch.bfloat16):
-        bound = 2 * _max_err(pt, ref) + ATOL_FLOOR[got.dtype] + extra
-        assert err <= bound, (f"{name}: max error {err:.3g} > 2 x {_max_err(pt, ref):.3g} + "
-                              f"{ATOL_FLOOR[got.dtype]} + {extra:.3g}\n{cfg}")
+        bound = bound_2x(pt, ref, floor_for(got.dtype)) + extra
+        assert err <= bound, (f"{name}: max error {err:.3g} > 2 x {max_err(pt, ref):.3g} + "
+                              f"{floor_for(got.dtype)} + {extra:.3g}\n{cfg}")
     else:
         # tight, plus twice the fp32 oracle's own error: logits of hundreds (huge configs)
         # are ill-conditioned in fp32 whoever computes them
-        scale = ref.abs().max().item() if ref.numel() else 0.0
-        own = _max_err(pt, ref) if pt is not ref else 0.0
-        bound = FP32_ATOL + FP32_RTOL * scale + 2 * own + extra
+        own = max_err(pt, ref) if pt is not ref else 0.0
+        bound = max_relative_bound(ref, **ATTENTION_FP32) + 2 * own + extra
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}\n{cfg}"
 
 
@@ -139,8 +134,8 @@ def check_lse(got, ref, cfg):
         and not torch.isposinf(got).any(), f"lse: NaN/+inf\n{cfg}"
     if fin.any():
         r = ref[fin]
-        err = _max_err(got[fin], r)
-        bound = 1e-4 * (1.0 + r.abs().max().item())
+        err = max_err(got[fin], r)
+        bound = max_relative_bound(r, **ATTENTION_FUZZ_LSE)
         assert err <= bound, f"lse: max error {err:.3g} > {bound:.3g}\n{cfg}"
 
 

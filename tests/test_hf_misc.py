@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import COMPOSED_FP32_TOL
 
 from fastattn.kernels._compat import interpreting
 
@@ -78,7 +79,7 @@ def test_torch_compile_forward(patched):
     with torch.no_grad(), fastattn.record_dispatch() as calls:
         got = compiled(ids).logits
         want = ref(ids).logits
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got, want, **COMPOSED_FP32_TOL)
     assert ("attention", "cpu") in calls
 
 
@@ -98,10 +99,10 @@ def test_triton_backend_two_layer_llama():
     with fastattn.use_backend("triton"), fastattn.record_dispatch() as calls:
         loss = new(ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-    torch.testing.assert_close(loss, loss_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(loss, loss_ref, **COMPOSED_FP32_TOL)
     want = dict(ref.named_parameters())
     for n, p in new.named_parameters():
-        torch.testing.assert_close(p.grad, want[n].grad, atol=2e-5, rtol=1e-4,
+        torch.testing.assert_close(p.grad, want[n].grad, **COMPOSED_FP32_TOL,
                                    msg=lambda m: f"{n}: {m}")
     ops = {op for op, _ in calls}
     assert {"attention", "rms_norm", "rotary"} <= ops, calls

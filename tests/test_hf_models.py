@@ -11,11 +11,11 @@ pytest.importorskip("transformers")
 
 import fastattn  # noqa: E402
 from fastattn.integrations.transformers import record_routes  # noqa: E402
+from tolerances import COMPOSED_FP32_TOL, TIGHT_FP32_TOL
 
 from hf_models import one_thread, FAMILIES, ROTARY_FAMILIES, build_pair, padded_batch  # noqa: E402
 
 # fp32 through two layers: kernels reorder sums (attention, norms) relative to PyTorch
-ATOL, RTOL = 2e-5, 1e-4
 
 _threads = pytest.fixture(autouse=True)(one_thread)
 
@@ -34,7 +34,7 @@ def test_logits_match_reference(family):
             with fastattn.record_dispatch() as calls, record_routes() as routes:
                 got = new(ids, attention_mask=mask).logits
         valid = mask.bool()                      # padded positions are free to differ
-        torch.testing.assert_close(got[valid], want[valid], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(got[valid], want[valid], **COMPOSED_FP32_TOL)
         ops = {op for op, _ in calls}
         assert "attention" in ops and _norm_op(family) in ops, calls
         if family in ROTARY_FAMILIES:
@@ -73,12 +73,12 @@ def test_training_step_loss_and_grads(family):
     with fastattn.record_dispatch() as calls:
         loss = new(ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-    torch.testing.assert_close(loss, loss_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(loss, loss_ref, **COMPOSED_FP32_TOL)
     want = dict(ref.named_parameters())
     n = 0
     for name, p in new.named_parameters():
         assert p.grad is not None, f"{name}: no gradient"
-        torch.testing.assert_close(p.grad, want[name].grad, atol=ATOL, rtol=RTOL,
+        torch.testing.assert_close(p.grad, want[name].grad, **COMPOSED_FP32_TOL,
                                    msg=lambda m: f"{family} {name}: {m}")
         n += 1
     assert n == len(want)
@@ -170,6 +170,6 @@ def test_attention_sinks_inference_match_eager():
     s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
     s = torch.cat([s, sinks.view(1, 4, 1, 1).expand(2, 4, 6, 1)], -1)
     want = (s.softmax(-1)[..., :-1] @ vv).transpose(1, 2)
-    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, want, **TIGHT_FP32_TOL)
     with pytest.raises(NotImplementedError, match="sinks"):
         fastattn_attention_forward(M(), q.requires_grad_(), k, v, None, s_aux=sinks)

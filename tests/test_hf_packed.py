@@ -9,10 +9,10 @@ pytest.importorskip("transformers")
 
 import fastattn  # noqa: E402
 from fastattn.integrations.transformers import record_routes  # noqa: E402
+from tolerances import COMPOSED_FP32_TOL, TIGHT_FP32_TOL
 
 from hf_models import one_thread, build_pair  # noqa: E402
 
-ATOL, RTOL = 2e-5, 1e-4
 LENGTHS = (7, 3, 12, 1, 9)
 
 _threads = pytest.fixture(autouse=True)(one_thread)
@@ -57,9 +57,9 @@ def test_packed_training_matches_padded(family, flash_kwargs):
     with fastattn.record_dispatch() as calls, record_routes() as routes:
         loss = model(**batch).loss
         loss.backward()
-    torch.testing.assert_close(loss, loss_pad, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(loss, loss_pad, **COMPOSED_FP32_TOL)
     for n, g in _grads(model).items():
-        torch.testing.assert_close(g, want[n], atol=ATOL, rtol=RTOL,
+        torch.testing.assert_close(g, want[n], **COMPOSED_FP32_TOL,
                                    msg=lambda m: f"{family} {n}: {m}")
     assert routes == ["varlen"] * model.config.num_hidden_layers, routes
     ops = {op for op, _ in calls}
@@ -85,4 +85,4 @@ def test_packed_without_varlen_falls_back_to_block_mask(monkeypatch):
     assert routes == ["masked"]
     parts = [torch.nn.functional.scaled_dot_product_attention(
         q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True) for a, b in ((0, 4), (4, 10))]
-    torch.testing.assert_close(out, torch.cat(parts, 2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.cat(parts, 2).transpose(1, 2), **TIGHT_FP32_TOL)

@@ -7,7 +7,9 @@ fp16/bf16 by the 2x rule); rows with -inf on one or both sides must give the oth
 
 import pytest
 import torch
-from conftest import assert_close_2x, backend_device
+from conftest import backend_device
+from tolerances import (ELEMENTWISE_FP32_TOL, FP32_TOL, MERGE_LSE_FP32_TOL, MERGE_OUT_REL,
+                        TIGHT_FP32_TOL, ULP_FP32_TOL, assert_within_2x)
 
 import fastattn
 from fastattn import reference
@@ -45,13 +47,13 @@ def test_merge_of_two_key_blocks_is_full_attention(backend, dtype):
         out, lse = fastattn.merge_attention_states(oa, la, ob, lb)
     assert calls == [("merge_attention_states", backend)]
     assert out.dtype == dtype and lse.dtype == torch.float32 and out.is_contiguous()
-    torch.testing.assert_close(lse.cpu(), full_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu(), full_lse, **TIGHT_FP32_TOL)
     # pt: the same merge done in the input dtype by plain torch ops.
     pt, _ = reference.merge_attention_states(oa.cpu(), la.cpu(), ob.cpu(), lb.cpu())
     if dtype != torch.float32:
         w = torch.exp(la.cpu() - full_lse).unsqueeze(-1).to(dtype)
         pt = w * oa.cpu() + (1 - w) * ob.cpu()      # all in `dtype`
-    assert_close_2x(out.cpu(), full, pt)
+    assert_within_2x(out.cpu(), full, pt)
 
 
 def test_neg_inf_rows(backend):
@@ -71,8 +73,8 @@ def test_neg_inf_rows(backend):
     torch.testing.assert_close(out[:, :, 2], oa[:, :, 2], atol=0, rtol=0)
     assert torch.all(out[:, :, 3] == 0) and torch.isneginf(lse[:, :, 3]).all()
     ref_out, ref_lse = oracle(oa, la, ob, lb)
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.double(), ref_out, **ELEMENTWISE_FP32_TOL)
+    torch.testing.assert_close(lse.double(), ref_lse, **ULP_FP32_TOL)
 
 
 def test_strided_inputs(backend):
@@ -86,8 +88,8 @@ def test_strided_inputs(backend):
     lb = torch.randn(2, 4, 9, generator=g).to(dev)
     out, lse = fastattn.merge_attention_states(oa, la, ob, lb)
     ref_out, ref_lse = oracle(oa, la, ob, lb)
-    torch.testing.assert_close(out.double(), ref_out, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.double(), ref_out, **ELEMENTWISE_FP32_TOL)
+    torch.testing.assert_close(lse.double(), ref_lse, **ULP_FP32_TOL)
 
 
 def test_fuzz_against_oracle(backend):
@@ -114,9 +116,9 @@ def test_fuzz_against_oracle(backend):
                                                    lb.to(dev))
         ref_out, ref_lse = oracle(oa, la, ob, lb)
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-        torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(lse.cpu().double(), ref_lse, **MERGE_LSE_FP32_TOL)
         # fp32 math, one rounding to the output dtype at the end
-        tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+        tol = MERGE_OUT_REL[dtype]
         err = (out.cpu().double() - ref_out).abs()
         bound = tol * (1 + ref_out.abs())
         assert torch.all(err <= bound), f"{(b, h, s, d, dtype, spread)}: {err.max().item()}"
@@ -144,7 +146,7 @@ def test_gradients_match_reference_autograd(backend):
     for name, a, b in zip(("out_a", "lse_a", "out_b", "lse_b"), ours, theirs):
         g_ref = torch.nan_to_num(b.grad, nan=0.0)   # the oracle's empty row: exp(-inf - -inf)
         assert torch.isfinite(a.grad).all(), name
-        torch.testing.assert_close(a.grad.double(), g_ref, atol=1e-5, rtol=1e-4,
+        torch.testing.assert_close(a.grad.double(), g_ref, **FP32_TOL,
                                    msg=lambda m: f"{name}: {m}")
     assert torch.all(ours[0].grad[0, 0, 1] == 0) and ours[1].grad[0, 0, 1] == 0
 

@@ -17,10 +17,10 @@ import fastattn
 from fastattn.nn import _masks
 
 from conftest import TESTABLE_BACKENDS, backend_device
+from tolerances import COMPOSED_FP32_TOL, FP32_TOL, MHA_WEIGHTS_FP32_TOL
 
 FAST_BACKENDS = [b for b in TESTABLE_BACKENDS if b != "triton" and backend_device(b) == "cpu"]
 E, H, KDIM, VDIM = 32, 4, 12, 20
-ATOL, RTOL = 2e-5, 1e-4
 
 
 @pytest.fixture(params=FAST_BACKENDS)
@@ -74,11 +74,11 @@ def assert_parity(ref, ours, q, k, v, **fwd):
     o_ref, w_ref, g_ref = run(ref, q, k, v, **fwd)
     with fastattn.record_dispatch() as calls:
         o, w, g = run(ours, q, k, v, **fwd)
-    torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=RTOL, msg=lambda m: f"output: {m}")
+    torch.testing.assert_close(o, o_ref, **COMPOSED_FP32_TOL, msg=lambda m: f"output: {m}")
     if w_ref is None:
         assert w is None
     else:
-        torch.testing.assert_close(w, w_ref, atol=ATOL, rtol=RTOL,
+        torch.testing.assert_close(w, w_ref, **COMPOSED_FP32_TOL,
                                    msg=lambda m: f"weights: {m}")
     names = ["input"] * (len(g) - len(list(ours.parameters()))) + \
         [n for n, _ in ours.named_parameters()]
@@ -86,7 +86,7 @@ def assert_parity(ref, ours, q, k, v, **fwd):
         if b is None:
             assert a is None or not a.abs().any(), name
             continue
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL,
+        torch.testing.assert_close(a, b, **COMPOSED_FP32_TOL,
                                    msg=lambda m, name=name: f"grad {name}: {m}")
     return calls
 
@@ -223,8 +223,8 @@ def test_eval_mode_and_no_grad(fast_backend):
     with torch.no_grad():
         o_ref, w_ref = ref(q, q, q, attn_mask=mask)
         o, w = ours(q, q, q, attn_mask=mask)
-    torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(w, w_ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(o, o_ref, **COMPOSED_FP32_TOL)
+    torch.testing.assert_close(w, w_ref, **COMPOSED_FP32_TOL)
 
 
 def test_float_attn_mask_gradient(fast_backend):
@@ -237,7 +237,7 @@ def test_float_attn_mask_gradient(fast_backend):
         out, w = module(q, q, q, attn_mask=m)
         (out.square().sum() + (w * torch.arange(6.0)).sum()).backward()
         grads.append(m.grad)
-    torch.testing.assert_close(grads[1], grads[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(grads[1], grads[0], **COMPOSED_FP32_TOL)
 
 
 # ------------------------------------------------------------------ Triton (interpreter): few
@@ -297,13 +297,13 @@ def test_fully_masked_rows_are_zero(backend, need_weights):
     empty[1] = True
     # attention 0 -> output is out_proj applied to 0, i.e. its bias
     torch.testing.assert_close(o[empty], ours.out_proj.bias.expand(int(empty.sum()), E))
-    torch.testing.assert_close(o[~empty], o_ref[~empty], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(o[~empty], o_ref[~empty], **COMPOSED_FP32_TOL)
     if need_weights:
         assert torch.isnan(o_ref[empty]).all()              # PyTorch's NaN (documented)
         assert (w[empty] == 0).all()
-        torch.testing.assert_close(w[~empty], w_ref[~empty], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(w[~empty], w_ref[~empty], **COMPOSED_FP32_TOL)
     else:                                                   # PyTorch's SDPA path agrees
-        torch.testing.assert_close(o[empty], o_ref[empty], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(o[empty], o_ref[empty], **COMPOSED_FP32_TOL)
     # gradients stay finite
     x = q.detach().clone().requires_grad_()
     out, wt = ours(x, x, x, attn_mask=attn_mask, key_padding_mask=kpm)
@@ -333,7 +333,7 @@ def test_dropout_weights_match_output(name):
         _, _, v = m._project(x, x, x, True)
         recon = (w @ v).transpose(1, 2).reshape(2, 11, E)
         expected = m.out_proj(recon)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, expected, **FP32_TOL)
     dropped = (w == 0).float().mean().item()
     assert 0.3 < dropped < 0.5, dropped                     # about p of the entries
     nonzero = w[w != 0]
@@ -491,14 +491,14 @@ def test_attention_weights_op(backend, case, average):
     p_ref = reference.attention_weights(q, k, scale=0.3, **ref_kw)
     if average:
         p_ref = p_ref.mean(dim=1)
-    torch.testing.assert_close(p, p_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p, p_ref, **FP32_TOL)
     assert torch.isfinite(p).all()
     g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(device)
     leaves = [q, k] + ([kw["mask"]] if "mask" in kw and kw["mask"].requires_grad else [])
     grads = torch.autograd.grad((p * g).sum(), leaves)
     grads_ref = torch.autograd.grad((p_ref * g).sum(), leaves)
     for name, a, b in zip(["q", "k", "mask"], grads, grads_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(a, b, **FP32_TOL, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("op_backend", ["torch", "cpu"])
@@ -527,14 +527,14 @@ def test_attention_weights_cpu_kernel_long_keys_and_bad_lse():
     ref = reference.attention_weights(q, k, scale=0.2, **kw)
     for average in (False, True):
         p = attention_weights(q, k, lse, scale=0.2, average=average, backend="cpu", **kw)
-        torch.testing.assert_close(p, ref.mean(1) if average else ref, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(p, ref.mean(1) if average else ref, **MHA_WEIGHTS_FP32_TOL)
     with pytest.raises(RuntimeError, match="lse must be"):
         attention_weights(q, k, lse[:, :2], scale=0.2, backend="cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_attention_weights_low_precision(backend, dtype):
-    from conftest import assert_close_2x
+    from tolerances import assert_within_2x
     device = backend_device(backend)
     q, k, kw = _weights_case(dict(causal=True), device, dtype=dtype)
     q32, k32 = q.float(), k.float()
@@ -544,7 +544,7 @@ def test_attention_weights_low_precision(backend, dtype):
     assert p.dtype == dtype
     ref = reference.attention_weights(q32, k32, scale=0.25, **kw)
     pt = reference.attention_weights(q, k, scale=0.25, **kw)
-    assert_close_2x(p, ref, pt, name="weights")
+    assert_within_2x(p, ref, pt, name="weights")
     mean = attention_weights(q, k, lse_lp, scale=0.25, average=True, **kw)
     assert mean.dtype == dtype
-    assert_close_2x(mean, ref.mean(1), pt.mean(1), name="head-mean weights")
+    assert_within_2x(mean, ref.mean(1), pt.mean(1), name="head-mean weights")

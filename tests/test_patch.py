@@ -11,6 +11,7 @@ import torch.nn as nn
 import fastattn
 
 from conftest import TESTABLE_BACKENDS, backend_device
+from tolerances import COMPOSED_FP32_TOL, FP32_TOL
 
 FAST_BACKENDS = [b for b in TESTABLE_BACKENDS if b != "triton" and backend_device(b) == "cpu"]
 
@@ -49,7 +50,7 @@ def test_patch_replaces_in_place_and_reports(caplog):
     for n, p in model.named_parameters():
         assert p is params_before[n], n
     assert not any(m.training for m in model.modules())
-    torch.testing.assert_close(model(x), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(model(x), expected, **COMPOSED_FP32_TOL)
     # patching again changes nothing
     fastattn.patch(model)
     assert model.fastattn_patched == []
@@ -143,7 +144,7 @@ def test_transformer_encoder_trains_like_pytorch(fast_backend, norm_first, batch
     with fastattn.record_dispatch() as calls:
         got = train_losses(ours, batches)
     want = train_losses(ref, batches)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, want, **FP32_TOL)
     assert ("attention", fast_backend) in calls
     assert ("layer_norm", fast_backend) in calls
 
@@ -165,7 +166,7 @@ def test_transformer_decoder_trains_like_pytorch(fast_backend):
     with fastattn.record_dispatch() as calls:
         got = train_losses(ours, batches)
     want = train_losses(ref, batches)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, want, **FP32_TOL)
     assert calls.count(("attention", fast_backend)) >= 4
 
 
@@ -194,7 +195,7 @@ def test_transformer_eval_inference_runs_fastattn(fast_backend, padding):
             want = ref(x, **kwargs)
         if padding:     # PyTorch's nested path leaves padded rows 0; compare the real ones
             got, want = got[~kpm], want[~kpm]
-        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got, want, **COMPOSED_FP32_TOL)
         assert calls.count(("attention", fast_backend)) == 2, calls
         assert calls.count(("layer_norm", fast_backend)) == 4, calls
     # the unpatched model still takes PyTorch's fast path (nothing fastattn runs)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn import reference
+from tolerances import TIGHT_FP32_TOL
 
 torch.manual_seed(0)
 
@@ -90,9 +91,9 @@ def test_softmax():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_norms_match_functional(dtype):
+def test_layer_norm_and_rms_norm_match_functional(dtype):
     x, w, b = rand(4, 3, 33, dtype=dtype), rand(33, dtype=dtype), rand(33, dtype=dtype)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    tol = dict(**TIGHT_FP32_TOL) if dtype == torch.float32 else {}
     torch.testing.assert_close(reference.layer_norm(x, 33, w, b, 1e-5),
                                F.layer_norm(x, (33,), w, b, 1e-5), **tol)
     torch.testing.assert_close(reference.rms_norm(x, (3, 33), None, 1e-6),

@@ -6,7 +6,7 @@ CPU everywhere; the same tests on CUDA tensors are marked gpu (skipped without a
 import pytest
 import torch
 
-from conftest import assert_close_2x
+from tolerances import ELEMENTWISE_FP32_TOL, TIGHT_FP32_TOL, assert_within_2x
 from fastattn import _C_ops, reference
 
 pytestmark = pytest.mark.skipif(_C_ops.unsupported("rotary") is not None,
@@ -42,7 +42,7 @@ def test_forward(device, dtype, interleaved, b, s, h, d, rot):
                                 conjugate=False)
     ref, pt = _expected(x, cos, sin, interleaved, None, False)
     assert out.dtype == dtype
-    assert_close_2x(out, ref, pt)
+    assert_within_2x(out, ref, pt)
     assert torch.equal(out[..., rot:], x[..., rot:])  # the non-rotary tail is copied exactly
 
 
@@ -56,7 +56,7 @@ def test_options(device, dtype, interleaved, conjugate, offsets):
     out = _C_ops.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=offs,
                                 conjugate=conjugate)
     ref, pt = _expected(x, cos, sin, interleaved, offs, conjugate)
-    assert_close_2x(out, ref, pt)
+    assert_within_2x(out, ref, pt)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,7 +66,7 @@ def test_conjugate_inverts(device, interleaved):
     y = _C_ops.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=offs, conjugate=False)
     back = _C_ops.rotary_forward(y, cos, sin, interleaved=interleaved, offsets=offs,
                                  conjugate=True)
-    torch.testing.assert_close(back, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(back, x, **TIGHT_FP32_TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,11 +79,11 @@ def test_in_place_and_out(device, dtype, interleaved):
     ret = _C_ops.rotary_forward(xi, cos, sin, interleaved=interleaved, offsets=offs,
                                 conjugate=False, out=xi)
     assert ret is xi
-    assert_close_2x(xi, ref, pt)
+    assert_within_2x(xi, ref, pt)
     out = torch.full_like(x, float("nan"))
     _C_ops.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=offs, conjugate=False,
                           out=out)
-    assert_close_2x(out, ref, pt)
+    assert_within_2x(out, ref, pt)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -96,21 +96,21 @@ def test_strided(device, interleaved):
     out = _C_ops.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=None,
                                 conjugate=False)
     ref, _ = _expected(x, cos, sin, interleaved, None, False)
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, ref, **ELEMENTWISE_FP32_TOL)
     xs = torch.randn(2, 19, 4, 128, device=device)[..., ::2]
     out = _C_ops.rotary_forward(xs, cos, sin, interleaved=interleaved, offsets=None,
                                 conjugate=False)
     torch.testing.assert_close(out, _expected(xs, cos, sin, interleaved, None, False)[0],
-                               atol=1e-6, rtol=1e-5)
+                               **ELEMENTWISE_FP32_TOL)
     y = base.clone()
     view = y.transpose(1, 2)
     _C_ops.rotary_forward(view, cos, sin, interleaved=interleaved, offsets=None,
                           conjugate=False, out=view)
-    torch.testing.assert_close(view, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(view, ref, **ELEMENTWISE_FP32_TOL)
     strided_out = torch.empty(2, 19, 4, 130, device=device)[..., 1:65]
     _C_ops.rotary_forward(x, cos, sin, interleaved=interleaved, offsets=None, conjugate=False,
                           out=strided_out)
-    torch.testing.assert_close(strided_out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(strided_out, ref, **ELEMENTWISE_FP32_TOL)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -119,7 +119,7 @@ def test_low_precision_cache(device):
     out = _C_ops.rotary_forward(x, cos.to(torch.bfloat16), sin.to(torch.bfloat16),
                                 interleaved=False, offsets=None, conjugate=False)
     ref, pt = _expected(x, cos, sin, False, None, False)
-    assert_close_2x(out, ref, pt)
+    assert_within_2x(out, ref, pt)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import assert_close_2x, backend_device
+from conftest import backend_device
+from tolerances import assert_within_2x
 
 import fastattn
 from fastattn import reference
@@ -26,14 +27,14 @@ def check_softmax(x, dim=-1, mask=None, **kw):
 
     ref, ref_in = ref_run(torch.float32)
     pt, pt_in = ref_run(x.dtype)
-    assert_close_2x(y, ref, pt, name="y")
+    assert_within_2x(y, ref, pt, name="y")
     dy = torch.randn_like(y)
     ours_in = [leaf] + ([mask_leaf] if mask is not None and mask.is_floating_point() else [])
     ours = torch.autograd.grad(y, ours_in, dy)
     theirs = torch.autograd.grad(ref, ref_in, dy.float())
     lowp = torch.autograd.grad(pt, pt_in, dy)
     for name, a, r, p in zip(("dx", "dmask"), ours, theirs, lowp):
-        assert_close_2x(a, r, p, name=name)
+        assert_within_2x(a, r, p, name=name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import fastattn
-from conftest import TESTABLE_BACKENDS, assert_close_2x, backend_device
+from conftest import TESTABLE_BACKENDS, backend_device
+from tolerances import (COMPOSED_FP32_TOL, ELEMENTWISE_FP32_TOL, FP32_ATOL, VARLEN_LSE_LOWP_ATOL,
+                        assert_within_2x)
 from varlen_support import keep_mask, lse_matches, oracle, packed_inputs, run
 
 KERNEL_BACKENDS = [b for b in ("cpu", "triton") if b in TESTABLE_BACKENDS]
@@ -58,17 +60,17 @@ def _check_against_oracle(got, inp, dtype, opts, keep=None, dropout_p=0.0):
         pt = oracle(inp, dtype, **kw)
         for name, a, r, p in zip(names, got, ref, pt):
             if name == "lse":
-                lse_matches(a, r, 2e-2)
+                lse_matches(a, r, VARLEN_LSE_LOWP_ATOL)
             else:
-                assert_close_2x(a, r.to(dtype), p, name=name)
+                assert_within_2x(a, r.to(dtype), p, name=name)
     else:
         ref = oracle(inp, torch.float64, **kw)
         for name, a, r in zip(names, got, ref):
             assert a.dtype == (torch.float32 if name == "lse" else dtype), name
             if name == "lse":
-                lse_matches(a, r, 1e-5)
+                lse_matches(a, r, FP32_ATOL)
             else:
-                torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=1e-4,
+                torch.testing.assert_close(a.double(), r, **COMPOSED_FP32_TOL,
                                            msg=lambda m, n=name: f"{n}: {m}")
 
 
@@ -238,7 +240,7 @@ def test_compile_fullgraph(backend):
             compiled(inp["q"], inp["k"], inp["v"], bad, inp["cu_k"])
     torch._dynamo.reset()
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, **ELEMENTWISE_FP32_TOL)
 
 
 def test_opcheck_custom_op():
