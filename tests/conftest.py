@@ -12,10 +12,6 @@ import fastattn
 from fastattn import _backend
 from fastattn.kernels._compat import interpreting
 
-# Old name of tolerances.assert_within_2x, kept only for test files on branches written before
-# tests/tolerances.py; new tests import from tolerances.
-from tolerances import assert_within_2x as assert_close_2x  # noqa: E402,F401
-
 
 # `make test-gpu` (scripts/test_gpu.sh) sets FASTATTN_TEST_GPU=1: the Triton tests must then run
 # compiled on CUDA tensors (DEVICE / backend_device below pick "cuda" when the interpreter is off).

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tolerances import FP32_TOL, TIGHT_FP32_TOL, assert_within_2x, row_sum_fp32_atol
+import fastattn
 from fastattn import _C_ops, reference
 
 pytestmark = pytest.mark.skipif(_C_ops.unsupported("layer_norm") is not None,
@@ -195,3 +196,17 @@ def test_large_outputs(device, dtype, kind):
     assert_within_2x(dx, ref[0], pt[0], name="dx")
     floor = None if dtype != torch.float32 else row_sum_fp32_atol(rows)
     assert_within_2x(dw, ref[1], pt[1], name="dweight", floor=floor)
+
+
+def test_layer_norm_hidden_size_one_has_zero_input_gradient():
+    """N = 1: the output is the bias whatever x is, so dx is exactly 0. The backward computes
+    g = dy * w twice; a fused multiply-add in one place kept g's rounding error, which
+    rstd = 1/sqrt(eps) ~ 316 amplified to ~1e-5 (csrc/cpu/layer_norm.cpp builds without
+    fp contraction)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, generator=g, requires_grad=True)
+    w, b = torch.randn(1, generator=g), torch.randn(1, generator=g)
+    with fastattn.use_backend("cpu"):
+        y = fastattn.layer_norm(x, (1,), w, b)
+        dx, = torch.autograd.grad(y, x, torch.randn(64, 1, generator=g))
+    assert torch.equal(dx, torch.zeros_like(dx)), dx.abs().max()
