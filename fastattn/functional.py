@@ -11,7 +11,7 @@ import torch
 
 from . import _backend, _checks
 from .ops import attention as _attention_ops
-from .ops import layer_norm as _norm_ops
+from .ops import layer_norm as _layer_norm_ops
 from .ops import rotary as _rotary_ops
 from .ops import softmax as _softmax_ops
 
@@ -252,7 +252,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         "layer_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
         weight=w is not None, bias=b is not None,
         weight_dtype=None if w is None else w.dtype, device=input.device.type)
-    y, _, _, h = _backend.eager_call(_norm_ops.layer_norm_op, _norm_ops.layer_norm_impl, backend,
+    y, _, _, h = _backend.eager_call(_layer_norm_ops.layer_norm_op, _layer_norm_ops.layer_norm_impl, backend,
                                      x2, w, b, r2, float(eps), backend)
     y = y.view(input.shape)
     return y if residual is None else (y, h.view(input.shape))
@@ -270,7 +270,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
         "rms_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
         weight=w is not None, bias=False, weight_dtype=None if w is None else w.dtype,
         device=input.device.type)
-    y, _, h = _backend.eager_call(_norm_ops.rms_norm_op, _norm_ops.rms_norm_impl, backend,
+    y, _, h = _backend.eager_call(_layer_norm_ops.rms_norm_op, _layer_norm_ops.rms_norm_impl, backend,
                                   x2, w, r2, eps, backend)
     y = y.view(input.shape)
     return y if residual is None else (y, h.view(input.shape))

@@ -272,7 +272,7 @@ def _rng_pair(call_seed):
 # ---------------------------------------------------------------------- functional fuzz
 
 
-def _delta_rounding(out, ref, dout, p, q, k, scale):
+def _delta_rounding(out, ref, dout, p, q, k, v, scale, dropout_p):
     """What the contract's rounded output costs the gradients, beyond `pt`.
 
     A flash backward takes delta_i = dO_i . O_i from the stored O (input dtype), so delta is
@@ -280,8 +280,18 @@ def _delta_rounding(out, ref, dout, p, q, k, scale):
     P * e_i: dmask (= dS) by max e, dq = scale dS K by scale * max e * max|k|, dk = scale dS^T Q
     by scale * max_j sum_i P_ij e_i |q_i|. Autograd's `pt` never rounds O, so the 2x rule alone
     misses this where pt is nearly exact (one-hot rows, rows with one key); in fp32 too, where
-    a scale of 50 turns O's last-bit rounding into 1e-3 in dq."""
+    a scale of 50 turns O's last-bit rounding into 1e-3 in dq.
+
+    The two length-D fp32 dot products themselves, delta_i = dO_i . O_i and
+    dP_ij = dO_i . V_j / (1 - dropout_p), are rounded too: each by at most
+    gamma_D = D u (u = 2^-24) times sum_d |dO_id| |.| (the standard dot-product bound), which
+    the same cancellation exposes (one key per row at scale 50 with dropout: 1.7e-3 in dq)."""
     e = (dout.double().abs() * (out.detach().double() - ref.detach()).abs()).sum(-1)  # (B,H,Sq)
+    d = dout.shape[-1]
+    vmax = v.detach().double().abs().max().item() if v.numel() else 0.0
+    dot_terms = (dout.double().abs() * out.detach().double().abs()).sum(-1) + \
+        dout.double().abs().sum(-1) * vmax / (1.0 - dropout_p)
+    e = e + d * 2.0 ** -24 * dot_terms                                          # (B,H,Sq)
     e = e.masked_fill(~torch.isfinite(e), 0.0)
     pe = p.detach().abs() * e.unsqueeze(-1)                                   # (B,H,Sq,Sk)
     qmax = q.detach().double().abs().amax(-1)                                 # (B,H,Sq)
@@ -333,7 +343,7 @@ def run_functional(cfg, backend):
     text = f"backend={backend} config={cfg}"
     check_close("out", out, ref, pt, text)
     check_lse(lse, ref_lse, text)
-    extras = _delta_rounding(out, ref, dout, ref_p, q, k, scale)
+    extras = _delta_rounding(out, ref, dout, ref_p, q, k, v, scale, cfg["dropout_p"])
     for name, g, rg, pg in zip(("dq", "dk", "dv", "dmask"), (dq, dk, dv, dmask), ref_g, pt_g):
         if rg is None:
             continue

@@ -213,7 +213,7 @@ def context_parallel_attention(q, k, v, *, group=None, is_causal=False, scale=No
     same ValueError otherwise. Communication: torch.distributed isend/irecv (gloo or nccl),
     overlapped with the attention kernels of the previous block.
     """
-    from ..functional import _attention_window
+    from .._checks import window_pair
     from ..attention_lse import _validate_qkv
     sharding.check_layout(layout)
     _validate_qkv(q, k, v, "top_left", softcap)
@@ -232,7 +232,7 @@ def context_parallel_attention(q, k, v, *, group=None, is_causal=False, scale=No
     spec = RingSpec(group=group, rank=rank, world_size=world_size, layout=layout,
                     causal=bool(is_causal),
                     scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
-                    window=_attention_window(window), softcap=float(softcap),
+                    window=window_pair(window), softcap=float(softcap),
                     compute_only=bool(_compute_only))
     if check_inputs and world_size > 1:
         _check_same_everywhere(q, k, v, spec, group)
@@ -243,8 +243,8 @@ def context_parallel_attention(q, k, v, *, group=None, is_causal=False, scale=No
 def rank_work(seq_len, world_size, layout, *, is_causal=False, window=None):
     """Visible (query, key) pairs each rank computes over all ring steps: its attention FLOPs
     are 4 * D * pairs forward. A list indexed by rank (deterministic; for load-balance checks)."""
-    from ..functional import _attention_window
-    window = _attention_window(window)
+    from .._checks import window_pair
+    window = window_pair(window)
     local_len = seq_len // world_size
     work = []
     for rank in range(world_size):
