@@ -182,3 +182,16 @@ def assert_within_2x(out, ref, pt, floor=None, name="output"):
         torch.testing.assert_close(out.double(), ref.double(),
                                    atol=FP32_ATOL if floor is None else floor,
                                    rtol=FP32_RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def assert_max_err_2x(out, ref, pt, name, *, fp32, floors):
+    """The max-error form of the rule, for the Triton row-wise parity tests: fp32 `pt` -> the
+    bound max_relative_bound(ref, **fp32); fp16/bf16 -> 2 * max|pt - ref| + floors[dtype].
+    Also checks that out is finite and has pt's dtype."""
+    assert out.dtype == pt.dtype, f"{name}: dtype {out.dtype}, expected {pt.dtype}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if pt.dtype == torch.float32:
+        bound = max_relative_bound(ref, **fp32)
+    else:
+        bound = bound_2x(pt, ref, floors[pt.dtype])
+    assert_max_err(out, ref, bound, name)
