@@ -58,9 +58,18 @@ def _env_request(raw):
         raise ValueError(f"${ENV_VAR}: {exc}") from None
 
 
+# The innermost use_backend() name as a plain module global, for code torch.compile traces:
+# dynamo guards on a global's value in every supported torch, while tracing ContextVar.get()
+# is recent (torch 2.6 refuses it). Process-wide, so a thread tracing while another thread is
+# inside use_backend() sees that thread's choice (eager calls always read their own context).
+_override_for_tracing = None
+
+
 def use_backend_override():
-    """The innermost use_backend() name, or None. Called from code torch.compile traces, dynamo
-    guards on the value of the context variable: a different use_backend() recompiles."""
+    """The innermost use_backend() name, or None. Under torch.compile it reads a module
+    global that dynamo guards on: a different use_backend() recompiles."""
+    if torch.compiler.is_compiling():
+        return _override_for_tracing
     return _override.get()
 
 
@@ -122,11 +131,14 @@ def use_backend(name):
     reason = unavailable_reason(name)
     if reason is not None:
         raise RuntimeError(f"fastattn backend {name!r} is unavailable: {reason}")
+    global _override_for_tracing
     token = _override.set(name)
+    outer, _override_for_tracing = _override_for_tracing, name
     try:
         yield
     finally:
         _override.reset(token)
+        _override_for_tracing = outer
 
 
 @functools.lru_cache(maxsize=None)

@@ -325,7 +325,8 @@ def _decode(c, num_splits=None):
         c.q, c.k, c.v, opart, lpart, c.mask, c.key_lengths,
         *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *c.mask_strides,
         c.H, c.Hkv, *c.scalars(dropout=False), chunk, num_splits,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **c.consts)
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        **{name: value for name, value in c.consts.items() if name != "VARLEN"})  # dense only
     merge_split_partials(opart, lpart, out, lse, _strides3(out), c.H, c.Sq, c.D)
     return out, lse
 

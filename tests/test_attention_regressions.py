@@ -30,7 +30,8 @@ def _run_isolated(code, backend, runs=1):
         "    " + line + "\n" for line in code.strip().splitlines()) + "print('OK')\n"
     for _ in range(runs):
         r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True,
-                           timeout=600, cwd=HERE, env=dict(os.environ, PYTHONPATH=ROOT))
+                           timeout=600, cwd=HERE,
+                           env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE])))
         assert r.returncode == 0 and "OK" in r.stdout, (
             f"exit {r.returncode} (negative = killed by that signal)\n{r.stdout[-2000:]}"
             f"\n{r.stderr[-3000:]}")
@@ -121,7 +122,7 @@ def test_issue12_mha_weights_window_no_heap_corruption(backend):
     # MultiHeadAttention(8, 1, window=(0,-1)), query (2,10,8), key/value (2,8,8),
     # need_weights=True, average_attn_weights=False: SIGSEGV / "corrupted size vs. prev_size".
     code = """
-from tolerances import TIGHT_FP32_TOL   # the child runs in tests/ (cwd)
+from tolerances import TIGHT_FP32_TOL   # tests/ is on the child's PYTHONPATH
 torch.manual_seed(0)
 mha = fastattn.MultiHeadAttention(8, 1, batch_first=True, window=(0, -1))
 query, key = torch.randn(2, 10, 8), torch.randn(2, 8, 8)
