@@ -58,22 +58,39 @@ class _Ring:
         w, r, g = spec.world_size, spec.rank, spec.group
         self.next = dist.get_global_rank(g, (r + 1) % w) if g is not None else (r + 1) % w
         self.prev = dist.get_global_rank(g, (r - 1) % w) if g is not None else (r - 1) % w
+        self.timeout = _gloo_timeout(g)
 
     def exchange(self, pairs):
         """pairs: [(tensor to send, buffer to receive into, tag)], in one fixed order on every
         rank. Returns the requests to wait on."""
         if self.spec.compute_only or not pairs:
             return []
-        ops = []
-        for send, recv, tag in pairs:
-            ops.append(dist.P2POp(dist.isend, send, self.next, self.spec.group, tag))
-            ops.append(dist.P2POp(dist.irecv, recv, self.prev, self.spec.group, tag))
-        return dist.batch_isend_irecv(ops)
+        # Every receive is posted before any send: where a send blocks until its peer has
+        # posted the matching receive (gloo on torch 2.6), sends first would be a cycle of
+        # ranks each waiting on the next (seen: one of 4 ranks hung in 1 of 2 runs).
+        recvs = [dist.P2POp(dist.irecv, recv, self.prev, self.spec.group, tag)
+                 for _, recv, tag in pairs]
+        sends = [dist.P2POp(dist.isend, send, self.next, self.spec.group, tag)
+                 for send, _, tag in pairs]
+        return dist.batch_isend_irecv(recvs + sends)
 
-    @staticmethod
-    def wait(reqs):
+    def wait(self, reqs):
         for req in reqs:
-            req.wait()
+            if self.timeout is None:
+                req.wait()
+            else:
+                req.wait(self.timeout)
+
+
+def _gloo_timeout(group):
+    """The gloo process group's timeout, passed to each point-to-point wait: torch 2.6's gloo
+    does not apply it to a plain wait() on isend/irecv requests, which then block forever
+    when a peer never posts its side. None for other backends (they apply their own)."""
+    pg = group if group is not None else dist.group.WORLD
+    try:
+        return pg._get_backend(torch.device("cpu")).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _block_args(spec, call):
