@@ -226,9 +226,13 @@ def rms_norm_backward(dy, h, weight, rstd, dh_extra):
 # ------------------------------------------------------------------ rotary
 
 def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out, positions=None):
-    # x (B, S, H, D): the sequence is dim 1 and the batch dim 0.
-    y = reference.apply_rotary(x, cos, sin, interleaved=interleaved, seq_dim=1, offsets=offsets,
-                               conjugate=conjugate, positions=positions)
+    # x (B, S, H, D): the sequence is dim 1 and the batch dim 0. Computed in fp32 and rounded
+    # once into out, as the kernels do (rotating in bf16 rounds every product: at large logit
+    # scales the attention that follows a KV-cache append then disagrees with every kernel).
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = reference.apply_rotary(x.to(acc), cos.to(acc), sin.to(acc), interleaved=interleaved,
+                               seq_dim=1, offsets=offsets, conjugate=conjugate,
+                               positions=positions)
     out.copy_(y)
     return out
 

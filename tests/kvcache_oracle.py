@@ -55,7 +55,8 @@ def oracle(c, dtype):
             k, v = c.k[b], c.v[b]
             if c.rotary:
                 k = rotate(k, c.cos, c.sin, pos, c.interleaved)
-                local = c.causal or c.window is not None
+                # flash-attn's rule: local means window_size != (-1, -1)
+                local = c.causal or (c.window is not None and any(w >= 0 for w in c.window))
                 # flash-attn 2: query t at cache_seqlens[b] + t (whatever Sq_new is), or every
                 # query at cache_seqlens[b] when neither causal nor local
                 qpos = (torch.arange(sl[b], sl[b] + Sq) if local
