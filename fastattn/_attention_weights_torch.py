@@ -4,10 +4,7 @@ shares: P = exp(s - lse) written with torch ops."""
 import torch
 
 from . import reference
-
-
-def _alignment(bottom_right):
-    return "bottom_right" if bottom_right else "top_left"
+from .ops.attention import _alignment
 
 
 def _repeat_kv(k, heads):

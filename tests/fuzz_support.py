@@ -23,7 +23,7 @@ import torch
 
 import fastattn
 from fastattn import _backend
-from fastattn.kernels._compat import interpreting
+from conftest import backend_device
 from tolerances import FUZZ_FP32_REL_FLOOR, LOW_PRECISION, floor_for, max_err
 
 FUZZ_BACKENDS = ("cpu", "torch", "triton", "cuda")
@@ -45,18 +45,10 @@ def config_rng(test, i):
     return rng, gen
 
 
-def device_of(backend):
-    if backend == "cuda":
-        return "cuda"
-    if backend == "triton":
-        return "cpu" if interpreting() else "cuda"
-    return "cpu"
-
-
 def require_backend(backend):
     """Skip GPU-only backends where they cannot run; cpu and torch must run (make test builds
     fastattn._C, so a missing cpu backend is a failure, not a skip)."""
-    reason = _backend.unavailable_reason(backend, device_of(backend))
+    reason = _backend.unavailable_reason(backend, backend_device(backend))
     if reason is None:
         return
     if backend in ("cpu", "torch"):
@@ -129,7 +121,7 @@ def run_fuzz(test, backend, n_default, one_config):
     drew in the dict `cfg`, so a config that raises is printed too); fail with every failing
     config (up to 10) and the seed that reproduces them."""
     require_backend(backend)
-    device = device_of(backend)
+    device = backend_device(backend)
     bad = []
     n = num_configs(n_default)
     with fastattn.use_backend(backend):

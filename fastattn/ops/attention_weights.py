@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import _backend
 from .._attention_weights_torch import (_raw_scores, _recompute_probs, _repeat_kv,  # noqa: F401
                                        head_mean, torch_attention_weights)
+from .attention import _alignment
 
 
 @torch.library.custom_op("fastattn::attention_weights", mutates_args=())
@@ -38,7 +39,7 @@ def attention_weights_op(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tenso
     impl = _backend.backend_module(backend, "attention_weights")
     return impl.attention_weights_forward(
         q, k, lse, mask=mask, key_lengths=key_lengths, scale=scale, causal=causal,
-        alignment="bottom_right" if bottom_right else "top_left", window_left=window_left,
+        alignment=_alignment(bottom_right), window_left=window_left,
         window_right=window_right, softcap=softcap, average=average).contiguous()
 
 
