@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _eager
 from .ops import attention as _attention_ops
 from .ops import layer_norm as _layer_norm_ops
 from .ops import rotary as _rotary_ops
@@ -96,6 +96,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale finite (softcap >= 0), key_lengths within [0, Sk]. Head dim 0 returns the empty
     output (B, H, Sq, 0), as PyTorch does, without running a kernel.
     """
+    if (attn_mask is None and window is None and key_lengths is None and not return_lse
+            and softcap == 0.0 and causal_alignment == "top_left"
+            and not torch.compiler.is_compiling()):
+        out = _eager.attention(query, key, value, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     _checks.check_tensor("query", query, ndim=(3, 4), dtypes=ATTENTION_DTYPES)
     _checks.check_tensor("key", key, ndim=query.dim(), dtypes=ATTENTION_DTYPES)
     _checks.check_tensor("value", value, ndim=query.dim(), dtypes=ATTENTION_DTYPES)
@@ -175,6 +181,10 @@ def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
     mask: bool (True = keep) or float (added), broadcastable to x; causal masks column j > i,
     where i indexes dim -2 (requires dim=-1). Rows with nothing kept give 0, not NaN.
     """
+    if mask is None and not torch.compiler.is_compiling():
+        y = _eager.softmax(x, dim, scale, causal)
+        if y is not None:
+            return y
     _checks.check_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension")
@@ -264,6 +274,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     With `residual=`, normalises input + residual in the same pass and returns
     (output, input + residual).
     """
+    if residual is None and not torch.compiler.is_compiling():
+        y = _eager.rms_norm(input, normalized_shape, weight, eps)
+        if y is not None:
+            return y
     x2, w, _, r2, n = _norm_rows("rms_norm", input, normalized_shape, weight, None, residual)
     eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
     backend = _backend.select(

@@ -134,7 +134,8 @@ def test_eager_call_skips_the_custom_op_only_when_nothing_needs_it():
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 def test_attention_skips_the_custom_op_only_without_autograd(monkeypatch, backend):
     """Eager attention calls (functional and MultiHeadAttention) that need no gradient run the
-    op's body directly; a call that needs autograd goes through the custom op."""
+    op's body directly; a call that needs autograd goes through the custom op. (window=(-1, -1)
+    keeps the plain functional call off the C++ fast path, tests/test_eager_fast_path.py.)"""
     # make test builds fastattn._C: a missing cpu backend is a failure here, not a skip
     assert _backend.unavailable_reason(backend, "cpu") is None
     from fastattn.ops import attention as attention_ops
@@ -150,7 +151,7 @@ def test_attention_skips_the_custom_op_only_without_autograd(monkeypatch, backen
     mha = fastattn.MultiHeadAttention(32, 2, batch_first=True)
     x = torch.randn(1, 3, 32)
     with fastattn.use_backend(backend):
-        out = fastattn.scaled_dot_product_attention(q, q, q)
+        out = fastattn.scaled_dot_product_attention(q, q, q, window=(-1, -1))
         assert seen == [backend] and out.grad_fn is None
         with torch.no_grad():
             mha(x, x, x, need_weights=False)

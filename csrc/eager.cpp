@@ -1,0 +1,350 @@
+// The eager fast path: fastattn.softmax / rms_norm / scaled_dot_product_attention called from
+// Python on plain CPU tensors that need no gradient, outside torch.compile, on the `cpu` backend
+// (requested or chosen by `auto`), call the registered kernel op (torch.ops.fastattn_kernels.*)
+// straight from C++.
+//
+// Why: at decode and other tiny sizes the Python layers above a kernel (argument parsing, the
+// backend selector, the custom-op and torch.ops wrappers) cost several times the kernel itself
+// (benchmarks/cases/overhead.py; issue #13's bar is within 1.5x of PyTorch's own call). Each
+// function here returns None unless the call is the plain case it accepts, fully valid; the
+// public Python function then takes its general path (validation with clear errors, the
+// selector, the custom op), which stays the only path under torch.compile, autograd, tensor
+// subclasses, dispatch modes, autocast and every other backend. The kernel op called is the one
+// the general path's `cpu` backend calls, through the C++ dispatcher, so both paths run the
+// same code for the same arguments.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cctype>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "eager.h"
+
+namespace fastattn {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// fastattn._backend's context variables, handed over by fastattn/_eager.py at import.
+PyObject* g_backend_override = nullptr;  // use_backend(): None or a backend name
+PyObject* g_dispatch_logs = nullptr;     // record_dispatch(): a tuple of lists
+
+// ------------------------------------------------------------------------ the plain case
+
+// A torch.Tensor (or Parameter) with no __torch_function__ override and no torch-function mode,
+// dense on the CPU, that dispatches straight to the CPU kernel: no dispatch key above the
+// backend once autograd is out of the picture (no Python/functorch/functionalization wrappers,
+// no conjugate/negative views, no autocast, tracing or dispatch mode in the thread-local
+// include set), and no gradient to record.
+const at::Tensor* plain_cpu_tensor(PyObject* obj) {
+  // Exactly torch.Tensor or Parameter: a subclass may override __torch_function__.
+  if (!THPVariable_CheckExact(obj) || at::impl::torch_function_mode_enabled()) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !t.device().is_cpu() || t.layout() != at::kStrided) return nullptr;
+  if (t.requires_grad() && at::GradMode::is_enabled()) return nullptr;
+  const auto tls = c10::impl::tls_local_dispatch_key_set();
+  const c10::DispatchKeySet keys =
+      ((t.key_set() | tls.included_) - tls.excluded_) -
+      c10::autograd_dispatch_keyset_with_ADInplaceOrView -
+      c10::DispatchKeySet(c10::DispatchKey::BackendSelect);  // always included; factories only
+  if (keys.highestPriorityTypeId() != c10::DispatchKey::CPU) return nullptr;
+  const auto dtype = t.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
+  return &t;
+}
+
+bool equals_ascii_lower(const char* raw, const char* want) {
+  // $FASTATTN_BACKEND as fastattn._backend reads it: stripped, case-insensitive.
+  while (*raw && std::isspace(static_cast<unsigned char>(*raw))) ++raw;
+  std::string s(raw);
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s == want;
+}
+
+// Whether the backend in force for this call is `cpu` or `auto` (which picks `cpu` first for
+// CPU tensors): use_backend() in this context, else $FASTATTN_BACKEND, as
+// fastattn._backend.requested_backend() reads them. Anything else, or an invalid name (whose
+// error the general path raises), is not the fast path's.
+bool cpu_backend_requested() {
+  if (g_backend_override == nullptr) return false;
+  PyObject* name = nullptr;
+  if (PyContextVar_Get(g_backend_override, Py_None, &name) < 0) {
+    PyErr_Clear();
+    return false;
+  }
+  bool ok;
+  if (name == Py_None) {
+    const char* raw = std::getenv("FASTATTN_BACKEND");  // os.environ writes through to it
+    ok = raw == nullptr || equals_ascii_lower(raw, "") || equals_ascii_lower(raw, "auto") ||
+         equals_ascii_lower(raw, "cpu");
+  } else {
+    ok = PyUnicode_Check(name) && (PyUnicode_CompareWithASCIIString(name, "auto") == 0 ||
+                                   PyUnicode_CompareWithASCIIString(name, "cpu") == 0);
+  }
+  Py_DECREF(name);
+  return ok;
+}
+
+// record_dispatch(): append (op, "cpu") to every active log, as the general path's op bodies
+// do (fastattn._backend.log_dispatch). Returns false on a Python error.
+bool log_dispatch(const char* op) {
+  if (g_dispatch_logs == nullptr) return true;
+  PyObject* logs = nullptr;
+  if (PyContextVar_Get(g_dispatch_logs, nullptr, &logs) < 0) return false;
+  if (logs == nullptr) return true;
+  bool ok = true;
+  if (PyTuple_Check(logs) && PyTuple_GET_SIZE(logs) > 0) {
+    PyObject* entry = Py_BuildValue("(ss)", op, "cpu");
+    ok = entry != nullptr;
+    for (Py_ssize_t i = 0; ok && i < PyTuple_GET_SIZE(logs); ++i)
+      ok = PyList_Append(PyTuple_GET_ITEM(logs, i), entry) == 0;
+    Py_XDECREF(entry);
+  }
+  Py_DECREF(logs);
+  return ok;
+}
+
+bool is_int(PyObject* o) { return PyLong_Check(o) && !PyBool_Check(o); }
+
+// A finite Python float or int (not bool), as the general path's float(...) accepts them.
+bool as_finite_double(PyObject* o, double& out) {
+  if (PyFloat_Check(o)) {
+    out = PyFloat_AS_DOUBLE(o);
+  } else if (is_int(o)) {
+    out = PyLong_AsDouble(o);
+    if (out == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+  } else {
+    return false;
+  }
+  return std::isfinite(out);
+}
+
+bool is_zero_number(PyObject* o) {
+  double v;
+  return as_finite_double(o, v) && v == 0.0;
+}
+
+// The kernel ops, looked up once. The same registrations the `cpu` backend
+// (fastattn/_C_ops.py) calls through torch.ops.fastattn_kernels.
+const auto& softmax_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::softmax_forward", "")
+          .typed<at::Tensor(const at::Tensor&, double, const OptTensor&, bool)>();
+  return op;
+}
+
+const auto& rms_norm_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::rms_norm_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const OptTensor&, double, const OptTensor&)>();
+  return op;
+}
+
+const auto& attention_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::attention_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double,
+              bool, bool, int64_t, int64_t, double, const OptTensor&, double, int64_t,
+              int64_t)>();
+  return op;
+}
+
+// Other threads run Python while a kernel runs, as they do around torch's own ops.
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleaseGil() { PyEval_RestoreThread(state); }
+};
+
+// The call's result as a new reference, or None (not the fast path's case).
+PyObject* decline() { Py_RETURN_NONE; }
+
+// ------------------------------------------------------------------------------- softmax
+
+// softmax(x, dim, scale, causal): fastattn.softmax without a mask.
+PyObject* eager_softmax(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4 || !cpu_backend_requested()) return decline();
+  const at::Tensor* x = plain_cpu_tensor(args[0]);
+  if (x == nullptr || x->dim() == 0 || x->numel() == 0 || x->stride(-1) != 1) return decline();
+  if (!is_int(args[1])) return decline();
+  const long long dim = PyLong_AsLongLong(args[1]);
+  if (dim != -1 && dim != x->dim() - 1) return decline();  // softmax over the last dim only
+  double scale = 1.0;
+  if (args[2] != Py_None && !as_finite_double(args[2], scale)) return decline();
+  const int causal = PyObject_IsTrue(args[3]);
+  if (causal < 0) return nullptr;
+  if (causal && x->dim() < 2) return decline();
+  if (!log_dispatch("softmax")) return nullptr;
+  at::Tensor y;
+  {
+    ReleaseGil no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    y = softmax_kernel().call(*x, scale, std::nullopt, causal != 0);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// ------------------------------------------------------------------------------ rms_norm
+
+bool machine_eps(at::ScalarType dtype, double& eps) {  // torch.finfo(dtype).eps
+  switch (dtype) {
+    case at::kFloat: eps = std::ldexp(1.0, -23); return true;
+    case at::kHalf: eps = std::ldexp(1.0, -10); return true;
+    case at::kBFloat16: eps = std::ldexp(1.0, -7); return true;
+    default: return false;
+  }
+}
+
+// The normalized shape given as an int or a sequence of ints, if it equals x's trailing dims.
+bool trailing_dims_match(PyObject* shape, const at::Tensor& x, int64_t& n_dims) {
+  if (is_int(shape)) {
+    n_dims = 1;
+    return x.dim() >= 1 && PyLong_AsLongLong(shape) == x.size(-1);
+  }
+  if (!PyTuple_Check(shape) && !PyList_Check(shape)) return false;
+  PyObject* seq = shape;  // a tuple (torch.Size included) or a list
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n == 0 || n > x.dim()) return false;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = PySequence_Fast_GET_ITEM(seq, i);
+    if (!is_int(item) || PyLong_AsLongLong(item) != x.size(x.dim() - n + i)) return false;
+  }
+  n_dims = n;
+  return true;
+}
+
+// rms_norm(input, normalized_shape, weight, eps): fastattn.rms_norm without a residual.
+PyObject* eager_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4 || !cpu_backend_requested()) return decline();
+  const at::Tensor* x = plain_cpu_tensor(args[0]);
+  if (x == nullptr || x->numel() == 0) return decline();
+  int64_t n_dims = 0;
+  if (!trailing_dims_match(args[1], *x, n_dims)) {
+    if (PyErr_Occurred()) PyErr_Clear();
+    return decline();
+  }
+  int64_t cols = 1;  // the normalised dims, flattened
+  for (int64_t d = x->dim() - n_dims; d < x->dim(); ++d) cols *= x->size(d);
+  OptTensor weight;
+  if (args[2] != Py_None) {
+    const at::Tensor* w = plain_cpu_tensor(args[2]);
+    if (w == nullptr || w->numel() != cols || w->dim() != n_dims) return decline();
+    for (int64_t d = 0; d < n_dims; ++d)
+      if (w->size(d) != x->size(x->dim() - n_dims + d)) return decline();
+    weight = w->reshape({cols});
+  }
+  double eps;
+  if (args[3] == Py_None) {
+    if (!machine_eps(x->scalar_type(), eps)) return decline();
+  } else if (!as_finite_double(args[3], eps)) {
+    return decline();
+  }
+  if (!log_dispatch("rms_norm")) return nullptr;
+  at::Tensor y;
+  {
+    ReleaseGil no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor rows = x->reshape({x->numel() / cols, cols}).contiguous();
+    y = std::get<0>(rms_norm_kernel().call(rows, weight, eps, std::nullopt)).view(x->sizes());
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// ----------------------------------------------------------------------------- attention
+
+// attention(q, k, v, dropout_p, is_causal, scale, enable_gqa): fastattn.scaled_dot_product_
+// attention on batched (B, H, S, D) tensors without a mask, window, softcap, key_lengths or lse.
+PyObject* eager_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7 || !cpu_backend_requested()) return decline();
+  const at::Tensor* q = plain_cpu_tensor(args[0]);
+  const at::Tensor* k = plain_cpu_tensor(args[1]);
+  const at::Tensor* v = plain_cpu_tensor(args[2]);
+  if (q == nullptr || k == nullptr || v == nullptr) return decline();
+  if (q->dim() != 4 || k->dim() != 4 || v->dim() != 4) return decline();
+  if (k->scalar_type() != q->scalar_type() || v->scalar_type() != q->scalar_type())
+    return decline();
+  const int64_t b = q->size(0), h = q->size(1), d = q->size(3);
+  const int64_t hkv = k->size(1), sk = k->size(2);
+  if (k->size(0) != b || v->size(0) != b || k->size(3) != d || v->size(1) != hkv ||
+      v->size(2) != sk || v->size(3) != d || d == 0)
+    return decline();  // mismatches raise on the general path; Dv != D runs on `torch`
+  const int gqa = PyObject_IsTrue(args[6]);
+  if (gqa < 0) return nullptr;
+  if (h != hkv && !(gqa && hkv > 0 && h % hkv == 0)) return decline();
+  if (!is_zero_number(args[3])) return decline();  // dropout
+  const int causal = PyObject_IsTrue(args[4]);
+  if (causal < 0) return nullptr;
+  double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  if (args[5] != Py_None && !as_finite_double(args[5], scale)) return decline();
+  if (!log_dispatch("attention")) return nullptr;
+  at::Tensor out;
+  {
+    ReleaseGil no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    out = std::get<0>(attention_kernel().call(*q, *k, *v, std::nullopt, scale, causal != 0,
+                                              /*bottom_right=*/false, -1, -1, 0.0,
+                                              std::nullopt, 0.0, 0, 0))
+              .contiguous();
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// init(backend_override, dispatch_logs): fastattn._backend's context variables.
+PyObject* eager_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyContextVar_CheckExact(args[0]) || !PyContextVar_CheckExact(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "_eager_init(backend_override, dispatch_logs) takes two "
+                                     "contextvars.ContextVar");
+    return nullptr;
+  }
+  Py_INCREF(args[0]);
+  Py_INCREF(args[1]);
+  Py_XSETREF(g_backend_override, args[0]);
+  Py_XSETREF(g_dispatch_logs, args[1]);
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"_eager_init", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_init)),
+     METH_FASTCALL, "Hand fastattn._backend's context variables to the eager fast path."},
+    {"_eager_softmax",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_softmax)), METH_FASTCALL,
+     "softmax(x, dim, scale, causal) -> Tensor, or None when not the fast path's case."},
+    {"_eager_rms_norm",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_rms_norm)), METH_FASTCALL,
+     "rms_norm(input, normalized_shape, weight, eps) -> Tensor, or None."},
+    {"_eager_attention",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_attention)),
+     METH_FASTCALL,
+     "attention(q, k, v, dropout_p, is_causal, scale, enable_gqa) -> Tensor, or None."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+PyMethodDef* eager_methods() { return methods; }
+
+}  // namespace fastattn

@@ -1,0 +1,28 @@
+"""The eager fast path (csrc/eager.cpp): fastattn.softmax, rms_norm and
+scaled_dot_product_attention on plain CPU tensors that need no gradient, on the `cpu` backend,
+outside torch.compile, call the registered kernel op straight from C++.
+
+Each function returns the result, or None when the call is not the plain case it accepts; the
+public function then takes its general path (validation, the selector, the custom op). Why it
+exists: at one-token decode and other tiny sizes the Python layers cost several times the
+kernel (benchmarks/cases/overhead.py, `python -m benchmarks --ops overhead`). Without the
+extension every function returns None.
+"""
+
+from . import _backend
+
+try:
+    from . import _C
+    _C._eager_init(_backend._override, _backend._dispatch_logs)
+    softmax = _C._eager_softmax          # (x, dim, scale, causal)
+    rms_norm = _C._eager_rms_norm        # (input, normalized_shape, weight, eps)
+    attention = _C._eager_attention      # (q, k, v, dropout_p, is_causal, scale, enable_gqa)
+except (ImportError, AttributeError):   # not built, or built before the fast path existed
+    def softmax(x, dim, scale, causal):
+        return None
+
+    def rms_norm(input, normalized_shape, weight, eps):
+        return None
+
+    def attention(q, k, v, dropout_p, is_causal, scale, enable_gqa):
+        return None

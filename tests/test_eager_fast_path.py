@@ -1,0 +1,249 @@
+"""The eager fast path (csrc/eager.cpp, fastattn/_eager.py): which calls take it, and that it
+computes bitwise what the general path computes.
+
+The fast path is taken when the general path is provably not needed: plain CPU tensors that
+need no gradient, the cpu backend requested or chosen by auto, outside torch.compile, in the
+plain case of each op. "Taken" is observed by making the general path's selector raise; "not
+taken" by seeing the selector called. Bitwise equality with the general path holds because both
+call the same registered kernel op with the same arguments.
+"""
+
+import contextlib
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import _backend, _eager
+from fastattn._ext import extension_loaded
+
+pytestmark = pytest.mark.skipif(not extension_loaded(), reason="needs the fastattn._C extension")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def selector_calls(monkeypatch, *, forbid=False):
+    """Count calls of the general path's selector (or make it raise with forbid=True)."""
+    calls = []
+    real = _backend.select
+
+    def select(op, *args, **kwargs):
+        calls.append(op)
+        if forbid:
+            raise AssertionError(f"the general path ran for {op}")
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(_backend, "select", select)
+    try:
+        yield calls
+    finally:
+        monkeypatch.setattr(_backend, "select", real)
+
+
+def _calls(q, k, v, x, w):
+    return {
+        "softmax": lambda: fastattn.softmax(x, -1),
+        "rms_norm": lambda: fastattn.rms_norm(x, (x.shape[-1],), w),
+        "attention": lambda: fastattn.scaled_dot_product_attention(q, k, v),
+    }
+
+
+def _inputs(requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 32, generator=g)
+    k = torch.randn(1, 4, 40, 32, generator=g)
+    v = torch.randn(1, 4, 40, 32, generator=g)
+    x = torch.randn(3, 48, generator=g).requires_grad_(requires_grad)
+    w = torch.randn(48, generator=g)
+    return q, k, v, x, w
+
+
+@pytest.mark.parametrize("op", ["softmax", "rms_norm", "attention"])
+def test_plain_call_skips_the_general_path(monkeypatch, op):
+    fn = _calls(*_inputs())[op]
+    with selector_calls(monkeypatch, forbid=True):
+        with torch.no_grad():
+            no_grad_out = fn()
+        out = fn()        # grad mode on, but nothing requires grad
+    assert torch.equal(out, no_grad_out)
+
+
+@pytest.mark.parametrize("op", ["softmax", "rms_norm", "attention"])
+def test_fast_path_logs_dispatch(op):
+    fn = _calls(*_inputs())[op]
+    with fastattn.record_dispatch() as calls, torch.no_grad():
+        fn()
+    assert calls == [(op, "cpu")]
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _declined_contexts():
+    """(name, context manager, input transform): calls the fast path must leave to the general
+    path, each because the general path does something the fast path does not."""
+    return [
+        ("use_backend(torch)", lambda: fastattn.use_backend("torch"), None),
+        ("torch function mode", _Mode, None),
+        ("autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16), None),
+        ("subclass", contextlib.nullcontext, lambda t: t.as_subclass(_Subclass)),
+        ("negative view", contextlib.nullcontext, torch._neg_view),
+    ]
+
+
+@pytest.mark.parametrize("op", ["softmax", "rms_norm", "attention"])
+@pytest.mark.parametrize("case", range(len(_declined_contexts())),
+                         ids=[c[0] for c in _declined_contexts()])
+def test_declined_calls_take_the_general_path(monkeypatch, op, case):
+    _, ctx, transform = _declined_contexts()[case]
+    q, k, v, x, w = _inputs()
+    if transform is not None:
+        q, x = transform(q), transform(x)
+    fn = _calls(q, k, v, x, w)[op]
+    with selector_calls(monkeypatch) as calls, torch.no_grad(), ctx():
+        fn()
+    assert calls == [op]
+
+
+def test_env_backend_is_read_by_the_fast_path(monkeypatch):
+    q, k, v, x, w = _inputs()
+    monkeypatch.setenv("FASTATTN_BACKEND", "torch")
+    with selector_calls(monkeypatch) as calls, torch.no_grad():
+        fastattn.softmax(x, -1)
+    assert calls == ["softmax"]
+    monkeypatch.setenv("FASTATTN_BACKEND", " CPU ")
+    with selector_calls(monkeypatch, forbid=True), torch.no_grad():
+        fastattn.softmax(x, -1)
+    monkeypatch.setenv("FASTATTN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTATTN_BACKEND"):
+        fastattn.softmax(x, -1)
+
+
+def test_gradients_take_the_general_path(monkeypatch):
+    q, k, v, x, w = _inputs(requires_grad=True)
+    with selector_calls(monkeypatch) as calls:
+        y = fastattn.softmax(x, -1)
+    assert calls == ["softmax"] and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_vmap_takes_the_general_path(monkeypatch):
+    x = torch.randn(2, 3, 16)
+    with selector_calls(monkeypatch) as calls:
+        out = torch.vmap(lambda t: fastattn.softmax(t, -1))(x)
+    assert calls and torch.allclose(out, torch.softmax(x, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, q: fastattn.softmax(x, 5),
+    lambda x, q: fastattn.softmax(x[0], -1, causal=True),
+    lambda x, q: fastattn.rms_norm(x, (7,)),
+    lambda x, q: fastattn.rms_norm(x, x.shape[-1], torch.ones(3)),
+    lambda x, q: fastattn.scaled_dot_product_attention(q, q, q, scale=float("nan")),
+    lambda x, q: fastattn.scaled_dot_product_attention(q, q, q, dropout_p=1.5),
+    lambda x, q: fastattn.scaled_dot_product_attention(q, q[:, :2], q[:, :2]),
+    lambda x, q: fastattn.scaled_dot_product_attention(q, q[..., :3], q),
+], ids=["softmax-dim", "softmax-causal-1d", "rms-shape", "rms-weight", "sdpa-scale",
+        "sdpa-dropout", "sdpa-heads", "sdpa-key-dim"])
+def test_invalid_arguments_get_the_general_paths_errors(call):
+    x, q = torch.randn(3, 16), torch.randn(1, 4, 5, 8)
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError)):
+        call(x, q)
+
+
+def test_value_head_dim_other_than_query_runs_on_torch():
+    """The cpu kernels take one head dim: auto hands Dv != D to the torch backend."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    with fastattn.record_dispatch() as calls, torch.no_grad():
+        out = fastattn.scaled_dot_product_attention(q, k, v)
+    assert calls == [("attention", "torch")] and out.shape == (1, 2, 3, 4)
+
+
+def _random_case(rng):
+    dtype = rng.choice(DTYPES)
+    op = rng.choice(["softmax", "rms_norm", "attention"])
+    if op == "attention":
+        b, hkv, group = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 1, 2])
+        sq, sk, d = rng.choice([1, 1, 2, 7]), rng.randint(1, 70), rng.choice([8, 16, 24, 64])
+        q = torch.randn(b, hkv * group, sq, d, dtype=dtype)
+        kv_shape = (b, sk, hkv, d) if rng.random() < 0.5 else (b, hkv, sk, d)
+        k, v = (torch.randn(kv_shape, dtype=dtype) for _ in range(2))
+        if kv_shape[1] == sk:       # a (B, S, H, D) cache viewed as (B, H, S, D)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        kw = dict(is_causal=rng.random() < 0.3, enable_gqa=group > 1,
+                  scale=rng.choice([None, 0.3]))
+        return op, (q, k, v), kw
+    rows = rng.choice([(1,), (3,), (2, 5)])
+    n = rng.choice([1, 7, 64, 129, 512])
+    x = torch.randn(*rows, n, dtype=dtype) * rng.choice([1.0, 30.0])
+    if rng.random() < 0.3 and x.dim() >= 2:         # rows strided, last dim contiguous
+        x = torch.randn(*rows[:-1], rows[-1] * 2, n, dtype=dtype)[..., ::2, :]
+    if op == "softmax":
+        return op, (x,), dict(dim=-1, scale=rng.choice([None, 0.5]),
+                              causal=rng.random() < 0.3 and x.dim() >= 2)
+    w = torch.randn(n, dtype=dtype) if rng.random() < 0.7 else None
+    return op, (x, (n,), w), dict(eps=rng.choice([None, 1e-6]))
+
+
+def _public(op):
+    return {"softmax": fastattn.softmax, "rms_norm": fastattn.rms_norm,
+            "attention": fastattn.scaled_dot_product_attention}[op]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_fast_path_equals_general_path_bitwise(monkeypatch, seed):
+    """Seeded random configurations: the fast path's output is bitwise the general path's
+    (forced by an input that requires grad), and the fast path was taken."""
+    op, args, kw = _random_case(random.Random(seed))
+    with selector_calls(monkeypatch, forbid=True), torch.no_grad():
+        fast = _public(op)(*args, **kw)
+    general_args = (args[0].detach().clone().requires_grad_(True),) + args[1:]
+    with selector_calls(monkeypatch) as calls:
+        general = _public(op)(*general_args, **kw)
+    assert calls == [op]
+    assert fast.dtype == general.dtype and fast.shape == general.shape
+    assert torch.equal(fast, general.detach()), (op, kw)
+
+
+def test_fast_path_results_match_pytorch():
+    """The fast path's answers against PyTorch's own ops (fp32, tight)."""
+    q, k, v, x, w = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(fastattn.softmax(x, -1), torch.softmax(x, -1))
+        torch.testing.assert_close(fastattn.rms_norm(x, (48,), w), F.rms_norm(x, (48,), w))
+        torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v),
+                                   F.scaled_dot_product_attention(q, k, v))
+
+
+def test_without_the_extension_every_function_declines():
+    """fastattn/_eager.py's fallbacks (fastattn._C missing) return None, and the public
+    functions then run on the torch backend (a fresh process: the extension cannot be
+    unloaded)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['fastattn._C'] = None\n"
+        "import torch, fastattn\n"
+        "from fastattn import _eager\n"
+        "x = torch.randn(2, 4)\n"
+        "assert _eager.softmax(x, -1, None, False) is None\n"
+        "assert _eager.rms_norm(x, 4, None, None) is None\n"
+        "assert _eager.attention(x, x, x, 0.0, False, None, False) is None\n"
+        "with fastattn.record_dispatch() as calls, torch.no_grad():\n"
+        "    y = fastattn.softmax(x, -1)\n"
+        "assert calls == [('softmax', 'torch')], calls\n"
+        "assert torch.allclose(y, torch.softmax(x, -1))\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
