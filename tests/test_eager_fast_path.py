@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn import _backend, _eager
+from fastattn import _backend
 from fastattn._ext import extension_loaded
 
 pytestmark = pytest.mark.skipif(not extension_loaded(), reason="needs the fastattn._C extension")
