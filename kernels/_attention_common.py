@@ -111,9 +111,10 @@ def natural_lse(m2, l):
 def probs_from_lse(s, lse):
     """P = exp(s - lse) from natural-log scores s (scores(..., NATURAL=True)) and a natural-log
     lse that broadcasts to s (+inf for rows to zero). s - lse is formed before the change to
-    log2 units: exact (Sterbenz) at the row's max key, so P there is exactly 1 / l. It is <= 0
-    whenever the backward's q.k equals the forward's bit for bit; the clamp keeps P <= 1 (no
-    inf) should a GPU's MMA ever round them differently."""
+    log2 units, so at the row's max key it is -ln(l) up to lse's own rounding (P = 1 / l; exactly
+    1 for a one-hot row) where folding log2(e) into both sides first would add ~ulp(s). It is
+    <= 0 whenever the backward's q.k equals the forward's bit for bit; the clamp keeps P <= 1
+    (no inf) should a GPU's MMA ever round them differently."""
     return tl.exp2(tl.minimum(s - lse, 0.0) * 1.4426950408889634)
 
 
