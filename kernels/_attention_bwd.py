@@ -1,6 +1,7 @@
 """FlashAttention-2 backward: preprocess (delta), dK/dV (loops over query blocks), dQ (over keys).
 
-P is recomputed from the saved lse; nothing of size Sq x Sk is allocated except dmask_full.
+P is recomputed from the saved lse (probs_from_lse: exactly the forward's P, at any logit
+size); nothing of size Sq x Sk is allocated except dmask_full.
 No atomics: dK/dV of a kv head sum over the group's query heads inside one program, so the
 backward is bitwise deterministic.
 """
@@ -8,8 +9,8 @@ backward is bitwise deterministic.
 import triton
 import triton.language as tl
 
-from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, q_range,
-                                scores, sequence_bounds, tile)
+from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, probs_from_lse,
+                                q_range, scores, sequence_bounds, tile)
 
 
 @triton.jit
@@ -18,9 +19,14 @@ def attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     H, Sq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d dO * O (fp32)."""
+    """delta[b, h, i] = sum_d dO * O (fp32), as the diagonal of dO O^T.
+
+    The dot sums each dO_i . O_i as the dq and dK/dV kernels' dots sum dP_ij = dO_i . V_j, so
+    where attention is one-hot (O_i = V_j exactly) dP_ij - delta_i is exactly 0 and so is
+    dS = P (dP - delta), as in the exact gradient. A row-sum of dO * O rounds differently, and
+    at huge logits dq = scale * dS K turned that last-bit difference into ~1e4 (inf in fp16)."""
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -36,19 +42,22 @@ def attn_bwd_preprocess_kernel(
                + offs_m[:, None].to(tl.int64) * stride_dom)
     o = tl.load(tile(o_rows, offs_d, ALIGNED), mask=ok, other=0.0)      # (BLOCK_M, BLOCK_D)
     do = tl.load(tile(do_rows, offs_d, ALIGNED), mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)           # (BLOCK_M,)
+    dod = tl.dot(do, tl.trans(o), input_precision=DOT_PREC)          # (BLOCK_M, BLOCK_M)
+    diag = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, BLOCK_M)[None, :]
+    delta = tl.sum(tl.where(diag, dod, 0.0), 1)                       # (BLOCK_M,) exact pick
     tl.store(Delta + bh.to(tl.int64) * Sq + offs_m, delta, mask=offs_m < Sq)
 
 
 @triton.jit
 def load_row_stats(Lse, Delta, row0, Sq, offs_m):
-    """lse in log2 units with +inf for empty/out-of-range rows (so P = exp2(s - lse) = 0), delta.
+    """lse as stored (natural log; probs_from_lse takes it so) with +inf for empty/out-of-range
+    rows (so P = exp(s - lse) = 0), delta.
     row0: offset of the first row of this (batch, head) in Lse and Delta (same layout)."""
     row = row0 + offs_m
     lse = tl.load(Lse + row, mask=offs_m < Sq, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + row, mask=offs_m < Sq, other=0.0)
-    return lse2, delta
+    return lse, delta
 
 
 @triton.jit
@@ -139,15 +148,16 @@ def attn_bwd_dkdv_kernel(
                                    ALIGNED), mask=mo_ok, other=0.0)   # (BLOCK_M, BLOCK_DO)
                 do_o = tl.load(tile(do_base + offs_m[:, None].to(tl.int64) * stride_dom, offs_do,
                                     ALIGNED), mask=mo_ok, other=0.0)  # (BLOCK_M, BLOCK_DO)
-            lse2, delta = load_row_stats(Lse, Delta, row0, seq_q, offs_m)
+            lse, delta = load_row_stats(Lse, Delta, row0, seq_q, offs_m)
+            # k q^T sums each element's products in the forward's q k^T order (bit for bit
+            # under the interpreter; one MMA k-order on a GPU), so at huge logits P is the
+            # forward's; the clamp in probs_from_lse bounds it should the two ever differ
             qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)   # (BLOCK_N, BLOCK_M)
-            s2_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], mask_base, stride_mm,
-                               stride_mn, seq_q, kv_len, shift, window_left, window_right,
-                               sm_scale, softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND,
-                               HAS_SOFTCAP)
-            # P <= 1: lse's natural-log round trip can put lse2 below the max score at huge
-            # logits (~1e11 at scale=1e10), and exp2 of that overflowed to inf (NaN grads)
-            p_t = tl.exp2(tl.minimum(s2_t - lse2[None, :], 0.0))      # (BLOCK_N, BLOCK_M)
+            s_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], mask_base, stride_mm,
+                              stride_mn, seq_q, kv_len, shift, window_left, window_right,
+                              sm_scale, softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND,
+                              HAS_SOFTCAP, NATURAL=True)             # natural log
+            p_t = probs_from_lse(s_t, lse[None, :])                   # (BLOCK_N, BLOCK_M) <= 1
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[None, :],
@@ -217,7 +227,7 @@ def attn_bwd_dq_kernel(
     q = tl.load(tile(q_rows, offs_d, ALIGNED), mask=m_ok, other=0.0)    # (BLOCK_M, BLOCK_D)
     do = tl.load(tile(do_rows, offs_d, ALIGNED), mask=m_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
     row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
-    lse2, delta = load_row_stats(Lse, Delta, row0, seq_q, offs_m)
+    lse, delta = load_row_stats(Lse, Delta, row0, seq_q, offs_m)
 
     kv_len = kv_len_of(KeyLens, b, seq_k, HAS_KL)
     lo, hi = kv_range(pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_q), kv_len, shift,
@@ -239,10 +249,10 @@ def attn_bwd_dq_kernel(
         v = tl.load(tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
-        s2, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
-                       seq_q, kv_len, shift, window_left, window_right, sm_scale, softcap,
-                       IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
-        p = tl.exp2(tl.minimum(s2 - lse2[:, None], 0.0))              # (BLOCK_M, BLOCK_N) <= 1
+        s, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
+                      seq_q, kv_len, shift, window_left, window_right, sm_scale, softcap,
+                      IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP, NATURAL=True)
+        p = probs_from_lse(s, lse[:, None])                           # (BLOCK_M, BLOCK_N) <= 1
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)        # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, bh, Sq, Sk, offs_m[:, None], offs_n[None, :],

@@ -1,7 +1,10 @@
 """Device helpers shared by the attention kernels: scores, visibility, loop bounds, dropout RNG.
 
-Scores are kept in log2 units (s * log2(e)) so the softmax uses exp2; lse is converted back to
-natural log only when it is stored.
+Scores are kept in log2 units (s2 = s * log2(e)) so the forward's softmax uses exp2. The lse it
+stores is natural log (the contract's), formed by `natural_lse` so that the kernels which
+recompute P from it (backward, attention weights) get P exactly as the forward formed it, at any
+logit size: they take each score to natural log the same way (`scores(..., NATURAL=True)`) and
+subtract lse before leaving natural log (`probs_from_lse`).
 """
 
 import triton
@@ -88,6 +91,34 @@ def online_softmax_step(s2, m_i, l_i):
 
 
 @triton.jit
+def natural_lse(m2, l):
+    """Natural-log lse of rows whose online softmax ended at max m2 (log2 units) and sum l (of
+    exp2(s2 - m2)); -inf where l == 0 (no visible key).
+
+    lse = fl(m2 * ln2) + ln(l), the product rounded on its own (the select between it and the
+    add keeps the compiler from fusing the two into an fma). A kernel recomputing P takes each
+    score to natural log as fl(s2 * ln2) (scores(..., NATURAL=True)), so at a row's max key
+    s - lse is exactly -ln(l) up to lse's own rounding: -0 for a one-hot row, however large the
+    logits. (An lse2 = m2 + log2(l) converted to natural log and back is off by ~2 ulp(lse2):
+    more than 1 in the exponent from logits of ~1e6 on, which made P 0 or 1 at random there.)
+    """
+    empty = l == 0.0
+    m = tl.where(empty, float("-inf"), m2 * 0.6931471805599453)      # fl(m2 * ln2), or -inf
+    return m + tl.log2(tl.where(empty, 1.0, l)) * 0.6931471805599453
+
+
+@triton.jit
+def probs_from_lse(s, lse):
+    """P = exp(s - lse) from natural-log scores s (scores(..., NATURAL=True)) and a natural-log
+    lse that broadcasts to s (+inf for rows to zero). s - lse is formed before the change to
+    log2 units, so at the row's max key it is -ln(l) up to lse's own rounding (P = 1 / l; exactly
+    1 for a one-hot row) where folding log2(e) into both sides first would add ~ulp(s). It is
+    <= 0 whenever the backward's q.k equals the forward's bit for bit; the clamp keeps P <= 1
+    (no inf) should a GPU's MMA ever round them differently."""
+    return tl.exp2(tl.minimum(s - lse, 0.0) * 1.4426950408889634)
+
+
+@triton.jit
 def kv_len_of(KeyLens, b, Sk, HAS_KL: tl.constexpr):
     """Number of keys batch `b` may attend to (Sk without key_lengths)."""
     kv_len = Sk
@@ -138,13 +169,16 @@ def q_range(col_lo, col_hi, Sq, shift, window_left, window_right,
 def scores(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
            window_left, window_right, sm_scale, softcap,
            IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-           MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+           MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NATURAL: tl.constexpr = False):
     """Raw dot products -> (s2, t), for either tile orientation.
 
     qk: fp32 q.k tile; rows / cols: query / key indices as 2-D tensors that broadcast to qk's
     shape ((BLOCK_M, 1) and (1, BLOCK_N), or transposed for a (BLOCK_N, BLOCK_M) tile).
     s2: scores in log2 units, -inf where the key is invisible. t: tanh(s/softcap) for the
     softcap gradient (qk itself when there is no softcap; unused then).
+    NATURAL: s2 taken to natural log as fl(s2 * ln2), the rounding natural_lse applies to the
+    row max (for probs_from_lse); the visibility select after it keeps the product from being
+    fused into the caller's subtraction of lse.
     """
     if HAS_SOFTCAP:
         t = tanh_approx_free(qk * (sm_scale / softcap))
@@ -167,6 +201,8 @@ def scores(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
         else:
             fm = tl.load(m_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             s2 = s2 + fm * 1.4426950408889634
+    if NATURAL:
+        s2 = s2 * 0.6931471805599453                                  # fl(s2 * ln2)
     s2 = tl.where(vis, s2, float("-inf"))
     return s2, t
 

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from ._attention_configs import MERGE_BLOCK_S
-from ._attention_common import head_mask, kv_len_of, kv_range, online_softmax_step, scores, tile
+from ._attention_common import (head_mask, kv_len_of, kv_range, natural_lse,
+                                online_softmax_step, scores, tile)
 
 
 @triton.jit
@@ -154,8 +155,7 @@ def attn_decode_merge_kernel(
     total = tl.sum(w_sum, 0)
     empty = total == 0.0
     out = acc * tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))
-    lse = tl.where(empty, float("-inf"),
-                   (m_safe + tl.log2(tl.where(empty, 1.0, total))) * 0.6931471805599453)
+    lse = natural_lse(m_safe, total)             # rounded as the dense forward's (backward-exact)
     tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
              + i.to(tl.int64) * stride_om + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
     tl.store(Lse + bh.to(tl.int64) * Sq + i, lse)

@@ -3,8 +3,8 @@
 import triton
 import triton.language as tl
 
-from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, online_softmax_step,
-                                scores, sequence_bounds, tile)
+from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, natural_lse,
+                                online_softmax_step, scores, sequence_bounds, tile)
 
 
 @triton.jit
@@ -92,8 +92,7 @@ def attn_fwd_kernel(
     if HAS_DROPOUT:
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
-    lse = tl.where(empty, float("-inf"),
-                   (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)   # natural log
+    lse = natural_lse(m_i, l_i)                                       # natural log, (BLOCK_M,)
 
     o_rows = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + (q_start + offs_m[:, None]).to(tl.int64) * stride_om)      # (BLOCK_M, 1)

@@ -91,11 +91,13 @@ def static_variants(arch):
                     del consts["VARLEN"]                # the decode kernel has no packed mode
                     out.append(_variant(attn_decode_split_kernel, "attention_decode_split", label,
                                         sig_dtype, f"{clabel} BM={bm_} BN={bn}", consts, w, s))
-            if even_d and label != "tf32":     # no dots below: one variant per storage dtype
+            if even_d:                         # the delta kernel's dot follows DOT_PREC
                 pre_bm = cfg.preprocess_block_m(block_d)
                 out.append(_variant(attn_bwd_preprocess_kernel, "attention_bwd_preprocess",
                                     label, sig_dtype, f"d={block_d} BM={pre_bm}",
-                                    dict(BLOCK_M=pre_bm, BLOCK_D=block_d, ALIGNED=True), 4, 3))
+                                    dict(BLOCK_M=pre_bm, BLOCK_D=block_d, ALIGNED=True,
+                                         DOT_PREC=prec), 4, 3))
+            if even_d and label != "tf32":     # no dots below: one variant per storage dtype
                 out.append(_variant(attn_decode_merge_kernel, "attention_decode_merge", label,
                                     sig_dtype, f"d={block_d} BS={MERGE_BLOCK_S}",
                                     dict(BLOCK_S=MERGE_BLOCK_S, BLOCK_D=block_d), 4, 3))

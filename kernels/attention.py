@@ -270,7 +270,7 @@ def attention_backward(dout, q, k, v, out, lse, *, mask=None, scale=None, causal
     pre_bm = 16 if interpreting() else cfg.preprocess_block_m(c.block_d)
     attn_bwd_preprocess_kernel[(triton.cdiv(c.Sq, pre_bm) * c.B * c.H,)](
         out, dout, delta, *_strides3(out), *_strides3(dout), c.H, c.Sq, c.D,
-        BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
+        BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True, DOT_PREC=c.consts["DOT_PREC"])
 
     consts = dict(c.consts, HAS_DROPOUT=c.dropout_p > 0)
     args = [c.q, c.k, c.v, dout, lse, delta, dk, dv, c.mask, c.key_lengths, *c.no_cu_seqlens,

@@ -11,10 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_common import scores
+from ._attention_common import probs_from_lse, scores
 from ._compat import interpreting
-
-LOG2E = tl.constexpr(1.4426950408889634)   # a constexpr: jit code may read it
 
 
 @triton.jit
@@ -47,7 +45,7 @@ def attn_weights_kernel(
                 mask=m_ok[:, None] & d_ok, other=0.0)                 # (BLOCK_M, BLOCK_D)
     lse = tl.load(Lse + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("-inf"))
     empty = lse == float("-inf")                                      # rows with no visible key
-    lse2 = tl.where(empty, 0.0, lse * LOG2E)             # log2 units, like s2
+    lse = tl.where(empty, float("inf"), lse)                          # P = 0 in empty rows
 
     kv_len = Sk
     if HAS_KL:
@@ -73,10 +71,10 @@ def attn_weights_kernel(
         k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                     mask=(offs_n[:, None] < kv_len) & d_ok, other=0.0)   # (BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
-        s2, _ = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
-                       Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
-                       IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
-        p = tl.where(empty[:, None], 0.0, tl.exp2(tl.minimum(s2 - lse2[:, None], 0.0)))  # P <= 1
+        s, _ = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
+                      Sq, kv_len, shift, window_left, window_right, sm_scale, softcap,
+                      IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP, NATURAL=True)
+        p = probs_from_lse(s, lse[:, None])                           # (BLOCK_M, BLOCK_N) <= 1
         tl.store(p_base + offs_m[:, None].to(tl.int64) * stride_pm + offs_n[None, :],
                  p.to(P.dtype.element_ty), mask=m_ok[:, None] & (offs_n[None, :] < Sk))
 

@@ -127,7 +127,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     pre_bm = 16 if interpreting() else cfg.preprocess_block_m(c.block_d)
     attn_bwd_preprocess_kernel[(triton.cdiv(c.total_q, pre_bm) * c.H,)](
         out4, dout4, delta, *_dense._strides3(out4), *_dense._strides3(dout4), c.H, c.total_q,
-        c.D, BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True)
+        c.D, BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True,
+        DOT_PREC=c.consts["DOT_PREC"])
 
     # Key rows of no sequence's visible range still get their (zero) gradient: the dK/dV
     # programs cover every row of every sequence.

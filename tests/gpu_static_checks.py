@@ -139,3 +139,32 @@ def test_cuda_records_shape():
         assert r["source"] == "cuda" and r["arch"] in ("sm_80", "sm_90")
         assert set(r["mma"]) == {"HMMA", "HGMMA"}
         assert not gpu_static.problems(r), (r["kernel"], r["arch"], gpu_static.problems(r))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_ln2_products_are_never_fused(arch):
+    # The backward recomputes P = exp(fl(s2 * ln2) - lse) with lse = fl(m2 * ln2) + ln(l)
+    # (kernels/_attention_common.py: natural_lse, scores(NATURAL=True)); at huge logits that is
+    # exact only while each ln2 product is rounded on its own. An FFMA taking ln2 would fold
+    # the product into the next add (error ~ulp(s), 1e4 at scale=1e10): only FMULs may.
+    import subprocess
+    import tempfile
+    from fastattn.kernels._compat import ast_source
+    from triton.backends.compiler import GPUTarget
+
+    variants = gpu_static.kernel_modules()["attention"].static_variants(arch)
+    for name in ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"):
+        v = _pick(variants, name, "fp16", "d=64")
+        compiled = triton.compile(ast_source(v.kernel, v.signature, v.constexprs),
+                                  target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": v.num_warps,
+                                           "num_stages": v.num_stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([gpu_static._tool("cuobjdump"), "-sass", f.name],
+                                  capture_output=True, text=True, check=True).stdout
+        users = [line.split("*/")[1].split()[0] for line in sass.splitlines()
+                 if "0.693147" in line and "*/" in line]
+        assert users, f"{name} on sm_{arch}: no ln2 product in the SASS (test is stale?)"
+        assert set(users) == {"FMUL"}, f"{name} on sm_{arch}: ln2 used by {set(users)}"
