@@ -121,7 +121,7 @@ inline void by_row_blocks(int64_t rows, F&& f) {
 
 // Plan shared by the tasks and the merge.
 struct Plan {
-  int64_t group, rows, row_blocks, splits, Dp;
+  int64_t group, rows, task_rows, row_blocks, splits, Dp;
 };
 
 // One task's running state for its rows: unnormalised acc (rows, Dp), running max and sum.
@@ -136,7 +136,7 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
               float* qf, float* sbuf, float* kbuf, float* vbuf, const float** kptr,
               const float** vptr, const Partial& part) {
   const int64_t Dp = plan.Dp, D = p.D, Sq = p.Sq, head_rows = plan.group * Sq;
-  const int64_t r0 = rb * kTaskRows, nr = std::min(kTaskRows, plan.rows - r0);
+  const int64_t r0 = rb * plan.task_rows, nr = std::min(plan.task_rows, plan.rows - r0);
   const int64_t len = batch_len(p, b);
   std::fill(part.acc, part.acc + nr * Dp, 0.f);
   std::fill(part.m, part.m + nr, kNegInf);
@@ -277,7 +277,17 @@ void forward_impl(const KVCacheParams& p) {
   Plan plan;
   plan.group = p.H / p.Hkv;
   plan.rows = p.H * p.Sq;  // packed rows h * Sq + i: a kv head's group is contiguous
-  plan.row_blocks = (plan.rows + kTaskRows - 1) / kTaskRows;
+  // Tasks of kTaskRows rows; when that leaves fewer tasks than threads (one-token decode of
+  // one sequence: H rows), blocks of whole kv heads instead, so each thread reads other heads'
+  // cache rows (no key is read twice).
+  const int64_t threads = at::get_num_threads(), head_rows = plan.group * p.Sq;
+  plan.task_rows = kTaskRows;
+  if (p.B * ((plan.rows + kTaskRows - 1) / kTaskRows) < threads && head_rows <= kTaskRows) {
+    const int64_t tasks_per_batch = (threads + p.B - 1) / p.B;
+    const int64_t heads_per_task = std::max<int64_t>(1, (p.Hkv + tasks_per_batch - 1) / tasks_per_batch);
+    plan.task_rows = std::min(kTaskRows, heads_per_task * head_rows);
+  }
+  plan.row_blocks = (plan.rows + plan.task_rows - 1) / plan.task_rows;
   plan.Dp = round_up(p.D, kV);
   // Split the cache so that there are >= 4 tasks per thread, each of >= kMinSplitKeys keys.
   int64_t max_len = 0;
@@ -320,7 +330,7 @@ void forward_impl(const KVCacheParams& p) {
         }
         run_task<T>(p, plan, b, rb, s, qf, sbuf, kbuf, vbuf, kptr, vptr, part);
         if (!split) {
-          const int64_t r0 = rb * kTaskRows, nr = std::min(kTaskRows, plan.rows - r0);
+          const int64_t r0 = rb * plan.task_rows, nr = std::min(plan.task_rows, plan.rows - r0);
           for (int64_t r = 0; r < nr; ++r)
             store_result<T>(p, b, r0 + r, part.acc + r * Dp, part.m[r], part.l[r]);
         }
@@ -335,7 +345,7 @@ void forward_impl(const KVCacheParams& p) {
     std::vector<float> acc(Dp);
     for (int64_t gi = begin; gi < end; ++gi) {
       const int64_t rb = gi % plan.row_blocks, b = gi / plan.row_blocks;
-      const int64_t r0 = rb * kTaskRows, nr = std::min(kTaskRows, plan.rows - r0);
+      const int64_t r0 = rb * plan.task_rows, nr = std::min(plan.task_rows, plan.rows - r0);
       auto part_of = [&](int64_t s) { return parts.data() + (gi * plan.splits + s) * kTaskRows * (Dp + 2); };
       for (int64_t r = 0; r < nr; ++r) {
         float m = kNegInf;
