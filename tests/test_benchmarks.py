@@ -83,6 +83,18 @@ def test_gate_bar_is_the_median_baseline_pass():
     assert failed
 
 
+def test_gate_holds_overhead_cases_to_issue_13_bar():
+    """Per-call overhead cases fail below 1/1.5 of PyTorch's speed whatever their baseline."""
+    case = gate.OVERHEAD_CASES[0]
+    rec = {"case": case, "status": "ok", "error": None, "fastattn_ms": 1.0, "torch_ms": 1.0}
+    low_baseline = {case: {"speedup": 0.5}}
+    _, failed = gate.compare([dict(rec, speedup=0.6)], low_baseline)    # >= 0.8 * 0.5
+    assert failed
+    _, failed = gate.compare([dict(rec, speedup=0.7)], low_baseline)
+    assert not failed
+    assert gate.threshold("other", {"speedup": 0.5}) == pytest.approx(0.4)
+
+
 def _committed_baseline():
     baseline = gate.load_baseline(gate.BASELINE)
     assert set(baseline) == set(gate.GATE_CASES), "baseline.json must cover every gate case"
