@@ -136,3 +136,76 @@ def run_fuzz(test, backend, n_default, one_config):
                 bad.append(f"config #{i} {cfg}: " + "; ".join(failures))
     assert not bad, (f"{test} [{backend}]: {len(bad)} of {n} configs failed "
                      f"(FASTATTN_FUZZ_SEED={base_seed()}):\n" + "\n".join(bad[:10]))
+
+
+# ------------------------------------------------- attention backward: rounding beyond `pt`
+
+U_FP32 = 2.0 ** -24             # unit roundoff of the kernels' fp32 accumulation
+
+
+def _per_kv_head(t, hkv):
+    """(B, H, ...) summed over the query heads that share each kv head: (B, Hkv, ...)."""
+    return t.reshape(t.shape[0], hkv, t.shape[1] // hkv, *t.shape[2:]).sum(2)
+
+
+def attention_rounding(out, ref, lse, dout, p, q, k, v, scale, dropout_p, keep=None,
+                       u=U_FP32):
+    """What a flash backward's stored O and fp32 lse cost the gradients beyond `pt`, per
+    gradient: {dmask, dq, dk, dv}, to add to the 2x rule's bound.
+
+    out: the kernel's stored O, ref: the fp64 oracle's; lse (B, H, Sq); q, dout (B, H, Sq, D);
+    k, v (B, Hkv, Sk, D) (GQA: query head h reads kv head h // (H / Hkv)); p (B, H, Sq, Sk):
+    the exact softmax probabilities without dropout; keep: the dropout keep-mask
+    (B, H, Sq, Sk) or None (then every key counts as kept); u: the unit roundoff of the
+    backward's accumulation (fp32 for fp16/bf16/fp32 inputs).
+
+    Autograd through the oracle (`pt`) never rounds O or lse, so where pt is nearly exact
+    (one-hot rows, rows with one key: dS = P (dP - delta) cancels) the 2x rule alone misses
+    what a flash backward adds (fp32 too: a scale of 50 turns O's last-bit rounding into 1e-3
+    in dq). With D the head dim, gamma_D = D u bounds a length-D dot product's rounding
+    relative to sum |x||y| (the standard bound), and drop_ij = keep_ij / (1 - dropout_p):
+      delta_i = dO_i . O_i from the stored O (cpu, triton): off by
+          e_i = sum_d |dO_id| |O_id - ref_id| + gamma_D sum_d |dO_id| |O_id|;
+        or delta_i = sum_l P_il dP_il from the recomputed P (torch backend): off by
+          f_i = sum_l P_il (gamma_D A_il drop_il + (Sk u + w_i) |dP_il|),
+        with A_il = |dO_i| . |V_l| (dP's own rounding) and w_i below; a backend uses one of
+        the two, so delta is off by at most max(e_i, f_i);
+      dP_ij = dO_i . V_j drop_ij: off by gamma_D A_ij drop_ij;
+      P_ij = exp(s_ij - lse_i) from the fp32 lse: off by a relative
+        w_i = u32 (2 |lse_i| + 8): lse's rounding (u|lse|), the score's own fp32 rounding
+        (u|s|, |s| ~ |lse| wherever P is not tiny), s - lse (u) and the exp (the CPU's
+        exp_softmax: 3 ulp = 6u; +u for the scale folded into its argument);
+    so dS_ij = P_ij (dP_ij - delta_i) is off by
+      err_ij = P_ij (max(e_i, f_i) + gamma_D A_ij drop_ij) + w_i |dS_ij|   (dS exact),
+    and the gradients by: dmask (= dS) max err; dq_i = scale sum_j dS_ij k_j by
+    scale sum_j err_ij max|k_j|; dk_j = scale sum_i dS_ij q_i by scale sum_i err_ij max|q_i|
+    (summed over the query heads of a kv head); dv_j = sum_i P_ij drop_ij dO_i by
+    sum_i w_i P_ij drop_ij |dO_i|. (Softcap's factor 1 - tanh^2 <= 1 only shrinks dS.)
+    At huge logits (|lse| ~ 1e3) the w terms are what the torch backend adds (attention config
+    652: a window of two keys, dv 1.26e-4 against a bound of 9.9e-5 without them)."""
+    h, hkv, sk, d = q.shape[1], k.shape[1], k.shape[2], dout.shape[-1]
+    to_h = lambda t: t.detach().double().repeat_interleave(h // hkv, dim=1)   # (B, H, ...)
+    p = p.detach().double()
+    do = dout.detach().double()
+    o = out.detach().double()
+    lse64 = lse.detach().double()
+    w = U_FP32 * (2.0 * lse64.abs().masked_fill(~torch.isfinite(lse64), 0.0) + 8.0)
+    w = w.unsqueeze(-1)                                                       # (B,H,Sq,1)
+    drop = torch.ones_like(p) if keep is None else keep.to(p.dtype).expand_as(p)
+    drop = drop / (1.0 - dropout_p)                                           # (B,H,Sq,Sk)
+    v_h = to_h(v)                                                             # (B,H,Sk,D)
+    dp = torch.matmul(do, v_h.transpose(-2, -1)) * drop                       # exact dP
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))                            # exact dS
+    dot_dp = d * u * torch.matmul(do.abs(), v_h.abs().transpose(-2, -1)) * drop
+    e = (do.abs() * ((o - ref.detach().double()).abs() + d * u * o.abs())).sum(-1,
+                                                                              keepdim=True)
+    f = (p * (dot_dp + (sk * u + w) * dp.abs())).sum(-1, keepdim=True)
+    err = p * (torch.maximum(e, f) + dot_dp) + w * ds.abs()                  # (B,H,Sq,Sk)
+    err = err.masked_fill(~torch.isfinite(err), 0.0)
+    kmax = to_h(k.abs().amax(-1)).unsqueeze(-2)                               # (B,H,1,Sk)
+    qmax = q.detach().double().abs().amax(-1, keepdim=True)                   # (B,H,Sq,1)
+    dq = scale * (err * kmax).sum(-1)
+    dk = scale * _per_kv_head((err * qmax).sum(-2), hkv)
+    dv = _per_kv_head(torch.matmul((p * drop * w).transpose(-2, -1), do.abs()), hkv)
+    top = lambda t: t.max().item() if t.numel() else 0.0
+    return {"dmask": top(err), "dq": top(dq), "dk": top(dk), "dv": top(dv)}

@@ -30,6 +30,7 @@ import torch
 import fastattn
 from fastattn import _backend
 from conftest import TESTABLE_BACKENDS, backend_device
+from fuzz_support import attention_rounding
 from tolerances import (ATTENTION_FP32, ATTENTION_FUZZ_LSE, EPS, bound_2x, floor_for, max_err,
                         max_relative_bound)
 
@@ -266,51 +267,6 @@ def _rng_pair(call_seed):
 # ---------------------------------------------------------------------- functional fuzz
 
 
-def _delta_rounding(out, ref, dout, p, q, k, v, scale, dropout_p):
-    """What the contract's rounded output costs the gradients, beyond `pt`.
-
-    A flash backward takes delta_i = dO_i . O_i from the stored O (input dtype), so delta is
-    off by up to e_i = sum_d |dO_id| * |O_id - fl(O_id)|, and dS = P * (dP - delta) by
-    P * e_i: dmask (= dS) by max e, dq = scale dS K by scale * max e * max|k|, dk = scale dS^T Q
-    by scale * max_j sum_i P_ij e_i |q_i|. Autograd's `pt` never rounds O, so the 2x rule alone
-    misses this where pt is nearly exact (one-hot rows, rows with one key); in fp32 too, where
-    a scale of 50 turns O's last-bit rounding into 1e-3 in dq.
-
-    The two length-D fp32 dot products themselves, delta_i = dO_i . O_i and
-    dP_ij = dO_i . V_j / (1 - dropout_p), are rounded too: each by at most
-    gamma_D = D u (u = 2^-24) times sum_d |dO_id| |.| (the standard dot-product bound), which
-    the same cancellation exposes (one key per row at scale 50 with dropout: 1.7e-3 in dq)."""
-    e = (dout.double().abs() * (out.detach().double() - ref.detach()).abs()).sum(-1)  # (B,H,Sq)
-    d = dout.shape[-1]
-    vmax = v.detach().double().abs().max().item() if v.numel() else 0.0
-    dot_terms = (dout.double().abs() * out.detach().double().abs()).sum(-1) + \
-        dout.double().abs().sum(-1) * vmax / (1.0 - dropout_p)
-    e = e + d * 2.0 ** -24 * dot_terms                                          # (B,H,Sq)
-    e = e.masked_fill(~torch.isfinite(e), 0.0)
-    pe = p.detach().abs() * e.unsqueeze(-1)                                   # (B,H,Sq,Sk)
-    qmax = q.detach().double().abs().amax(-1)                                 # (B,H,Sq)
-    emax = e.max().item() if e.numel() else 0.0
-    dk = (pe * qmax.unsqueeze(-1)).sum(-2).max().item() if pe.numel() else 0.0
-    kmax = k.detach().double().abs().max().item() if k.numel() else 0.0
-    return {"dmask": emax, "dq": scale * emax * kmax, "dk": scale * dk}
-
-
-def _lse_rounding(lse, p, dout):
-    """What recomputing P = exp(s - lse) from the contract's fp32 lse costs dv, beyond `pt`.
-
-    lse is stored rounded to fp32 (relative error u = 2^-24) and s - lse is formed in fp32
-    (another rounding of a value of size |s| ~ |lse| where P is not tiny), so P_ij is off by
-    up to P_ij * 2u(|lse_i| + 1); dv_j = sum_i P_ij dO_i then by sum_i P_ij 2u(|lse_i| + 1)|dO_i|.
-    Autograd's `pt` normalises by the row sum instead and never rounds lse: at huge logits
-    (|lse| ~ 1e3) this is what a flash backward on the torch backend adds (config 652: a window
-    of two keys, dv 1.26e-4 against a bound of 9.9e-5)."""
-    lse64 = lse.detach().double()
-    w = 2.0 ** -23 * (lse64.abs().masked_fill(~torch.isfinite(lse64), 0.0) + 1.0)  # (B,H,Sq)
-    pw = p.detach().abs() * w.unsqueeze(-1)                                  # (B,H,Sq,Sk)
-    dv = torch.matmul(pw.transpose(-2, -1), dout.detach().double().abs())    # (B,H,Sk,D)
-    return dv.max().item() if dv.numel() else 0.0
-
-
 def run_functional(cfg, backend):
     device = backend_device(backend)
     q, k, v, mask, key_lengths, dout, scale = make_inputs(cfg, device)
@@ -353,8 +309,8 @@ def run_functional(cfg, backend):
     text = f"backend={backend} config={cfg}"
     check_close("out", out, ref, pt, text)
     check_lse(lse, ref_lse, text)
-    extras = _delta_rounding(out, ref, dout, ref_p, q, k, v, scale, cfg["dropout_p"])
-    extras["dv"] = _lse_rounding(ref_lse, ref_p, dout)
+    # what the stored O and lse cost a flash backward beyond `pt` (fuzz_support)
+    extras = attention_rounding(out, ref, ref_lse, dout, ref_p, q, k, v, scale, p, keep)
     for name, g, rg, pg in zip(("dq", "dk", "dv", "dmask"), (dq, dk, dv, dmask), ref_g, pt_g):
         if rg is None:
             continue
