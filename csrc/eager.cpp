@@ -1,7 +1,7 @@
-// The eager fast path: fastattn.softmax / rms_norm / scaled_dot_product_attention called from
-// Python on plain CPU tensors that need no gradient, outside torch.compile, on the `cpu` backend
-// (requested or chosen by `auto`), call the registered kernel op (torch.ops.fastattn_kernels.*)
-// straight from C++.
+// The eager fast path: fastattn.softmax / layer_norm / rms_norm / scaled_dot_product_attention
+// called from Python on plain CPU tensors that need no gradient, outside torch.compile, on the
+// `cpu` backend (requested or chosen by `auto`), call the registered kernel op
+// (torch.ops.fastattn_kernels.*) straight from C++.
 //
 // Why: at decode and other tiny sizes the Python layers above a kernel (argument parsing, the
 // backend selector, the custom-op and torch.ops wrappers) cost several times the kernel itself
@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <vector>
@@ -158,6 +159,15 @@ const auto& rms_norm_kernel() {
   return op;
 }
 
+const auto& layer_norm_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::layer_norm_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const OptTensor&, const OptTensor&, double, const OptTensor&)>();
+  return op;
+}
+
 const auto& attention_kernel() {
   static const auto op =
       c10::Dispatcher::singleton()
@@ -234,27 +244,41 @@ bool trailing_dims_match(PyObject* shape, const at::Tensor& x, int64_t& n_dims) 
   return true;
 }
 
+// x's normalised dims (the trailing ones `shape` names) flattened: x as (rows, cols) and each
+// per-feature tensor (weight, bias; None allowed) as (cols,). False when not the plain case.
+bool norm_operands(PyObject* input, PyObject* shape, std::initializer_list<PyObject*> features,
+                   const at::Tensor*& x, int64_t& cols, std::vector<OptTensor>& flat) {
+  x = plain_cpu_tensor(input);
+  if (x == nullptr || x->numel() == 0) return false;
+  int64_t n_dims = 0;
+  if (!trailing_dims_match(shape, *x, n_dims)) {
+    if (PyErr_Occurred()) PyErr_Clear();
+    return false;
+  }
+  cols = 1;
+  for (int64_t d = x->dim() - n_dims; d < x->dim(); ++d) cols *= x->size(d);
+  for (PyObject* obj : features) {
+    if (obj == Py_None) {
+      flat.emplace_back();
+      continue;
+    }
+    const at::Tensor* t = plain_cpu_tensor(obj);
+    if (t == nullptr || t->dim() != n_dims) return false;
+    for (int64_t d = 0; d < n_dims; ++d)
+      if (t->size(d) != x->size(x->dim() - n_dims + d)) return false;
+    flat.emplace_back(t->reshape({cols}));
+  }
+  return true;
+}
+
 // rms_norm(input, normalized_shape, weight, eps): fastattn.rms_norm without a residual.
 PyObject* eager_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 4 || !cpu_backend_requested()) return decline();
-  const at::Tensor* x = plain_cpu_tensor(args[0]);
-  if (x == nullptr || x->numel() == 0) return decline();
-  int64_t n_dims = 0;
-  if (!trailing_dims_match(args[1], *x, n_dims)) {
-    if (PyErr_Occurred()) PyErr_Clear();
-    return decline();
-  }
-  int64_t cols = 1;  // the normalised dims, flattened
-  for (int64_t d = x->dim() - n_dims; d < x->dim(); ++d) cols *= x->size(d);
-  OptTensor weight;
-  if (args[2] != Py_None) {
-    const at::Tensor* w = plain_cpu_tensor(args[2]);
-    if (w == nullptr || w->numel() != cols || w->dim() != n_dims) return decline();
-    for (int64_t d = 0; d < n_dims; ++d)
-      if (w->size(d) != x->size(x->dim() - n_dims + d)) return decline();
-    weight = w->reshape({cols});
-  }
+  const at::Tensor* x = nullptr;
+  int64_t cols = 0;
+  std::vector<OptTensor> flat;
+  if (!norm_operands(args[0], args[1], {args[2]}, x, cols, flat)) return decline();
   double eps;
   if (args[3] == Py_None) {
     if (!machine_eps(x->scalar_type(), eps)) return decline();
@@ -267,7 +291,31 @@ PyObject* eager_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     ReleaseGil no_gil;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor rows = x->reshape({x->numel() / cols, cols}).contiguous();
-    y = std::get<0>(rms_norm_kernel().call(rows, weight, eps, std::nullopt)).view(x->sizes());
+    y = std::get<0>(rms_norm_kernel().call(rows, flat[0], eps, std::nullopt)).view(x->sizes());
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// layer_norm(input, normalized_shape, weight, bias, eps): fastattn.layer_norm without a
+// residual.
+PyObject* eager_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5 || !cpu_backend_requested()) return decline();
+  const at::Tensor* x = nullptr;
+  int64_t cols = 0;
+  std::vector<OptTensor> flat;
+  if (!norm_operands(args[0], args[1], {args[2], args[3]}, x, cols, flat)) return decline();
+  double eps;
+  if (!as_finite_double(args[4], eps)) return decline();
+  if (!log_dispatch("layer_norm")) return nullptr;
+  at::Tensor y;
+  {
+    ReleaseGil no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const at::Tensor rows = x->reshape({x->numel() / cols, cols}).contiguous();
+    y = std::get<0>(layer_norm_kernel().call(rows, flat[0], flat[1], eps, std::nullopt))
+            .view(x->sizes());
   }
   return THPVariable_Wrap(std::move(y));
   END_HANDLE_TH_ERRORS
@@ -337,6 +385,9 @@ PyMethodDef methods[] = {
     {"_eager_rms_norm",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_rms_norm)), METH_FASTCALL,
      "rms_norm(input, normalized_shape, weight, eps) -> Tensor, or None."},
+    {"_eager_layer_norm",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_layer_norm)),
+     METH_FASTCALL, "layer_norm(input, normalized_shape, weight, bias, eps) -> Tensor, or None."},
     {"_eager_attention",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_attention)),
      METH_FASTCALL,

@@ -1,4 +1,4 @@
-"""The eager fast path (csrc/eager.cpp): fastattn.softmax, rms_norm and
+"""The eager fast path (csrc/eager.cpp): fastattn.softmax, layer_norm, rms_norm and
 scaled_dot_product_attention on plain CPU tensors that need no gradient, on the `cpu` backend,
 outside torch.compile, call the registered kernel op straight from C++.
 
@@ -16,12 +16,16 @@ try:
     _C._eager_init(_backend._override, _backend._dispatch_logs)
     softmax = _C._eager_softmax          # (x, dim, scale, causal)
     rms_norm = _C._eager_rms_norm        # (input, normalized_shape, weight, eps)
+    layer_norm = _C._eager_layer_norm    # (input, normalized_shape, weight, bias, eps)
     attention = _C._eager_attention      # (q, k, v, dropout_p, is_causal, scale, enable_gqa)
 except (ImportError, AttributeError):   # not built, or built before the fast path existed
     def softmax(x, dim, scale, causal):
         return None
 
     def rms_norm(input, normalized_shape, weight, eps):
+        return None
+
+    def layer_norm(input, normalized_shape, weight, bias, eps):
         return None
 
     def attention(q, k, v, dropout_p, is_causal, scale, enable_gqa):

@@ -47,6 +47,7 @@ def _calls(q, k, v, x, w):
     return {
         "softmax": lambda: fastattn.softmax(x, -1),
         "rms_norm": lambda: fastattn.rms_norm(x, (x.shape[-1],), w),
+        "layer_norm": lambda: fastattn.layer_norm(x, x.shape[-1:], w, w * 0.5),
         "attention": lambda: fastattn.scaled_dot_product_attention(q, k, v),
     }
 
@@ -61,7 +62,7 @@ def _inputs(requires_grad=False):
     return q, k, v, x, w
 
 
-@pytest.mark.parametrize("op", ["softmax", "rms_norm", "attention"])
+@pytest.mark.parametrize("op", ["softmax", "rms_norm", "layer_norm", "attention"])
 def test_plain_call_skips_the_general_path(monkeypatch, op):
     fn = _calls(*_inputs())[op]
     with selector_calls(monkeypatch, forbid=True):
@@ -71,7 +72,7 @@ def test_plain_call_skips_the_general_path(monkeypatch, op):
     assert torch.equal(out, no_grad_out)
 
 
-@pytest.mark.parametrize("op", ["softmax", "rms_norm", "attention"])
+@pytest.mark.parametrize("op", ["softmax", "rms_norm", "layer_norm", "attention"])
 def test_fast_path_logs_dispatch(op):
     fn = _calls(*_inputs())[op]
     with fastattn.record_dispatch() as calls, torch.no_grad():
@@ -100,7 +101,7 @@ def _declined_contexts():
     ]
 
 
-@pytest.mark.parametrize("op", ["softmax", "rms_norm", "attention"])
+@pytest.mark.parametrize("op", ["softmax", "rms_norm", "layer_norm", "attention"])
 @pytest.mark.parametrize("case", range(len(_declined_contexts())),
                          ids=[c[0] for c in _declined_contexts()])
 def test_declined_calls_take_the_general_path(monkeypatch, op, case):
@@ -149,11 +150,13 @@ def test_vmap_takes_the_general_path(monkeypatch):
     lambda x, q: fastattn.softmax(x[0], -1, causal=True),
     lambda x, q: fastattn.rms_norm(x, (7,)),
     lambda x, q: fastattn.rms_norm(x, x.shape[-1], torch.ones(3)),
+    lambda x, q: fastattn.layer_norm(x, (16,), None, torch.ones(2, 8)),
     lambda x, q: fastattn.scaled_dot_product_attention(q, q, q, scale=float("nan")),
     lambda x, q: fastattn.scaled_dot_product_attention(q, q, q, dropout_p=1.5),
     lambda x, q: fastattn.scaled_dot_product_attention(q, q[:, :2], q[:, :2]),
     lambda x, q: fastattn.scaled_dot_product_attention(q, q[..., :3], q),
-], ids=["softmax-dim", "softmax-causal-1d", "rms-shape", "rms-weight", "sdpa-scale",
+], ids=["softmax-dim", "softmax-causal-1d", "rms-shape", "rms-weight", "ln-bias",
+        "sdpa-scale",
         "sdpa-dropout", "sdpa-heads", "sdpa-key-dim"])
 def test_invalid_arguments_get_the_general_paths_errors(call):
     x, q = torch.randn(3, 16), torch.randn(1, 4, 5, 8)
@@ -171,7 +174,7 @@ def test_value_head_dim_other_than_query_runs_on_torch():
 
 def _random_case(rng):
     dtype = rng.choice(DTYPES)
-    op = rng.choice(["softmax", "rms_norm", "attention"])
+    op = rng.choice(["softmax", "rms_norm", "layer_norm", "attention"])
     if op == "attention":
         b, hkv, group = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 1, 2])
         sq, sk, d = rng.choice([1, 1, 2, 7]), rng.randint(1, 70), rng.choice([8, 16, 24, 64])
@@ -192,15 +195,19 @@ def _random_case(rng):
         return op, (x,), dict(dim=-1, scale=rng.choice([None, 0.5]),
                               causal=rng.random() < 0.3 and x.dim() >= 2)
     w = torch.randn(n, dtype=dtype) if rng.random() < 0.7 else None
+    if op == "layer_norm":
+        bias = torch.randn(n, dtype=dtype) if rng.random() < 0.7 else None
+        return op, (x, (n,), w, bias), dict(eps=rng.choice([1e-5, 1e-6]))
     return op, (x, (n,), w), dict(eps=rng.choice([None, 1e-6]))
 
 
 def _public(op):
     return {"softmax": fastattn.softmax, "rms_norm": fastattn.rms_norm,
+            "layer_norm": fastattn.layer_norm,
             "attention": fastattn.scaled_dot_product_attention}[op]
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(80))
 def test_fast_path_equals_general_path_bitwise(monkeypatch, seed):
     """Seeded random configurations: the fast path's output is bitwise the general path's
     (forced by an input that requires grad), and the fast path was taken."""
@@ -221,6 +228,8 @@ def test_fast_path_results_match_pytorch():
     with torch.no_grad():
         torch.testing.assert_close(fastattn.softmax(x, -1), torch.softmax(x, -1))
         torch.testing.assert_close(fastattn.rms_norm(x, (48,), w), F.rms_norm(x, (48,), w))
+        torch.testing.assert_close(fastattn.layer_norm(x, (48,), w, w),
+                                   F.layer_norm(x, (48,), w, w))
         torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v),
                                    F.scaled_dot_product_attention(q, k, v))
 
@@ -238,6 +247,7 @@ def test_without_the_extension_every_function_declines():
         "x = torch.randn(2, 4)\n"
         "assert _eager.softmax(x, -1, None, False) is None\n"
         "assert _eager.rms_norm(x, 4, None, None) is None\n"
+        "assert _eager.layer_norm(x, 4, None, None, 1e-5) is None\n"
         "assert _eager.attention(x, x, x, 0.0, False, None, False) is None\n"
         "with fastattn.record_dispatch() as calls, torch.no_grad():\n"
         "    y = fastattn.softmax(x, -1)\n"
