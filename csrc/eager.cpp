@@ -24,7 +24,6 @@
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -65,13 +64,16 @@ const at::Tensor* plain_cpu_tensor(PyObject* obj) {
   return &t;
 }
 
-bool equals_ascii_lower(const char* raw, const char* want) {
-  // $FASTATTN_BACKEND as fastattn._backend reads it: stripped, case-insensitive.
-  while (*raw && std::isspace(static_cast<unsigned char>(*raw))) ++raw;
+// $FASTATTN_BACKEND as fastattn._backend reads it: stripped, lower case.
+std::string normalised_env(const char* raw) {
   std::string s(raw);
-  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  const auto space = [](unsigned char c) { return std::isspace(c) != 0; };
+  while (!s.empty() && space(s.back())) s.pop_back();
+  size_t lead = 0;
+  while (lead < s.size() && space(s[lead])) ++lead;
+  s.erase(0, lead);
   for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s == want;
+  return s;
 }
 
 // Whether the backend in force for this call is `cpu` or `auto` (which picks `cpu` first for
@@ -88,8 +90,8 @@ bool cpu_backend_requested() {
   bool ok;
   if (name == Py_None) {
     const char* raw = std::getenv("FASTATTN_BACKEND");  // os.environ writes through to it
-    ok = raw == nullptr || equals_ascii_lower(raw, "") || equals_ascii_lower(raw, "auto") ||
-         equals_ascii_lower(raw, "cpu");
+    const std::string env = raw == nullptr ? std::string() : normalised_env(raw);
+    ok = env.empty() || env == "auto" || env == "cpu";
   } else {
     ok = PyUnicode_Check(name) && (PyUnicode_CompareWithASCIIString(name, "auto") == 0 ||
                                    PyUnicode_CompareWithASCIIString(name, "cpu") == 0);
@@ -188,6 +190,20 @@ struct ReleaseGil {
 // The call's result as a new reference, or None (not the fast path's case).
 PyObject* decline() { Py_RETURN_NONE; }
 
+// The accepted call: logs it for record_dispatch(), runs `compute` (-> at::Tensor) without the
+// GIL and below autograd (nothing needs a gradient), and returns its result to Python.
+template <typename Compute>
+PyObject* run_kernel(const char* op, Compute&& compute) {
+  if (!log_dispatch(op)) return nullptr;
+  at::Tensor result;
+  {
+    ReleaseGil no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    result = compute();
+  }
+  return THPVariable_Wrap(std::move(result));
+}
+
 // ------------------------------------------------------------------------------- softmax
 
 // softmax(x, dim, scale, causal): fastattn.softmax without a mask.
@@ -204,14 +220,9 @@ PyObject* eager_softmax(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int causal = PyObject_IsTrue(args[3]);
   if (causal < 0) return nullptr;
   if (causal && x->dim() < 2) return decline();
-  if (!log_dispatch("softmax")) return nullptr;
-  at::Tensor y;
-  {
-    ReleaseGil no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    y = softmax_kernel().call(*x, scale, std::nullopt, causal != 0);
-  }
-  return THPVariable_Wrap(std::move(y));
+  return run_kernel("softmax", [&] {
+    return softmax_kernel().call(*x, scale, std::nullopt, causal != 0);
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -285,15 +296,10 @@ PyObject* eager_rms_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   } else if (!as_finite_double(args[3], eps)) {
     return decline();
   }
-  if (!log_dispatch("rms_norm")) return nullptr;
-  at::Tensor y;
-  {
-    ReleaseGil no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return run_kernel("rms_norm", [&] {
     const at::Tensor rows = x->reshape({x->numel() / cols, cols}).contiguous();
-    y = std::get<0>(rms_norm_kernel().call(rows, flat[0], eps, std::nullopt)).view(x->sizes());
-  }
-  return THPVariable_Wrap(std::move(y));
+    return std::get<0>(rms_norm_kernel().call(rows, flat[0], eps, std::nullopt)).view(x->sizes());
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -308,16 +314,11 @@ PyObject* eager_layer_norm(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!norm_operands(args[0], args[1], {args[2], args[3]}, x, cols, flat)) return decline();
   double eps;
   if (!as_finite_double(args[4], eps)) return decline();
-  if (!log_dispatch("layer_norm")) return nullptr;
-  at::Tensor y;
-  {
-    ReleaseGil no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return run_kernel("layer_norm", [&] {
     const at::Tensor rows = x->reshape({x->numel() / cols, cols}).contiguous();
-    y = std::get<0>(layer_norm_kernel().call(rows, flat[0], flat[1], eps, std::nullopt))
-            .view(x->sizes());
-  }
-  return THPVariable_Wrap(std::move(y));
+    return std::get<0>(layer_norm_kernel().call(rows, flat[0], flat[1], eps, std::nullopt))
+        .view(x->sizes());
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -348,17 +349,12 @@ PyObject* eager_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (causal < 0) return nullptr;
   double scale = 1.0 / std::sqrt(static_cast<double>(d));
   if (args[5] != Py_None && !as_finite_double(args[5], scale)) return decline();
-  if (!log_dispatch("attention")) return nullptr;
-  at::Tensor out;
-  {
-    ReleaseGil no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    out = std::get<0>(attention_kernel().call(*q, *k, *v, std::nullopt, scale, causal != 0,
-                                              /*bottom_right=*/false, -1, -1, 0.0,
-                                              std::nullopt, 0.0, 0, 0))
-              .contiguous();
-  }
-  return THPVariable_Wrap(std::move(out));
+  return run_kernel("attention", [&] {
+    return std::get<0>(attention_kernel().call(*q, *k, *v, std::nullopt, scale, causal != 0,
+                                               /*bottom_right=*/false, -1, -1, 0.0,
+                                               std::nullopt, 0.0, 0, 0))
+        .contiguous();
+  });
   END_HANDLE_TH_ERRORS
 }
 
