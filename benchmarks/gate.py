@@ -24,7 +24,7 @@ import sys
 import torch
 
 from . import machine, runner
-from .cases import build_cases
+from .cases import MODEL_OPS, OPS, build_cases
 
 BASELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baseline.json")
 TOLERANCE = 0.20
@@ -50,7 +50,10 @@ GATE_CASES = (
     # packed training step vs the padded fastattn call on the same tokens (cases/varlen.py)
     "varlen/causal vs-padded/B=16,H=8,D=64,T=8588,S=855/fp32/fwd+bwd/cpu",
 )
-GATE_CASES += ("kvcache/decode/B=4,H=32,Hkv=8,S=4096,D=128/fp32/fwd/cpu",)
+# One-token decode over a 4096-token cache against a copy of the cache (cases/kvcache.py): the
+# ratio against SDPA drifts 3.0x-6.9x between runs with SDPA's own time, so it is reported by
+# `python -m benchmarks --ops kvcache` but not gated.
+GATE_CASES += ("kvcache/decode vs-copy/B=4,H=32,Hkv=8,S=4096,D=128/fp32/fwd/cpu",)
 # Per-call overhead on tiny inputs (cases/overhead.py): held to the baseline like every case
 # and, whatever the baseline says, to issue #13's bar: fastattn within 1.5x of PyTorch's time.
 OVERHEAD_CASES = (
@@ -60,10 +63,19 @@ OVERHEAD_CASES = (
 )
 GATE_CASES += OVERHEAD_CASES
 FLOORS = {case: 1 / 1.5 for case in OVERHEAD_CASES}
+# Whole models (cases/hf.py): a small Llama run by transformers with fastattn.patch against
+# the same model with attn_implementation="sdpa" - a training step, greedy generation (tokens
+# must be identical) and a packed training step against the padded one.
+HF_CASES = (
+    "hf/llama-train/B=4,S=512/fp32/fwd+bwd/cpu",
+    "hf/llama-generate/B=4,prompt=512,new=64/fp32/fwd/cpu",
+    "hf/llama-packed/N=8,tokens=3024,max=1024/fp32/fwd+bwd/cpu",
+)
+GATE_CASES += HF_CASES
 
 
 def gate_cases():
-    by_id = {c.id: c for c in build_cases("cpu", quick=False)}
+    by_id = {c.id: c for c in build_cases("cpu", quick=False, ops=OPS + MODEL_OPS)}
     missing = [i for i in GATE_CASES if i not in by_id]
     if missing:
         raise RuntimeError(f"gate cases not defined in benchmarks/cases: {missing}")

@@ -135,11 +135,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const std::optional<at::Tensor>& mask, double scale, bool causal, bool bottom_right,
     int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& key_lengths, double dropout_p, int64_t seed,
-    int64_t offset) {
+    int64_t offset, const std::optional<at::Tensor>& alibi_slopes) {
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, mask, scale, causal, bottom_right, window_left,
                                   window_right, softcap, key_lengths, dropout_p, seed, offset,
                                   keep);
+  p.alibi = alibi_slopes_ptr(alibi_slopes, p.B, p.H, q, "attention (cpu)");
   at::Tensor out = at::empty({p.B, p.H, p.Sq, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.Sq}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
@@ -154,12 +155,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& mask,
     double scale, bool causal, bool bottom_right, int64_t window_left, int64_t window_right,
     double softcap, const std::optional<at::Tensor>& key_lengths, bool mask_needs_grad,
-    double dropout_p, int64_t seed, int64_t offset) {
+    double dropout_p, int64_t seed, int64_t offset,
+    const std::optional<at::Tensor>& alibi_slopes) {
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, mask, scale, causal, bottom_right, window_left,
                                   window_right, softcap, key_lengths, dropout_p, seed, offset,
                                   keep);
   constexpr const char* fn = "attention_backward (cpu)";
+  p.alibi = alibi_slopes_ptr(alibi_slopes, p.B, p.H, q, fn);
   check_cpu_tensor(dout_in, fn, "dout", q.scalar_type(), q.sizes(), "of q's shape");
   check_cpu_tensor(out_in, fn, "out", q.scalar_type(), q.sizes(), "of q's shape");
   check_cpu_tensor(lse_in, fn, "lse", at::kFloat, {p.B, p.H, p.Sq}, "(B, H, Sq)");
@@ -230,12 +233,13 @@ at::Tensor attention_dropout_mask_cpu(int64_t B, int64_t H, int64_t Sq, int64_t 
 TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, "
         "bool bottom_right, int window_left, int window_right, float softcap, "
-        "Tensor? key_lengths, float dropout_p, int seed, int offset) -> (Tensor out, Tensor lse)");
+        "Tensor? key_lengths, float dropout_p, int seed, int offset, "
+        "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? mask, float scale, bool causal, bool bottom_right, int window_left, "
         "int window_right, float softcap, Tensor? key_lengths, bool mask_needs_grad, "
-        "float dropout_p, int seed, int offset) -> (Tensor dq, Tensor dk, Tensor dv, "
-        "Tensor dmask)");
+        "float dropout_p, int seed, int offset, Tensor? alibi_slopes=None) -> (Tensor dq, "
+        "Tensor dk, Tensor dv, Tensor dmask)");
   // Probabilities exp(s - lse) from the forward's lse (need_weights=True), per head
   // (B, H, Sq, Sk) or averaged over heads (B, Sq, Sk).
   m.def("attention_weights_forward(Tensor q, Tensor k, Tensor lse, Tensor? mask, float scale, "

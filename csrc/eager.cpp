@@ -177,7 +177,7 @@ const auto& attention_kernel() {
           .typed<std::tuple<at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, double,
               bool, bool, int64_t, int64_t, double, const OptTensor&, double, int64_t,
-              int64_t)>();
+              int64_t, const OptTensor&)>();
   return op;
 }
 
@@ -352,7 +352,8 @@ PyObject* eager_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return run_kernel("attention", [&] {
     return std::get<0>(attention_kernel().call(*q, *k, *v, std::nullopt, scale, causal != 0,
                                                /*bottom_right=*/false, -1, -1, 0.0,
-                                               std::nullopt, 0.0, 0, 0))
+                                               std::nullopt, 0.0, 0, 0,
+                                               /*alibi_slopes=*/std::nullopt))
         .contiguous();
   });
   END_HANDLE_TH_ERRORS

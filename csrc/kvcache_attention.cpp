@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_forward(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& seqlens_in, const std::optional<at::Tensor>& block_table_in,
     const std::optional<at::Tensor>& batch_idx_in, int64_t seqlen_new, double scale,
-    bool causal, int64_t window_left, int64_t window_right, double softcap) {
+    bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   cpu::KVCacheParams p;
   p.dtype = check_qkv_cpu(q_in, k_in, v_in, 4, kFn, "(batch, seq, heads, D)", "k_cache",
                           "v_cache");
@@ -108,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_forward(
   p.causal = causal;
   p.window_left = window_left;
   p.window_right = window_right;
+  p.alibi = alibi_slopes_ptr(alibi_slopes, B, H, q_in, kFn);
   p.out = out.data_ptr();
   p.o_sb = out.stride(0);
   p.o_ss = out.stride(1);
@@ -122,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_attention_forward(
 TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("kvcache_attention_forward(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens,"
         " Tensor? block_table, Tensor? cache_batch_idx, int seqlen_new, float scale, bool causal,"
-        " int window_left, int window_right, float softcap) -> (Tensor, Tensor)");
+        " int window_left, int window_right, float softcap, Tensor? alibi_slopes=None)"
+        " -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {

@@ -98,11 +98,12 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
     const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed,
-    int64_t offset) {
+    int64_t offset, const std::optional<at::Tensor>& alibi_slopes) {
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal,
                                   window_left, window_right, softcap, dropout_p, seed, offset,
                                   keep);
+  p.alibi = alibi_slopes_ptr(alibi_slopes, p.B, p.H, q, kFn);
   at::Tensor out = at::empty({p.total_q, p.H, p.D}, q.options());
   at::Tensor lse = at::empty({p.H, p.total_q}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
@@ -117,11 +118,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward_cpu(
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_q,
     const at::Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, bool causal,
     int64_t window_left, int64_t window_right, double softcap, double dropout_p, int64_t seed,
-    int64_t offset) {
+    int64_t offset, const std::optional<at::Tensor>& alibi_slopes) {
   std::vector<at::Tensor> keep;
   AttentionParams p = make_params(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal,
                                   window_left, window_right, softcap, dropout_p, seed, offset,
                                   keep);
+  p.alibi = alibi_slopes_ptr(alibi_slopes, p.B, p.H, q, kFn);
   check_cpu_tensor(dout_in, kFn, "dout", q.scalar_type(), q.sizes(), "of q's shape");
   check_cpu_tensor(out_in, kFn, "out", q.scalar_type(), q.sizes(), "of q's shape");
   check_cpu_tensor(lse_in, kFn, "lse", at::kFloat, {p.H, p.total_q}, "(H, total_q)");
@@ -157,12 +159,12 @@ TORCH_LIBRARY_FRAGMENT(fastattn_kernels, m) {
   m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
         "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal, "
         "int window_left, int window_right, float softcap, float dropout_p, int seed, "
-        "int offset) -> (Tensor out, Tensor lse)");
+        "int offset, Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def("varlen_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
         "int max_seqlen_k, float scale, bool causal, int window_left, int window_right, "
-        "float softcap, float dropout_p, int seed, int offset) -> (Tensor dq, Tensor dk, "
-        "Tensor dv)");
+        "float softcap, float dropout_p, int seed, int offset, Tensor? alibi_slopes=None) "
+        "-> (Tensor dq, Tensor dk, Tensor dv)");
 }
 
 TORCH_LIBRARY_IMPL(fastattn_kernels, CPU, m) {

@@ -26,6 +26,14 @@ _KERNEL_OPS = {
 }
 
 
+# The kernel ops that take alibi_slopes (a float32 (B, H) tensor or None), per fastattn op.
+_ALIBI_KERNEL_OPS = {
+    "attention": ("attention_forward", "attention_backward"),
+    "varlen_attention": ("varlen_attention_forward", "varlen_attention_backward"),
+    "kvcache_attention": ("kvcache_attention_forward",),
+}
+
+
 def _kernel_ops(op):
     return _KERNEL_OPS.get(op, (f"{op}_forward",))
 
@@ -59,6 +67,20 @@ def _rotary_takes_positions():
     return any(a.name == "positions" for a in schema.arguments)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_alibi(op):
+    """Whether op's kernel schemas have the alibi_slopes argument (builds before it do not)."""
+    return all(any(a.name == "alibi_slopes"
+                   for a in getattr(torch.ops.fastattn_kernels, n).default._schema.arguments)
+               for n in _ALIBI_KERNEL_OPS[op])
+
+
+def _alibi(slopes):
+    """The trailing alibi_slopes argument of a kernel call: omitted when None, so a build
+    without ALiBi still runs every other case."""
+    return () if slopes is None else (slopes,)
+
+
 def _cuda_compiled():
     if not _has_op("build_info"):
         return False
@@ -85,9 +107,16 @@ def unsupported(op, **case):
             return "fastattn._C was built without CUDA kernels"
         if not _has_cuda_kernel(op):
             return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
+        if case.get("alibi"):  # ALiBi is in the CPU kernels only
+            return "alibi_slopes (the CUDA kernels take no ALiBi; use the triton backend)"
     if (op == "attention" and case.get("dropout_p", 0.0) > 0
             and not _has_op("attention_dropout_mask")):
         return "fastattn._C was built without attention dropout (rebuild it)"
+    if case.get("alibi"):
+        if op not in _ALIBI_KERNEL_OPS:
+            return f"alibi_slopes (no ALiBi in the {op} kernels)"
+        if not _takes_alibi(op):
+            return "fastattn._C was built without ALiBi (rebuild it)"
     if op == "rotary" and case.get("positions") and not _rotary_takes_positions():
         return "fastattn._C was built without rotary positions (rebuild it)"
     if op in ("attention", "varlen_attention") and case.get("v_head_dim", case.get("head_dim")) != case.get("head_dim"):
@@ -115,19 +144,19 @@ def dropout_keep_mask(shape, dropout_p, seed, offset, device):
 
 
 def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, window_right,
-                      softcap, key_lengths, dropout_p, seed, offset):
+                      softcap, key_lengths, dropout_p, seed, offset, alibi_slopes=None):
     return _ops().attention_forward(q, k, v, *_attention_args(
         mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
-        *_dropout_args(dropout_p, seed, offset))
+        *_dropout_args(dropout_p, seed, offset), *_alibi(alibi_slopes))
 
 
 def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignment, window_left,
                        window_right, softcap, key_lengths, dropout_p, seed, offset,
-                       deterministic, mask_needs_grad):
+                       deterministic, mask_needs_grad, alibi_slopes=None):
     # The CPU backward uses no atomics: it is deterministic whatever `deterministic` says.
     dq, dk, dv, dmask = _ops().attention_backward(dout, q, k, v, out, lse, *_attention_args(
         mask, scale, causal, alignment, window_left, window_right, softcap, key_lengths),
-        bool(mask_needs_grad), *_dropout_args(dropout_p, seed, offset))
+        bool(mask_needs_grad), *_dropout_args(dropout_p, seed, offset), *_alibi(alibi_slopes))
     return dq, dk, dv, (dmask if mask_needs_grad else None)
 
 
@@ -149,21 +178,22 @@ def varlen_dropout_keep_mask(batch, heads, max_seqlen_q, max_seqlen_k, dropout_p
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale,
-                   causal, window_left, window_right, softcap, dropout_p, seed, offset):
+                   causal, window_left, window_right, softcap, dropout_p, seed, offset,
+                   alibi_slopes=None):
     return _ops().varlen_attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), float(scale),
         bool(causal), int(window_left), int(window_right), float(softcap),
-        *_dropout_args(dropout_p, seed, offset))
+        *_dropout_args(dropout_p, seed, offset), *_alibi(alibi_slopes))
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, *, scale, causal, window_left, window_right, softcap, dropout_p,
-                    seed, offset, deterministic):
+                    seed, offset, deterministic, alibi_slopes=None):
     # No atomics in the CPU backward: deterministic whatever `deterministic` says.
     return _ops().varlen_attention_backward(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
         int(max_seqlen_k), float(scale), bool(causal), int(window_left), int(window_right),
-        float(softcap), *_dropout_args(dropout_p, seed, offset))
+        float(softcap), *_dropout_args(dropout_p, seed, offset), *_alibi(alibi_slopes))
 
 # ------------------------------------------------------------------ merge_attention_states
 
@@ -241,7 +271,8 @@ def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out=
 
 def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new, block_table,
                               cache_batch_idx, scale, causal, window_left, window_right,
-                              softcap):
+                              softcap, alibi_slopes=None):
     return _ops().kvcache_attention_forward(
         q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, int(seqlen_new),
-        float(scale), bool(causal), int(window_left), int(window_right), float(softcap))
+        float(scale), bool(causal), int(window_left), int(window_right), float(softcap),
+        *_alibi(alibi_slopes))

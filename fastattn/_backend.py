@@ -17,6 +17,9 @@ import os
 import torch
 
 from . import _ext
+from .kernels import _compat as _kernels_compat   # triton-free
+
+_in_triton_op = _kernels_compat._in_triton_op     # set while a fastattn_triton op's body runs
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 ENV_VAR = "FASTATTN_BACKEND"
@@ -210,8 +213,16 @@ def eager_call(op, impl, backend, *args):
     """op(*args), or impl(*args) (the op's own implementation) when nothing needs the custom op:
     an eager call (not traced by torch.compile) on plain tensors none of which needs a
     gradient, on a backend in _DIRECT_BACKENDS. The custom-op dispatch costs ~13 us a call,
-    more than some of the kernels behind it at small sizes."""
-    if backend in _DIRECT_BACKENDS and not torch.compiler.is_compiling():
+    more than some of the kernels behind it at small sizes.
+
+    Traced by torch.compile on the triton backend, it calls the op's `triton_twin` instead
+    (fastattn/ops/_triton.py), where the op has one: the graph then holds the Triton kernels
+    themselves, not an opaque op. This is the one place that makes that choice."""
+    if torch.compiler.is_compiling():
+        if backend == "triton":
+            op = getattr(op, "triton_twin", op)
+        return op(*args)
+    if backend in _DIRECT_BACKENDS:
         grad = torch.is_grad_enabled()
         for a in args:
             if isinstance(a, torch.Tensor) and (
@@ -227,7 +238,18 @@ def log_dispatch(op, backend):
     """Record that `op` runs on `backend` in every active record_dispatch() block. Called by the
     body of each forward op (fastattn/ops/*.py) as it runs: eagerly, through the custom op, and
     from torch.compile'd graphs (custom ops are opaque to the compiler; their bodies run at
-    run time, not while tracing)."""
+    run time, not while tracing). The body of a fastattn_triton op (fastattn/ops/_triton.py) is
+    traced into the graph instead: there the entry is made by an effectful op in the graph,
+    torch.ops.fastattn_triton.log_dispatch, so it too is logged each time the graph runs."""
+    if _in_triton_op.get() and _kernels_compat.tracing_triton_op():   # the flag: ~40 ns
+        torch.ops.fastattn_triton.log_dispatch(op, backend)
+        return
+    for log in _dispatch_logs.get():
+        log.append((op, backend))
+
+
+def append_dispatch(op, backend):
+    """Append (op, backend) to every active record_dispatch() log."""
     for log in _dispatch_logs.get():
         log.append((op, backend))
 

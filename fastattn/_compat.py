@@ -14,6 +14,10 @@ import torch
 TORCH_FLOOR = (2, 6)
 # torch.library APIs fastattn.ops calls at import time
 REQUIRED_LIBRARY_APIS = ("custom_op", "register_fake", "register_autograd")
+# ... and those of the triton twins (fastattn/ops/_triton.py), both from torch 2.6: on an older
+# torch (untested) no twin is registered and compiled graphs keep the opaque fastattn ops
+TRITON_OP_APIS = ("triton_op", "wrap_triton")
+HAS_TRITON_OP = all(hasattr(torch.library, name) for name in TRITON_OP_APIS)
 
 
 def parse_version(text):
@@ -45,3 +49,12 @@ def check_torch(version=None, library=None):
 
 
 check_torch()
+
+
+def register_ordered_effect(op):
+    """Mark the OpOverload `op` as having an ordered side effect, so that torch.compile keeps
+    it in the graph (threaded through effect tokens) although it returns nothing. The private
+    torch._higher_order_ops.effects._register_effectful_op has this form from torch 2.6 on (it
+    is also torch.library._register_effectful_op from 2.9)."""
+    from torch._higher_order_ops import effects
+    effects._register_effectful_op(op, effects._EffectType.ORDERED)

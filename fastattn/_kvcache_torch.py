@@ -31,8 +31,9 @@ def visibility(lengths, sq, s_cap, causal, window_left, window_right):
 
 def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new, block_table,
                               cache_batch_idx, scale, causal, window_left, window_right,
-                              softcap):
-    """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32."""
+                              softcap, alibi_slopes=None):
+    """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32. alibi_slopes: None or fp32 (B, H):
+    -slope[b, h] * |L_b - Sq + i - j| added to every score (bottom-right positions)."""
     b, sq, h, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
     k = gather_cache(k_cache, block_table, cache_batch_idx, b).to(acc)
@@ -46,6 +47,11 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     lengths = cache_seqlens.to(torch.int64) + seqlen_new
+    if alibi_slopes is not None:
+        j = torch.arange(s_cap, device=q.device).view(1, 1, s_cap)
+        pos = (lengths.view(-1, 1, 1) - sq) + torch.arange(sq, device=q.device).view(1, sq, 1)
+        dist = (pos - j).abs().to(acc).unsqueeze(1)                     # (B, 1, Sq, S)
+        s = s - alibi_slopes.to(acc)[:, :, None, None] * dist
     vis = visibility(lengths, sq, s_cap, causal, window_left, window_right)
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                     # (B, H, Sq)

@@ -25,7 +25,8 @@ def dropout_keep_mask(shape, dropout_p, seed, offset, device):
 
 
 def _reference_attention(q, k, v, mask, scale, causal, alignment, window_left, window_right,
-                         softcap, key_lengths, dropout_p, seed, offset, return_lse):
+                         softcap, key_lengths, dropout_p, seed, offset, return_lse,
+                         alibi_slopes=None):
     keep = None
     if dropout_p > 0:
         b, h, sq, _ = q.shape
@@ -34,11 +35,12 @@ def _reference_attention(q, k, v, mask, scale, causal, alignment, window_left, w
                                alignment=alignment, window_left=window_left,
                                window_right=window_right, softcap=softcap,
                                key_lengths=key_lengths, dropout_mask=keep,
-                               dropout_p=dropout_p, return_lse=return_lse)
+                               dropout_p=dropout_p, return_lse=return_lse,
+                               alibi_slopes=alibi_slopes)
 
 
 def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, window_right,
-                      softcap, key_lengths, dropout_p, seed, offset):
+                      softcap, key_lengths, dropout_p, seed, offset, alibi_slopes=None):
     # Computed in fp32 (fp64 stays fp64) and rounded once at the end, as the kernels do
     # (contract: accumulate in fp32). In the input dtype, fp16/bf16 scores and probabilities
     # are rounded before the softmax, and the backward (fp32, from this lse) then differs from
@@ -48,13 +50,14 @@ def attention_forward(q, k, v, *, mask, scale, causal, alignment, window_left, w
     with torch.no_grad():
         out, lse = _reference_attention(q.to(acc), k.to(acc), v.to(acc), m, scale, causal,
                                         alignment, window_left, window_right, softcap,
-                                        key_lengths, dropout_p, seed, offset, return_lse=True)
+                                        key_lengths, dropout_p, seed, offset, return_lse=True,
+                                        alibi_slopes=alibi_slopes)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
 def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignment, window_left,
                        window_right, softcap, key_lengths, dropout_p, seed, offset,
-                       deterministic, mask_needs_grad, _keep=None):
+                       deterministic, mask_needs_grad, _keep=None, alibi_slopes=None):
     # _keep: the dropout keep-mask to use instead of regenerating it (varlen_backward).
     # Explicit FlashAttention backward math on materialised scores (custom-op bodies run below
     # autograd, so the reference cannot be differentiated here).
@@ -67,6 +70,9 @@ def attention_backward(dout, q, k, v, out, lse, *, mask, scale, causal, alignmen
     raw = torch.matmul(qf, kf.transpose(-2, -1)) * scale                 # (B, H, Sq, Sk)
     capped = softcap * torch.tanh(raw / softcap) if softcap > 0 else raw
     scores = capped if mask is None or mask.dtype == torch.bool else capped + mask.to(acc)
+    if alibi_slopes is not None:                       # a constant: no gradient of its own
+        shift = sk - sq if alignment == "bottom_right" else 0
+        scores = scores + reference.alibi_bias(alibi_slopes, sq, sk, shift, acc)
     visible = reference.attention_visibility(sq, sk, causal=causal, alignment=alignment,
                                              window_left=window_left, window_right=window_right,
                                              device=q.device).expand(b, h, sq, sk)
@@ -115,7 +121,8 @@ def varlen_dropout_keep_mask(batch, heads, max_seqlen_q, max_seqlen_k, dropout_p
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale,
-                   causal, window_left, window_right, softcap, dropout_p, seed, offset):
+                   causal, window_left, window_right, softcap, dropout_p, seed, offset,
+                   alibi_slopes=None):
     keep = None
     if dropout_p > 0:
         keep = varlen_dropout_keep_mask(cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q,
@@ -127,13 +134,13 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         out, lse = reference.varlen_attention(
             q.to(acc), k.to(acc), v.to(acc), cu_seqlens_q, cu_seqlens_k, scale=scale,
             causal=causal, window_left=window_left, window_right=window_right, softcap=softcap,
-            dropout_mask=keep, dropout_p=dropout_p, return_lse=True)
+            dropout_mask=keep, dropout_p=dropout_p, return_lse=True, alibi_slopes=alibi_slopes)
     return out.to(q.dtype).contiguous(), lse.float().contiguous()
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, *, scale, causal, window_left, window_right, softcap, dropout_p,
-                    seed, offset, deterministic):
+                    seed, offset, deterministic, alibi_slopes=None):
     """Per-sequence loop over attention_backward (bottom-right): (dq, dk, dv)."""
     cu_q = [int(x) for x in cu_seqlens_q.tolist()]
     cu_k = [int(x) for x in cu_seqlens_k.tolist()]
@@ -153,7 +160,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
             alignment="bottom_right", window_left=window_left, window_right=window_right,
             softcap=softcap, key_lengths=None, dropout_p=dropout_p, seed=seed, offset=offset,
             deterministic=deterministic, mask_needs_grad=False,
-            _keep=None if keep is None else keep[b:b + 1, :, :qe - qa, :ke - ka])
+            _keep=None if keep is None else keep[b:b + 1, :, :qe - qa, :ke - ka],
+            alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1])
         dq[qa:qe] = g[0][0].transpose(0, 1)
         dk[ka:ke] = g[1][0].transpose(0, 1)
         dv[ka:ke] = g[2][0].transpose(0, 1)

@@ -95,10 +95,11 @@ def attention_backward_with_lse(dout, q, k, v, out, lse, *, scale=None, is_causa
         q, k, v, causal=bool(is_causal), bottom_right=causal_alignment == "bottom_right",
         window_left=window[0], window_right=window[1], softcap=float(softcap),
         deterministic=bool(deterministic))
-    with torch.no_grad():
-        dq, dk, dv, _ = _attention_ops.attention_backward_op(
-            dout.detach().contiguous(), q.detach(), k.detach(), v.detach(), out.detach(),
-            lse.detach(), None, None, None, scale, bool(is_causal),
+    with torch.no_grad():          # (the backward op's triton twin under torch.compile)
+        dq, dk, dv, _ = _backend.eager_call(
+            _attention_ops.attention_backward_op, _attention_ops.attention_backward_impl,
+            backend, dout.detach().contiguous(), q.detach(), k.detach(), v.detach(),
+            out.detach(), lse.detach(), None, None, None, scale, bool(is_causal),
             causal_alignment == "bottom_right", window[0], window[1], float(softcap), 0.0,
             bool(deterministic), False, backend)
     return dq, dk, dv

@@ -6,10 +6,12 @@
 Same names, signatures, layouts ((batch, seqlen, nheads, headdim); varlen (total, nheads, headdim)
 with int32 cu_seqlens) and semantics as flash-attn 2: causal masks and sliding windows are
 aligned bottom-right, window_size=(left, right) with -1 = unbounded, softcap > 0 soft-caps the
-scores, GQA/MQA when the key/value head count divides the query head count.
+scores, GQA/MQA when the key/value head count divides the query head count. alibi_slopes
+(float32 (nheads,) or (batch, nheads)) adds -slope * |i + seqlen_k - seqlen_q - j| to the
+score of query i and key j (after softcap, bottom-right positions, per sequence for varlen),
+in the kernels of every backend; the slopes get no gradient.
 
 What differs, always with a ValueError naming the argument, never silently:
-  - alibi_slopes is not supported yet (no ALiBi bias in the kernels).
   - return_attn_probs=True is not supported (flash-attn documents its S_dmask as a testing aid
     with unreliable scaling; use fastattn.MultiHeadAttention(need_weights=True) for weights).
   - flash_attn_varlen_func(block_table=...) (paged varlen) and
@@ -31,10 +33,7 @@ __all__ = [
 ]
 
 
-def _reject_unsupported(alibi_slopes=None, return_attn_probs=False):
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes is not supported by fastattn.flash_attn yet; pass "
-                         "alibi_slopes=None")
+def _reject_unsupported(return_attn_probs=False):
     if return_attn_probs:
         raise ValueError("return_attn_probs=True is not supported by fastattn.flash_attn; use "
                          "fastattn.MultiHeadAttention(need_weights=True) for attention weights")
@@ -67,7 +66,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     [i + Sk - Sq - window_size[0], i + Sk - Sq + window_size[1]] (and none past i + Sk - Sq
     when causal). A query row with no visible key gives 0.
     """
-    _reject_unsupported(alibi_slopes, return_attn_probs)
+    _reject_unsupported(return_attn_probs)
     _check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
     _check_rank("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
     _check_rank("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
@@ -75,7 +74,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
         is_causal=bool(causal), scale=softmax_scale, enable_gqa=True,
         window=_window(window_size), softcap=softcap, causal_alignment="bottom_right",
-        deterministic=bool(deterministic))
+        deterministic=bool(deterministic), alibi_slopes=alibi_slopes)
     return out.transpose(1, 2).contiguous()                     # (B, Sq, H, D)
 
 
@@ -114,7 +113,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """flash-attn's flash_attn_varlen_func: q (total_q, H, D), k/v (total_k, Hkv, D),
     cu_seqlens_* int32 (B + 1,) -> out (total_q, H, D); causal/window bottom-right per sequence.
     """
-    _reject_unsupported(alibi_slopes, return_attn_probs)
+    _reject_unsupported(return_attn_probs)
     if block_table is not None:
         raise ValueError("block_table (a paged varlen KV cache) is not supported by "
                          "fastattn.flash_attn.flash_attn_varlen_func; use "
@@ -123,7 +122,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             dropout_p=dropout_p, scale=softmax_scale, is_causal=bool(causal),
                             window=_window(window_size), softcap=softcap,
-                            deterministic=bool(deterministic))
+                            deterministic=bool(deterministic), alibi_slopes=alibi_slopes)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
@@ -174,7 +173,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     at cache_seqlens. cache_seqlens: int or int32 (B,); None means the whole cache is filled
     (only without k/v and block_table). Returns out (B, Sq, H, D) [, lse (B, H, Sq) fp32].
     """
-    _reject_unsupported(alibi_slopes)
     if cache_leftpad is not None:
         raise ValueError("cache_leftpad is not supported by fastattn.flash_attn; left-pad with "
                          "cache_seqlens per sequence instead")
@@ -203,4 +201,5 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, block_table=block_table,
         cache_batch_idx=cache_batch_idx, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, scale=softmax_scale, is_causal=bool(causal),
-        window=window, softcap=softcap, return_lse=bool(return_softmax_lse))
+        window=window, softcap=softcap, return_lse=bool(return_softmax_lse),
+        alibi_slopes=alibi_slopes)

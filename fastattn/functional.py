@@ -10,6 +10,7 @@ import math
 import torch
 
 from . import _backend, _checks, _eager
+from ._alibi import check_alibi_slopes
 from .ops import attention as _attention_ops
 from .ops import layer_norm as _layer_norm_ops
 from .ops import rotary as _rotary_ops
@@ -49,7 +50,7 @@ def _check_key_lengths(key_lengths, b, sk, device):
 
 
 def _empty_head_dim_attention(query, key, value, mask, key_lengths, is_causal, alignment,
-                              window_left, window_right, softcap):
+                              window_left, window_right, softcap, alibi_slopes=None):
     """Head dim 0 (PyTorch returns an empty output): no kernel runs. The output is the empty
     (B, H, Sq, 0) tensor and lse the log-sum-exp of the scores, which are 0 (+ a float mask),
     over the visible keys; written with torch ops so autograd still reaches every input."""
@@ -60,14 +61,16 @@ def _empty_head_dim_attention(query, key, value, mask, key_lengths, is_causal, a
     out, lse = reference.attention(query, k, v, mask=mask, scale=1.0, causal=is_causal,
                                    alignment=alignment, window_left=window_left,
                                    window_right=window_right, softcap=softcap,
-                                   key_lengths=key_lengths, return_lse=True)
+                                   key_lengths=key_lengths, return_lse=True,
+                                   alibi_slopes=alibi_slopes)
     return out, lse.float()
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, *, scale=None, enable_gqa=False,
                                  window=None, softcap=0.0, causal_alignment="top_left",
-                                 key_lengths=None, return_lse=False, deterministic=False):
+                                 key_lengths=None, return_lse=False, deterministic=False,
+                                 alibi_slopes=None):
     """Drop-in for torch.nn.functional.scaled_dot_product_attention on fused kernels.
 
     Same signature as PyTorch's (whose native schema makes `scale` and `enable_gqa`
@@ -91,13 +94,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         bitwise equal gradients. Every backend keeps it (none uses atomics), so the flag never
         raises: `triton` always (one autotuned config per process), `cpu` for a fixed
         torch.get_num_threads() (the thread count picks how dQ is split), `torch` always.
+      alibi_slopes: float32 (H,) or (B, H) on query's device, or None: ALiBi (flash-attn 2's),
+        score (i, j) of head h gets -alibi_slopes[b, h] * |i + shift - j| added after softcap,
+        shift being causal_alignment's diagonal (0 top-left, Sk - Sq bottom-right); masks still
+        apply. No gradient flows to the slopes (slopes that require grad raise).
 
     Validation does not depend on the backend: window entries must be >= 0 or -1, softcap and
     scale finite (softcap >= 0), key_lengths within [0, Sk]. Head dim 0 returns the empty
     output (B, H, Sq, 0), as PyTorch does, without running a kernel.
     """
     if (attn_mask is None and window is None and key_lengths is None and not return_lse
-            and softcap == 0.0 and causal_alignment == "top_left"
+            and softcap == 0.0 and causal_alignment == "top_left" and alibi_slopes is None
             and not torch.compiler.is_compiling()):
         out = _eager.attention(query, key, value, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
@@ -155,10 +162,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask = _checks.broadcast_to("attn_mask", mask, (b, h, sq, sk))
     if key_lengths is not None:
         key_lengths = _check_key_lengths(key_lengths, b, sk, query.device)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, b, h, query.device)
     if d == 0:
         out, lse = _empty_head_dim_attention(query, key, value, mask, key_lengths,
                                              bool(is_causal), causal_alignment, window_left,
-                                             window_right, softcap)
+                                             window_right, softcap, alibi_slopes)
         if unbatched:
             out, lse = out.squeeze(0), lse.squeeze(0)
         return (out, lse) if return_lse else out
@@ -167,7 +175,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         query, key, value, mask=mask, key_lengths=key_lengths, scale=scale,
         causal=bool(is_causal), bottom_right=causal_alignment == "bottom_right",
         window_left=window_left, window_right=window_right, softcap=softcap,
-        dropout_p=dropout_p, deterministic=bool(deterministic))
+        dropout_p=dropout_p, deterministic=bool(deterministic), alibi_slopes=alibi_slopes)
     if unbatched:
         out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse) if return_lse else out

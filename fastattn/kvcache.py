@@ -6,6 +6,8 @@ import math
 import torch
 
 from . import _backend, _checks
+from ._alibi import check_alibi_slopes
+from .ops import attention as _attention_ops
 from .ops import kvcache_attention as _ops
 
 KVCACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -14,7 +16,7 @@ KVCACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, block_table=None,
                       cache_batch_idx=None, rotary_cos=None, rotary_sin=None,
                       rotary_interleaved=False, scale=None, is_causal=True, window=None,
-                      softcap=0.0, return_lse=False):
+                      softcap=0.0, return_lse=False, alibi_slopes=None):
     """Attention of q to a KV cache, appending new keys/values in place first (inference only).
 
     q: (B, Sq, H, D).
@@ -42,6 +44,9 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
     softcap: logits = softcap * tanh(logits / softcap) (0 = off).
     return_lse: also return lse (B, H, Sq) fp32, natural log (flash-attn's softmax_lse layout);
       -inf for rows that see no key (their output is 0).
+    alibi_slopes: float32 (H,) or (B, H) on q's device, or None: ALiBi (flash-attn 2's), the
+      score of query i (at position L_b - Sq + i) and cache position j of head h gets
+      -alibi_slopes[b, h] * |L_b - Sq + i - j| added after softcap.
 
     GQA/MQA when Hkv divides H (K/V are not repeated). Returns out (B, Sq, H, D) in q's dtype
     (and lse). No autograd: a RuntimeError is raised if an input requires grad while grad mode
@@ -134,6 +139,7 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
         raise ValueError(f"softcap must be >= 0, got {softcap}")
     window_left, window_right = _checks.window_pair(window)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, B, H, q.device)
 
     if not torch.compiler.is_compiling():
         local = is_causal or window_left >= 0 or window_right >= 0
@@ -143,11 +149,12 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
 
     backend = _backend.select(
         "kvcache_attention", q.device.type, dtype=q.dtype, head_dim=D, paged=paged,
-        q_len=Sq, device=q.device.type)
-    out, lse = _ops.kvcache_attention_op(
+        q_len=Sq, alibi=alibi_slopes is not None, device=q.device.type)
+    out, lse = _backend.eager_call(
+        _ops.kvcache_attention_op, _ops.kvcache_attention_impl, backend,
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, rotary_cos,
         rotary_sin, bool(rotary_interleaved), scale, bool(is_causal), window_left,
-        window_right, float(softcap), backend)
+        window_right, float(softcap), backend, *_attention_ops.alibi_arg(alibi_slopes))
     return (out, lse) if return_lse else out
 
 

@@ -34,15 +34,30 @@ def attention_visibility(sq, sk, *, causal=False, alignment="top_left", window_l
     return visible
 
 
+def alibi_bias(alibi_slopes, sq, sk, shift, dtype):
+    """ALiBi bias (B, H, Sq, Sk) in `dtype`: -slope[b, h] * |i + shift - j|, with shift the
+    diagonal offset of the causal/window rules (0 top-left, Sk - Sq bottom-right).
+    alibi_slopes: (B, H) (or (H,), broadcast over the batch)."""
+    i = torch.arange(sq, device=alibi_slopes.device).unsqueeze(1)
+    j = torch.arange(sk, device=alibi_slopes.device).unsqueeze(0)
+    dist = (i + shift - j).abs().to(dtype)                                # (Sq, Sk)
+    slopes = alibi_slopes.to(dtype)
+    if slopes.dim() == 1:
+        slopes = slopes.unsqueeze(0)
+    return -slopes[:, :, None, None] * dist
+
+
 def attention(q, k, v, *, mask=None, scale=None, causal=False, alignment="top_left",
               window_left=-1, window_right=-1, softcap=0.0, key_lengths=None,
-              dropout_mask=None, dropout_p=0.0, return_lse=False):
+              dropout_mask=None, dropout_p=0.0, return_lse=False, alibi_slopes=None):
     """Attention in SDPA layout.
 
     q (B, H, Sq, D); k, v (B, Hkv, Sk, D) with H % Hkv == 0 (GQA by repeating heads here, which
     is fine for an oracle). mask: bool (True = may attend) or float (added), broadcastable to
     (B, H, Sq, Sk). dropout_mask: bool keep-mask broadcastable to (B, H, Sq, Sk), applied with
-    1 / (1 - dropout_p) scaling. Rows with no visible key give 0 (and lse = -inf).
+    1 / (1 - dropout_p) scaling. alibi_slopes: None or fp32 (B, H) / (H,): the ALiBi bias
+    -slope[b, h] * |i + shift - j| is added to every score after softcap (shift as the causal
+    rule's; see alibi_bias). Rows with no visible key give 0 (and lse = -inf).
     Returns out (B, H, Sq, Dv), plus lse (B, H, Sq) in fp32 when return_lse.
     """
     b, h, sq, d = q.shape
@@ -57,6 +72,9 @@ def attention(q, k, v, *, mask=None, scale=None, causal=False, alignment="top_le
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale            # (B, H, Sq, Sk)
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        shift = sk - sq if alignment == "bottom_right" else 0
+        scores = scores + alibi_bias(alibi_slopes, sq, sk, shift, scores.dtype)
     visible = attention_visibility(sq, sk, causal=causal, alignment=alignment,
                                    window_left=window_left, window_right=window_right,
                                    device=q.device).expand(b, h, sq, sk)
@@ -86,13 +104,15 @@ def attention(q, k, v, *, mask=None, scale=None, causal=False, alignment="top_le
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
                      window_left=-1, window_right=-1, softcap=0.0, dropout_mask=None,
-                     dropout_p=0.0, return_lse=False):
+                     dropout_p=0.0, return_lse=False, alibi_slopes=None):
     """Packed variable-length attention: a per-sequence loop over `attention` (the oracle).
 
     q (total_q, H, D); k, v (total_k, Hkv, D); cu_seqlens_* (B+1,) int offsets of each
     sequence's tokens. Causal and window are bottom-right aligned per sequence (flash-attn).
     dropout_mask: bool keep-mask (B, H, max_q, max_k) or None; sequence b uses
-    [b, :, :len_q, :len_k]. Returns out (total_q, H, Dv), plus lse (H, total_q) fp32.
+    [b, :, :len_q, :len_k]. alibi_slopes: None or (B, H) (or (H,)): sequence b's ALiBi bias
+    uses row b, positions within the sequence. Returns out (total_q, H, Dv), plus lse
+    (H, total_q) fp32.
     """
     cu_q = [int(x) for x in cu_seqlens_q.tolist()]
     cu_k = [int(x) for x in cu_seqlens_k.tolist()]
@@ -105,9 +125,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
         keep = None
         if dropout_mask is not None and dropout_p > 0:
             keep = dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.expand(len(cu_q) - 1, h)[b:b + 1]
         out, lse = attention(qs, ks, vs, scale=scale, causal=causal, alignment="bottom_right",
                              window_left=window_left, window_right=window_right, softcap=softcap,
-                             dropout_mask=keep, dropout_p=dropout_p, return_lse=True)
+                             dropout_mask=keep, dropout_p=dropout_p, return_lse=True,
+                             alibi_slopes=slopes)
         outs.append(out[0].transpose(0, 1))                              # (Sq_b, H, Dv)
         lses.append(lse[0])                                              # (H, Sq_b)
     out = torch.cat(outs, 0) if outs else q.new_empty(0, h, v.shape[-1])
@@ -116,14 +140,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=
 
 
 def attention_weights(q, k, *, mask=None, scale=None, causal=False, alignment="top_left",
-                      window_left=-1, window_right=-1, softcap=0.0, key_lengths=None):
+                      window_left=-1, window_right=-1, softcap=0.0, key_lengths=None,
+                      alibi_slopes=None):
     """The normalised attention probabilities (B, H, Sq, Sk) of `attention` (no dropout)."""
     sk = k.shape[2]
     eye = torch.eye(sk, dtype=q.dtype, device=q.device)
     v = eye.expand(k.shape[0], k.shape[1], sk, sk)
     return attention(q, k, v, mask=mask, scale=scale, causal=causal, alignment=alignment,
                      window_left=window_left, window_right=window_right, softcap=softcap,
-                     key_lengths=key_lengths)
+                     key_lengths=key_lengths, alibi_slopes=alibi_slopes)
 
 
 def merge_attention_states(out_a, lse_a, out_b, lse_b):

@@ -6,7 +6,9 @@ import math
 import torch
 
 from . import _backend, _checks
+from ._alibi import check_alibi_slopes
 from .functional import ATTENTION_DTYPES
+from .ops import attention as _attention_ops
 from .ops import varlen_attention as _varlen_ops
 
 
@@ -30,7 +32,7 @@ def _check_max_seqlen(name, value):
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      dropout_p=0.0, scale=None, is_causal=False, window=None, softcap=0.0,
-                     return_lse=False, deterministic=False):
+                     return_lse=False, deterministic=False, alibi_slopes=None):
     """Attention over B packed sequences of different lengths, without padding.
 
     q (total_q, H, D); k, v (total_k, Hkv, D) with Hkv dividing H (GQA/MQA, K/V never repeated).
@@ -50,6 +52,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Returns out (total_q, H, D) in q's dtype, and with return_lse=True also lse of layout
     (H, total_q) in fp32 (flash-attn's varlen layout; natural log, -inf for rows without keys).
     deterministic: bitwise-reproducible backward (every backend's varlen backward already is).
+    alibi_slopes: float32 (H,) or (B, H) on q's device, or None: ALiBi (flash-attn 2's), score
+    (i, j) of sequence b, head h gets -alibi_slopes[b, h] * |i + Sk - Sq - j| added after softcap
+    (positions within the sequence, bottom-right); no gradient flows to the slopes.
 
     Backends: triton, cpu (one kernel launch over all sequences), torch (a per-sequence loop);
     fp64 runs on the torch backend. Validation of the offsets' values (start at 0,
@@ -83,6 +88,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         raise ValueError(f"softcap must be >= 0, got {softcap}")
     window_left, window_right = _checks.window_pair(window)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, cu_seqlens_q.shape[0] - 1, h, q.device)
     # Eager: check the offsets' values now (one host sync). Under torch.compile the op's
     # body checks them on the real tensors instead.
     check_values = torch.compiler.is_compiling()
@@ -97,10 +103,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         "varlen_attention", q.device.type, dtype=q.dtype, head_dim=d, v_head_dim=v.shape[-1],
         causal=bool(is_causal), window=window_left >= 0 or window_right >= 0,
         softcap=float(softcap), dropout_p=float(dropout_p), gqa=h != hkv,
-        deterministic=bool(deterministic), device=q.device.type)
+        deterministic=bool(deterministic), alibi=alibi_slopes is not None,
+        device=q.device.type)
     out, lse = _backend.eager_call(
         _varlen_ops.varlen_attention_op, _varlen_ops.varlen_attention_impl, backend,
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), rng, scale,
         bool(is_causal), window_left, window_right, float(softcap), float(dropout_p),
-        bool(deterministic), check_values, backend)
+        bool(deterministic), check_values, backend, *_attention_ops.alibi_arg(alibi_slopes))
     return (out, lse) if return_lse else out

@@ -9,8 +9,8 @@ backward is bitwise deterministic.
 import triton
 import triton.language as tl
 
-from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, probs_from_lse,
-                                q_range, scores, sequence_bounds, tile)
+from ._attention_common import (alibi_slope, dropout_keep, dropout_rng, head_mask, kv_len_of,
+                                kv_range, probs_from_lse, q_range, scores, sequence_bounds, tile)
 
 
 @triton.jit
@@ -72,12 +72,12 @@ def attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh,
     H, Hkv, Sq, Sk, D, group, shift, window_left, window_right,
-    sm_scale, softcap, dropout_p, seed, rng_offset,
+    sm_scale, softcap, dropout_p, Rng, Alibi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    D_SPLIT: tl.constexpr = 1, VARLEN: tl.constexpr = False,
+    D_SPLIT: tl.constexpr = 1, VARLEN: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
 ):
     """dK, dV of one key block; with D_SPLIT > 1, D_SPLIT adjacent programs share the block and
     each writes BLOCK_D // D_SPLIT head-dim columns (S and dP need every column, so each
@@ -117,6 +117,7 @@ def attn_bwd_dkdv_kernel(
                      BLOCK_M, IS_CAUSAL, HAS_WL, HAS_WR)
     hi = tl.where(col_lo < kv_len, hi, 0)                             # block past key_lengths
 
+    seed, rng_offset = dropout_rng(Rng, HAS_DROPOUT)
     dk = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DO], tl.float32)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -130,6 +131,7 @@ def attn_bwd_dkdv_kernel(
                    + q_start.to(tl.int64) * stride_dom)
         row0 = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
         mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+        slope = alibi_slope(Alibi, b, H, h, HAS_ALIBI)
         # Transposed tiles (keys x queries): every MMA has M = BLOCK_N, so Hopper can use
         # wgmma whenever BLOCK_N >= 64 even with a small BLOCK_M.
         for start_m in range(lo, hi, BLOCK_M):
@@ -156,7 +158,8 @@ def attn_bwd_dkdv_kernel(
             s_t, t_t = scores(qk_t, offs_m[None, :], offs_n[:, None], mask_base, stride_mm,
                               stride_mn, seq_q, kv_len, shift, window_left, window_right,
                               sm_scale, softcap, IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND,
-                              HAS_SOFTCAP, NATURAL=True)             # natural log
+                              HAS_SOFTCAP, NATURAL=True, slope=slope,
+                              HAS_ALIBI=HAS_ALIBI)                    # natural log
             p_t = probs_from_lse(s_t, lse[None, :])                   # (BLOCK_N, BLOCK_M) <= 1
             dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
             if HAS_DROPOUT:
@@ -196,14 +199,14 @@ def attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh,
     H, Sq, Sk, D, group, shift, window_left, window_right,
-    sm_scale, softcap, dropout_p, seed, rng_offset,
+    sm_scale, softcap, dropout_p, Rng, Alibi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-    DOT_PREC: tl.constexpr, VARLEN: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, VARLEN: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
 ):
-    """dQ of one block of query rows. VARLEN, Lse/Delta addressing: as attn_fwd_kernel."""
+    """dQ of one block of query rows. VARLEN, Lse/Delta addressing, Alibi: as attn_fwd_kernel."""
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -238,6 +241,8 @@ def attn_bwd_dq_kernel(
               + k_start.to(tl.int64) * stride_vn)
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
     dmask_base = DMask + bh.to(tl.int64) * Sq * Sk                   # contiguous (B, H, Sq, Sk)
+    slope = alibi_slope(Alibi, b, H, h, HAS_ALIBI)
+    seed, rng_offset = dropout_rng(Rng, HAS_DROPOUT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -251,7 +256,8 @@ def attn_bwd_dq_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         s, t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
                       seq_q, kv_len, shift, window_left, window_right, sm_scale, softcap,
-                      IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP, NATURAL=True)
+                      IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP, NATURAL=True,
+                      slope=slope, HAS_ALIBI=HAS_ALIBI)
         p = probs_from_lse(s, lse[:, None])                           # (BLOCK_M, BLOCK_N) <= 1
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)        # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:

@@ -5,6 +5,10 @@ stores is natural log (the contract's), formed by `natural_lse` so that the kern
 recompute P from it (backward, attention weights) get P exactly as the forward formed it, at any
 logit size: they take each score to natural log the same way (`scores(..., NATURAL=True)`) and
 subtract lse before leaving natural log (`probs_from_lse`).
+
+ALiBi (HAS_ALIBI) is a term of `scores` too, so forward, backward and decode form the biased
+score with the same operations and P = exp(s - lse) stays the forward's. `alibi_slope` reads
+the slope of (batch, query head) from the contiguous fp32 (B, H) slopes.
 """
 
 import triton
@@ -166,10 +170,21 @@ def q_range(col_lo, col_hi, Sq, shift, window_left, window_right,
 
 
 @triton.jit
+def alibi_slope(Alibi, b, H, h, HAS_ALIBI: tl.constexpr):
+    """Slope of batch b, query head h (h may be a tensor of heads) from the (B, H) fp32 slopes;
+    0.0 (unused) without ALiBi."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b.to(tl.int64) * H + h)
+    return slope
+
+
+@triton.jit
 def scores(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
            window_left, window_right, sm_scale, softcap,
            IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
-           MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NATURAL: tl.constexpr = False):
+           MASK_KIND: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NATURAL: tl.constexpr = False,
+           slope=0.0, HAS_ALIBI: tl.constexpr = False):
     """Raw dot products -> (s2, t), for either tile orientation.
 
     qk: fp32 q.k tile; rows / cols: query / key indices as 2-D tensors that broadcast to qk's
@@ -179,6 +194,8 @@ def scores(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
     NATURAL: s2 taken to natural log as fl(s2 * ln2), the rounding natural_lse applies to the
     row max (for probs_from_lse); the visibility select after it keeps the product from being
     fused into the caller's subtraction of lse.
+    HAS_ALIBI: the bias -slope * |row + shift - col| (after softcap, before a float mask), in
+    log2 units; slope broadcasts to qk (a scalar, or (rows, 1) per-row slopes).
     """
     if HAS_SOFTCAP:
         t = tanh_approx_free(qk * (sm_scale / softcap))
@@ -186,6 +203,9 @@ def scores(qk, rows, cols, mask_base, stride_mm, stride_mn, Sq, kv_len, shift,
     else:
         t = qk
         s2 = qk * (sm_scale * 1.4426950408889634)
+    if HAS_ALIBI:
+        dist = tl.abs(rows + shift - cols).to(tl.float32)             # |i + shift - j|
+        s2 = s2 - dist * (slope * 1.4426950408889634)
     vis = cols < kv_len
     if IS_CAUSAL:
         vis = vis & (cols <= rows + shift)
@@ -216,6 +236,20 @@ def dropout_keep(seed, rng_offset, bh, Sq, Sk, rows, cols, dropout_p):
     """
     idx = (bh.to(tl.int64) * Sq + rows.to(tl.int64)) * Sk + cols.to(tl.int64) + rng_offset
     return tl.rand(seed, idx) >= dropout_p
+
+
+@triton.jit
+def dropout_rng(Rng, HAS_DROPOUT: tl.constexpr):
+    """(seed, offset) of the dropout RNG, loaded from Rng: int64 [seed, offset] on the device
+    (the launchers pass them as a tensor, so no host read is needed and torch.compile can trace
+    the launch). Without dropout Rng is a dummy pointer that is never read."""
+    if HAS_DROPOUT:
+        seed = tl.load(Rng)
+        rng_offset = tl.load(Rng + 1)
+    else:
+        seed = 0
+        rng_offset = 0
+    return seed, rng_offset
 
 
 @triton.jit

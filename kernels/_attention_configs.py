@@ -1,9 +1,11 @@
 """Tiles for the attention kernels: the validated table, per-arch pruning, interpreter picks.
 
-On a GPU the launchers autotune over the table's tiles that survive `prune` for the device and
-call (shared-memory limit of the arch, row alignment, sequence lengths). Under TRITON_INTERPRET=1
-nothing is autotuned: one small config keeps the interpreter fast.
+On a GPU the launchers autotune over the table's tiles that survive `prune_tiles` for the
+device and call (shared-memory limit of the arch, row alignment, sequence lengths). Under
+TRITON_INTERPRET=1 nothing is autotuned: one small config keeps the interpreter fast.
 """
+
+import functools
 
 import triton
 
@@ -110,6 +112,17 @@ VARLEN_TABLE = {
     (90, "dkdv", 4, "tf32", 128): [(32, 32, 8, 2)],
 }
 
+# ALiBi (HAS_ALIBI): the bias term holds a (rows, keys) distance tile; these tiles of the
+# tables above then spilled (static report, causal): (arch, kind, element bytes, dot precision,
+# BLOCK_D, varlen) -> tiles used instead with ALiBi; each compiled spill-free.
+# (sm_80 TF32 dQ at d=128: 32x16 w=4 s=1 spilled 4 registers; 8 warps take it at 130.
+# sm_80 IEEE fp32 packed dK/dV at d=64: 16x64 w=8 s=2 and 16x32 w=4 s=1 spilled 2 and 6;
+# one stage less / one more: 104 and 127 registers, clean.)
+ALIBI_TABLE = {
+    (80, "dq", 4, "tf32", 128, False): [(64, 32, 8, 1), (32, 16, 8, 1)],
+    (80, "dkdv", 4, "ieee", 64, True): [(16, 64, 8, 1), (16, 32, 4, 2)],
+}
+
 # fixed picks for the interpreter: BLOCK_M != BLOCK_N so tile-edge logic is exercised
 INTERP_FWD = (32, 16, 4, 1)
 INTERP_DKDV = (16, 32, 4, 1)
@@ -166,9 +179,12 @@ def uses_wgmma(kind, arch, bm, bn, elem, prec):
             and mma_m % 64 == 0)
 
 
-def table_tiles(kind, block_d, elem, prec="ieee", arch=None, varlen=False):
+def table_tiles(kind, block_d, elem, prec="ieee", arch=None, varlen=False, alibi=False):
     """The tiles of `kind` for this head-dim block, element size, dot precision and arch
-    (varlen: for the kernels' packed mode)."""
+    (varlen: for the kernels' packed mode; alibi: with the ALiBi term)."""
+    akey = (arch, kind, elem, prec if elem == 4 else "", block_d, bool(varlen))
+    if alibi and akey in ALIBI_TABLE:
+        return ALIBI_TABLE[akey]
     if varlen and (arch, kind, elem, prec if elem == 4 else "", block_d) in VARLEN_TABLE:
         return VARLEN_TABLE[(arch, kind, elem, prec if elem == 4 else "", block_d)]
     if elem == 4 and prec == "tf32":
@@ -176,7 +192,7 @@ def table_tiles(kind, block_d, elem, prec="ieee", arch=None, varlen=False):
     return ARCH_TABLE.get((arch, kind, elem, block_d), TABLE[(kind, elem, block_d)])
 
 
-def valid_configs(kind, arch, block_d, elem, prec="ieee", varlen=False):
+def valid_configs(kind, arch, block_d, elem, prec="ieee", varlen=False, alibi=False):
     """The table's tiles that fit `arch`'s shared memory for this head-dim block, element size
     and dot precision (`prec` matters for fp32 only: "ieee" or "tf32").
 
@@ -185,7 +201,7 @@ def valid_configs(kind, arch, block_d, elem, prec="ieee", varlen=False):
     """
     limit = SMEM_LIMIT.get(arch, SMEM_LIMIT[80])
     d_split = dkdv_d_split(arch, block_d, elem, prec, interpret=False) if kind == "dkdv" else 1
-    out = [c for c in table_tiles(kind, block_d, elem, prec, arch, varlen)
+    out = [c for c in table_tiles(kind, block_d, elem, prec, arch, varlen, alibi)
            if smem_estimate(kind, c[0], c[1], block_d, elem, c[3], d_split,
                             uses_wgmma(kind, arch, c[0], c[1], elem, prec)) <= limit]
     if not out:
@@ -194,13 +210,14 @@ def valid_configs(kind, arch, block_d, elem, prec="ieee", varlen=False):
 
 
 def all_configs(kind):
-    """Every tile of `kind` in the table (the autotuner's config list; pruned per call)."""
+    """Every tile of `kind` in the tables (the pool prune_tiles picks each launch's from)."""
     seen = []
     lists = [(k, tiles) for (k, _, _), tiles in TABLE.items()]
     lists += [(k, tiles) for (_, k, _, _), tiles in ARCH_TABLE.items()]
     lists += [(k, tiles) for (k, _), tiles in TF32_TABLE.items()]
     lists += [(k, tiles) for (_, k, _), tiles in ARCH_TF32_TABLE.items()]
     lists += [(k, tiles) for (_, k, _, _, _), tiles in VARLEN_TABLE.items()]
+    lists += [(k, tiles) for (_, k, _, _, _, _), tiles in ALIBI_TABLE.items()]
     for k, tiles in lists:
         for t in tiles:
             if k == kind and t not in seen:
@@ -208,38 +225,44 @@ def all_configs(kind):
     return seen
 
 
-def autotune_configs(kind):
+def autotune_configs(tiles):
+    """triton.Config objects of (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in all_configs(kind)]
+            for bm, bn, w, s in tiles]
 
 
 def device_arch(tensor):
+    """sm_XY of the tensor's GPU as XY (asked once per device: the launchers ask every launch)."""
+    return _device_arch(tensor.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(device):
     import torch
-    major, minor = torch.cuda.get_device_capability(tensor.device)
+    major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
 
 
-def make_prune(kind, rows_arg, cols_arg):
-    """early_config_prune for triton.autotune: keep the tiles valid for the device, and no tile
-    much larger than the sequence it covers (falls back to the smallest valid tile)."""
+def prune_tiles(kind, arch, block_d, elem, prec="ieee", varlen=False, alibi=False, rows=1,
+                cols=1):
+    """The tiles the autotuner times for one launch, in all_configs order: those valid for the
+    arch (valid_configs) and none much larger than the rows x cols it covers (else the smallest
+    valid tile). Decided on the host before launching (kernels/attention.py: _launch), so the
+    autotuner needs no prune_configs_by, which torch.library.wrap_triton refuses. Cached: the
+    answer depends on the lengths only through their next powers of two."""
+    return _prune_tiles(kind, arch, block_d, elem, prec, bool(varlen), bool(alibi),
+                        max(16, triton.next_power_of_2(int(rows))),
+                        max(16, triton.next_power_of_2(int(cols))))
 
-    def prune(configs, nargs, **kwargs):
-        q = nargs["Q"]
-        arch = device_arch(q)
-        ok = set(valid_configs(kind, arch, kwargs["BLOCK_D"], q.element_size(),
-                               kwargs.get("DOT_PREC", "ieee"), kwargs.get("VARLEN", False)))
-        kept = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in ok]
-        rows = nargs[rows_arg]
-        cols = nargs[cols_arg]
-        small = [c for c in kept
-                 if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(rows))
-                 and c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(cols))]
-        if small:
-            return small
-        return sorted(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
 
-    return prune
+@functools.lru_cache(maxsize=None)
+def _prune_tiles(kind, arch, block_d, elem, prec, varlen, alibi, max_bm, max_bn):
+    ok = set(valid_configs(kind, arch, block_d, elem, prec, varlen, alibi))
+    kept = [t for t in all_configs(kind) if t in ok]
+    small = [t for t in kept if t[0] <= max_bm and t[1] <= max_bn]
+    if small:
+        return tuple(small)
+    return tuple(sorted(kept, key=lambda t: t[0] * t[1])[:1])
 
 
 MERGE_BLOCK_S = 16   # splits merged per step; one compiled merge kernel serves any count

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from ._attention_configs import MERGE_BLOCK_S
-from ._attention_common import (head_mask, kv_len_of, kv_range, natural_lse,
+from ._compat import launch
+from ._attention_common import (alibi_slope, head_mask, kv_len_of, kv_range, natural_lse,
                                 online_softmax_step, scores, tile)
 
 
@@ -59,11 +60,11 @@ def attn_decode_split_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, Hkv, Sq, Sk, D, group, shift, window_left, window_right,
-    sm_scale, softcap, chunk, num_splits,
+    sm_scale, softcap, chunk, num_splits, Alibi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, HAS_ALIBI: tl.constexpr = False,
 ):
     b, hk, split, h, offs_i, r_ok = split_program(group, Sq, Hkv, num_splits, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -84,6 +85,9 @@ def attn_decode_split_kernel(
     # the mask is per query head: fold the head into the row offset (stride_mm per query row)
     mask_rows = (Mask + b.to(tl.int64) * stride_mb + h[:, None].to(tl.int64) * stride_mh
                  + offs_i[:, None].to(tl.int64) * (stride_mm - 1))     # (BLOCK_M, 1)
+    slope = alibi_slope(Alibi, b, H, h, HAS_ALIBI)                     # (BLOCK_M,) per row
+    if HAS_ALIBI:
+        slope = slope[:, None]                                        # (BLOCK_M, 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -99,7 +103,8 @@ def attn_decode_split_kernel(
         # in head too, so hand it per-row bases (BLOCK_M, 1) that cancel i with stride 1
         s2, _t = scores(qk, offs_i[:, None], offs_n[None, :], mask_rows, 1, stride_mn, Sq,
                         kv_len, shift, window_left, window_right, sm_scale, softcap,
-                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP, slope=slope,
+                        HAS_ALIBI=HAS_ALIBI)
         p, alpha, m_new, l_i = online_softmax_step(s2, m_i, l_i)      # p (BLOCK_M, BLOCK_N)
         v = tl.load(tile(v_base + offs_n[:, None].to(tl.int64) * stride_vn, offs_d, ALIGNED),
                     mask=n_ok, other=0.0)                             # (BLOCK_N, BLOCK_D)
@@ -178,6 +183,6 @@ def merge_split_partials(opart, lpart, out, lse, out_strides, H, Sq, D):
     and lpart (B*H, splits, Sq) that the split kernels stored. out_strides: (b, h, i) strides
     of out (any layout; written without vector hints)."""
     bh, num_splits, _, block_d = opart.shape
-    attn_decode_merge_kernel[(bh * Sq,)](
+    launch(attn_decode_merge_kernel)[(bh * Sq,)](
         opart, lpart, out, lse, *out_strides, H, Sq, D, num_splits,
         BLOCK_S=MERGE_BLOCK_S, BLOCK_D=block_d, num_warps=4)

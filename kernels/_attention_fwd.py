@@ -3,8 +3,9 @@
 import triton
 import triton.language as tl
 
-from ._attention_common import (dropout_keep, head_mask, kv_len_of, kv_range, natural_lse,
-                                online_softmax_step, scores, sequence_bounds, tile)
+from ._attention_common import (alibi_slope, dropout_keep, dropout_rng, head_mask, kv_len_of,
+                                kv_range, natural_lse, online_softmax_step, scores,
+                                sequence_bounds, tile)
 
 
 @triton.jit
@@ -17,18 +18,20 @@ def attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_lb, stride_lh,
     H, Sq, Sk, D, group, shift, window_left, window_right,
-    sm_scale, softcap, dropout_p, seed, rng_offset,
+    sm_scale, softcap, dropout_p, Rng, Alibi,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr, ALIGNED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, MASK_KIND: tl.constexpr, HAS_KL: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-    VARLEN: tl.constexpr = False,
+    VARLEN: tl.constexpr = False, HAS_ALIBI: tl.constexpr = False,
 ):
     """One block of query rows of one (batch, head). VARLEN (packed sequences): batch index b
     is sequence b, whose rows start at CuQ[b] / CuK[b] of the token dim (stride_*m / *n; the
     batch strides are 0); Sq / Sk are the max lengths (grid and dropout RNG index), each
     sequence is bottom-right aligned (shift = its length_k - length_q). Lse is addressed as
-    b * stride_lb + h * stride_lh + row: (B, H, Sq) dense, (H, total_q) packed."""
+    b * stride_lb + h * stride_lh + row: (B, H, Sq) dense, (H, total_q) packed.
+    HAS_ALIBI: Alibi (B, H) fp32 slopes (b = sequence when VARLEN); a dummy pointer without.
+    HAS_DROPOUT: Rng int64 [seed, offset] (dropout_rng); a dummy pointer without."""
     # 1-D grid: query blocks of one head are adjacent (K/V stay in L2); no 65535 grid limit.
     num_m = tl.cdiv(Sq, BLOCK_M)
     pid = tl.program_id(0)
@@ -61,6 +64,8 @@ def attn_fwd_kernel(
     v_base = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
               + k_start.to(tl.int64) * stride_vn)
     mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    slope = alibi_slope(Alibi, b, H, h, HAS_ALIBI)
+    seed, rng_offset = dropout_rng(Rng, HAS_DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)               # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                             # running sum of exp2
@@ -74,7 +79,8 @@ def attn_fwd_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)         # (BLOCK_M, BLOCK_N)
         s2, _t = scores(qk, offs_m[:, None], offs_n[None, :], mask_base, stride_mm, stride_mn,
                         seq_q, kv_len, shift, window_left, window_right, sm_scale, softcap,
-                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP)
+                        IS_CAUSAL, HAS_WL, HAS_WR, MASK_KIND, HAS_SOFTCAP, slope=slope,
+                        HAS_ALIBI=HAS_ALIBI)
         p, alpha, m_new, l_i = online_softmax_step(s2, m_i, l_i)      # p (BLOCK_M, BLOCK_N)
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:

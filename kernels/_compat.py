@@ -12,8 +12,17 @@
 - `interpreting()`: whether Triton runs under its interpreter (TRITON_INTERPRET=1, read on each
   call). The one place that reads the variable; this module imports triton only inside the
   functions that need it, so fastattn/_backend.py and the tests can ask without triton or a GPU.
+- `launch(kernel)`: what a launcher indexes with its grid, `launch(k)[grid](...)`. The kernel
+  itself, except while torch.compile traces the body of a `fastattn_triton` op
+  (fastattn/ops/_triton.py): then torch.library.wrap_triton(kernel), so the launch becomes a
+  triton_kernel_wrapper node of the graph. Under the interpreter `@triton.jit` gives an
+  InterpretedFunction, which wrap_triton refuses (torch 2.6) or passes through untraced (later
+  torch); the launch is then traced through a JITFunction twin that runs on the interpreter.
 """
 
+import contextlib
+import contextvars
+import functools
 import inspect
 import os
 
@@ -94,3 +103,133 @@ def missing_interpreter_hooks():
             if have[:len(params)] != params:
                 missing.append(f"{name}{have} does not start with {params}")
     return missing
+
+
+# ------------------------------------------------------------ launches torch.compile can trace
+
+_in_triton_op = contextvars.ContextVar("fastattn_in_triton_op", default=False)
+
+# launch options a traced interpreted launch drops: the interpreter ignores them, and torch
+# wraps a kernel given one into a one-config Autotuner, which Triton 3.2 builds only with a GPU
+_GPU_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+@contextlib.contextmanager
+def triton_op_body():
+    """Marks the body of a fastattn_triton op (fastattn/ops/_triton.py) while it runs."""
+    token = _in_triton_op.set(True)
+    try:
+        yield
+    finally:
+        _in_triton_op.reset(token)
+
+
+def tracing_triton_op():
+    """True while torch.compile traces a fastattn_triton op's body into Triton kernel nodes.
+    torch.library.triton_op runs the body with wrap_triton disabled when it is called eagerly
+    (or under FakeTensorMode only), so only tracing sees both flags."""
+    if not _in_triton_op.get():
+        return False
+    from torch._library.triton import is_wrap_triton_enabled   # torch >= 2.6
+    return is_wrap_triton_enabled()
+
+
+def traced_inputs(args, keep=()):
+    """The arguments a fastattn_triton op's body works on: `args` itself, except while it is
+    traced under the interpreter. There torch cannot tell which tensors a kernel writes (it
+    lowers the kernel for the active GPU to find out, and there is none), so it assumes every
+    tensor argument is written and would write the op's inputs back, which fails for an
+    expanded input (a broadcast mask). The body then works on copies of its tensor inputs;
+    the kernels only ever write tensors the launchers allocate. Positions in `keep` (the
+    arguments the op declares it mutates: kvcache_attention's caches) are passed as they are,
+    so the body's writes reach them."""
+    if not (interpreting() and tracing_triton_op()):
+        return args
+    import torch
+    return tuple(a.clone() if isinstance(a, torch.Tensor) and i not in keep else a
+                 for i, a in enumerate(args))
+
+
+def launch(kernel):
+    """`launch(kernel)[grid](*args, **kwargs)` launches `kernel` (a @triton.jit function, an
+    Autotuner or an `autotune` stand-in); see the module docstring.
+
+    Launcher rule (for the interpreter's traced launches, _InterpretedLaunch): a tensor passed
+    as a placeholder for a pointer the kernel does not use is passed after the argument it
+    repeats, never before a pointer the kernel writes through."""
+    if not tracing_triton_op():
+        return kernel
+    if isinstance(kernel, _LazyAutotuner):
+        kernel = kernel.tuner
+    from torch.library import wrap_triton
+    if not interpreting():
+        return wrap_triton(kernel)
+    return _InterpretedLaunch(wrap_triton(_traceable_twin(kernel)))
+
+
+class _InterpretedLaunch:
+    """wrap_triton(twin)[grid](...) without the GPU-only launch options, and with a copy for a
+    tensor passed twice. Traced under the interpreter, torch takes every tensor argument as
+    written (see traced_inputs) and writes each one back to its tensor, so a second argument
+    that is the first one's tensor (a launcher's placeholder for a pointer the kernel never
+    uses: softmax's absent mask, the norms' absent residual, h, bias and RMSNorm's mean,
+    rotary's absent k) would overwrite the kernel's output with its own unwritten copy."""
+
+    def __init__(self, wrapped):
+        self.wrapped = wrapped
+
+    def __getitem__(self, grid):
+        launcher = self.wrapped[grid]
+
+        def run(*args, **kwargs):
+            for name in _GPU_LAUNCH_OPTIONS:
+                kwargs.pop(name, None)
+            seen = set()
+
+            def once(a):
+                if not hasattr(a, "data_ptr"):          # not a tensor
+                    return a
+                if id(a) in seen:
+                    return a.clone()
+                seen.add(id(a))
+                return a
+
+            args = [once(a) for a in args]
+            kwargs = {k: once(v) for k, v in kwargs.items()}
+            return launcher(*args, **kwargs)
+
+        return run
+
+
+_TWINS = {}
+
+
+def _traceable_twin(interpreted):
+    """A triton JITFunction of `interpreted`'s Python function (what torch's tracing of Triton
+    kernels reads: argument names, constexprs, source) whose launches run `interpreted`, the
+    interpreter's version of it. Interpreter-only (tests on CPU tensors)."""
+    twin = _TWINS.get(interpreted)
+    if twin is None:
+        # an interpreted @triton.jit kernel (the attention autotuners are off when interpreting)
+        assert inspect.isfunction(getattr(interpreted, "fn", None)), interpreted
+        twin = _TWINS[interpreted] = _twin_class()(interpreted)
+    return twin
+
+
+@functools.lru_cache(maxsize=None)
+def _twin_class():
+    from triton.runtime.jit import JITFunction
+
+    class InterpretedJITFunction(JITFunction):
+        def __init__(self, interpreted):
+            super().__init__(interpreted.fn)
+            self.interpreted = interpreted
+
+        def run(self, *args, **kwargs):          # kernel[grid](...) ends here
+            return self.interpreted.run(*args, **kwargs)
+
+        # JITFunction hashes its source and that of the jit functions it calls, which are
+        # InterpretedFunctions here (it refuses them): one twin per kernel, identity is enough
+        __hash__ = object.__hash__
+
+    return InterpretedJITFunction

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._attention_common import probs_from_lse, scores
-from ._compat import interpreting
+from ._compat import interpreting, launch
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def attention_weights_forward(q, k, lse, *, mask=None, key_lengths=None, scale, 
     fp32_prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     shift = Sk - Sq if alignment == "bottom_right" else 0
     grid = (triton.cdiv(Sq, bm) * B * H,)
-    attn_weights_kernel[grid](
+    launch(attn_weights_kernel)[grid](
         q, k, lse, p, mask_arg, kl,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         p.stride(0), p.stride(1), p.stride(2), *mask_strides,

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
+from ._compat import launch
 from ._support import assert_runnable, dtype_device_reason
 
 # (BLOCK_N, BLOCK_M, num_warps) for rows that fit in one tile, smallest first. The backward
@@ -289,8 +290,9 @@ def _forward(x, weight, bias, eps, residual, rms):
         return y, mean, rstd, h
     block_n, block_m, warps, loop = _tile(n, FWD_TILES)
     r, hh = (residual, h) if residual is not None else (x, y)
-    _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-        x, r, w, b, y, hh, mean if not rms else rstd, rstd, m, n, float(eps),
+    # placeholders for unused pointers follow the argument they repeat (kernels/_compat.launch)
+    launch(_norm_fwd_kernel)[(triton.cdiv(m, block_m),)](
+        x, r, w, b, y, hh, mean if not rms else w, rstd, m, n, float(eps),
         x.stride(0), r.stride(0), y.stride(0), hh.stride(0),
         RMS=rms, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, LOOP=loop,
         num_warps=warps)
@@ -335,7 +337,7 @@ def _backward(dy, h, weight, bias, mean, rstd, dh_extra, rms):
     db_part = torch.empty((groups if not rms else 0, n), dtype=torch.float32, device=h.device)
     dh = dh_extra if dh_extra is not None else dy
     if groups and not loop:
-        _norm_bwd_kernel[(groups,)](
+        launch(_norm_bwd_kernel)[(groups,)](
             dy, h, w, mean, rstd, dh, dx, dw_part, db_part if not rms else dw_part,
             m, n, rows_per_prog, dy.stride(0), h.stride(0), dh.stride(0), dx.stride(0),
             RMS=rms, HAS_DH=dh_extra is not None, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -343,10 +345,10 @@ def _backward(dy, h, weight, bias, mean, rstd, dh_extra, rms):
     elif groups:
         c1 = torch.empty(m, dtype=torch.float32, device=h.device)
         c2 = torch.empty(m, dtype=torch.float32, device=h.device) if not rms else c1
-        _norm_bwd_stats_kernel[(m,)](
+        launch(_norm_bwd_stats_kernel)[(m,)](
             dy, h, w, mean, rstd, c1, c2, n, dy.stride(0), h.stride(0),
             RMS=rms, BLOCK_N=LOOP_BLOCK, num_warps=LOOP_WARPS)
-        _norm_bwd_dx_kernel[(groups, triton.cdiv(n, DX_BLOCK))](
+        launch(_norm_bwd_dx_kernel)[(groups, triton.cdiv(n, DX_BLOCK))](
             dy, h, w, mean, rstd, c1, c2, dh, dx, dw_part, db_part if not rms else dw_part,
             m, n, rows_per_prog, dy.stride(0), h.stride(0), dh.stride(0), dx.stride(0),
             RMS=rms, HAS_DH=dh_extra is not None, BLOCK_N=DX_BLOCK, num_warps=DX_WARPS)

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import launch
 from ._support import dtype_device_reason
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,7 +76,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     block_d = min(triton.next_power_of_2(max(d, 1)), 128)
     block_m = max(1, min(64, 1024 // block_d))  # 1024-element tiles: 8 per thread, no spills
     grid = (triton.cdiv(rows, block_m),)
-    _merge_kernel[grid](
+    launch(_merge_kernel)[grid](
         a4, b4, lse_a.contiguous(), lse_b.contiguous(), out, lse,
         rows, d, a4.shape[1], a4.shape[2],
         *a4.stride(), *b4.stride(),

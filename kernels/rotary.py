@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
+from ._compat import launch, tracing_triton_op
 from ._support import assert_runnable, dtype_device_reason
 
 # (max R/2, BLOCK_K): the chunk of pair indices per step; longer halves loop.
@@ -145,6 +146,10 @@ def _tables(cos, sin, x, d):
 
 def _same_view(a, b):
     """out is x itself (in place): the pass-through features need no copy."""
+    if a is b:
+        return True
+    if tracing_triton_op():     # traced tensors have no data pointer; traced ops are out of place
+        return False
     return a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
 
 
@@ -172,7 +177,7 @@ def _launch(q, k, cos, sin, interleaved, offsets, conjugate, q_out, k_out, posit
         k, k_out = q, q_out
     if b * s == 0 or q_blocks + k_blocks == 0:
         return
-    _rotary_kernel[(b * s, q_blocks + k_blocks)](
+    launch(_rotary_kernel)[(b * s, q_blocks + k_blocks)](
         q, k, q_out, k_out, cos, sin, offs, poss,
         s, hq, hk, r2, d, cos.shape[0], q_blocks,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),

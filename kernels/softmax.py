@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .static_variant import StaticVariant
+from ._compat import launch
 from ._support import assert_runnable, dtype_device_reason
 
 # Single-block tile sizes the launcher picks from, with their warp counts; rows longer than the
@@ -197,7 +198,7 @@ def softmax_forward(x, *, scale=None, mask=None, causal=False):
         mask_t, kind, batch = _mask_view(mask, x.dtype)
         m_strides = (mask_t.stride(-2), mask_t.stride(-1))
     block, warps, loop = _block_config(n)
-    _softmax_fwd_kernel[(x2.shape[0],)](
+    launch(_softmax_fwd_kernel)[(x2.shape[0],)](
         x2, y2, mask_t, m_rows, n, batch[1][0], batch[2][0],
         x2.stride(0), x2.stride(1), y2.stride(0),
         batch[0][1], batch[1][1], batch[2][1], m_strides[0], m_strides[1],
@@ -217,7 +218,7 @@ def softmax_backward(dy, y, *, scale=None):
         return dx
     dy2, y2, dx2 = _rows(dy), _rows(y), dx.view(-1, n)
     block, warps, loop = _block_config(n)
-    _softmax_bwd_kernel[(y2.shape[0],)](
+    launch(_softmax_bwd_kernel)[(y2.shape[0],)](
         dy2, y2, dx2, n, dy2.stride(0), dy2.stride(1), y2.stride(0), y2.stride(1),
         dx2.stride(0), scale, BLOCK_N=block, LOOP=loop, num_warps=warps)
     return dx

@@ -3,7 +3,8 @@
 Implements the "Varlen attention" section of docs/backend-contract.md:
 
     varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale,
-                   causal, window_left, window_right, softcap, dropout_p, seed, offset)
+                   causal, window_left, window_right, softcap, dropout_p, seed, offset,
+                   alibi_slopes=None)
         -> (out (total_q, H, D), lse (H, total_q) fp32)
     varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, *, <same keywords>, deterministic) -> (dq, dk, dv)
@@ -26,7 +27,7 @@ from . import _attention_configs as cfg
 from . import attention as _dense
 from ._attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_preprocess_kernel
 from ._attention_fwd import attn_fwd_kernel
-from ._compat import interpreting
+from ._compat import interpreting, launch
 
 
 class _VarlenCase:
@@ -35,7 +36,7 @@ class _VarlenCase:
     here they are only asserted."""
 
     def __init__(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left,
-                 window_right, softcap, dropout_p, seed, offset):
+                 window_right, softcap, dropout_p, seed, offset, alibi_slopes=None):
         assert q.dim() == 3 and k.shape == v.shape and k.dtype == q.dtype == v.dtype
         for cu in (cu_q, cu_k):
             assert cu.dtype == torch.int32 and cu.dim() == 1 and cu.device == q.device
@@ -56,14 +57,15 @@ class _VarlenCase:
         self.softcap = float(softcap or 0.0)
         self.dropout_p = float(dropout_p)
         assert 0.0 <= self.dropout_p < 1.0
-        self.seed = _dense._as_int(seed) if self.dropout_p > 0 else 0
-        self.offset = _dense._as_int(offset) if self.dropout_p > 0 else 0
+        # [seed, offset] for the kernels to load, or a dummy pointer without dropout
+        self.rng = _dense.rng_tensor(seed, offset, q) if self.dropout_p > 0 else q
         self.block_d = cfg.block_d_of(self.D)
         self.consts = dict(
             BLOCK_D=self.block_d, EVEN_D=(self.D == self.block_d), ALIGNED=True,
             IS_CAUSAL=bool(causal), HAS_WL=self.wl >= 0, HAS_WR=self.wr >= 0, MASK_KIND=0,
             HAS_KL=False, HAS_SOFTCAP=self.softcap > 0, HAS_DROPOUT=self.dropout_p > 0,
-            DOT_PREC=_dense._dot_precision(q.dtype), VARLEN=True)
+            DOT_PREC=_dense._dot_precision(q.dtype), VARLEN=True,
+            **_dense.alibi_kernel_args(alibi_slopes, self.B, self.H, q))
 
     @property
     def arch(self):
@@ -72,7 +74,7 @@ class _VarlenCase:
     def scalars(self):
         # Sq, Sk = the max lengths (grid, dropout RNG index); shift is set per sequence
         return [self.max_q, self.max_k, self.D, self.group, 0, self.wl, self.wr, self.scale,
-                self.softcap, self.dropout_p, self.seed, self.offset]
+                self.softcap, self.dropout_p, self.rng]
 
     def lse_strides(self):
         return 0, self.total_q                       # lse / delta (H, total_q)
@@ -89,34 +91,38 @@ def _strides3(t):
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, scale,
-                   causal, window_left, window_right, softcap, dropout_p, seed, offset):
+                   causal, window_left, window_right, softcap, dropout_p, seed, offset,
+                   alibi_slopes=None):
     c = _VarlenCase(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    causal, window_left, window_right, softcap, dropout_p, seed, offset)
+                    causal, window_left, window_right, softcap, dropout_p, seed, offset,
+                    alibi_slopes)
     out = _dense._empty_rows((c.total_q, c.H, c.D), c.row_len, q)
     lse = torch.empty((c.H, c.total_q), device=q.device, dtype=torch.float32)
     if c.empty():                                    # no query sees a key
-        return _dense._finish(out.zero_()), lse.fill_(float("-inf"))
+        return _dense._finish(out.zero_(), c.D), lse.fill_(float("-inf"))
     args = [c.q, c.k, c.v, out, lse, c.q, c.q, c.cu_q, c.cu_k,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(out), 0, 0, 0, 0,
             *c.lse_strides(), c.H, *c.scalars()]
-    _dense._launch(attn_fwd_kernel, _dense._fwd_tuned, cfg.INTERP_FWD,
-                   lambda bm, bn: triton.cdiv(c.max_q, bm) * c.B * c.H, args, c.consts)
-    return _dense._finish(out), lse
+    _dense._launch(attn_fwd_kernel, "fwd", c,
+                   lambda bm, bn: triton.cdiv(c.max_q, bm) * c.B * c.H, args, c.consts,
+                   c.max_q, c.max_k)
+    return _dense._finish(out, c.D), lse
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, *, scale, causal, window_left, window_right, softcap, dropout_p,
-                    seed, offset, deterministic):
+                    seed, offset, deterministic, alibi_slopes=None):
     del deterministic                                # no atomics: always deterministic
     c = _VarlenCase(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                    causal, window_left, window_right, softcap, dropout_p, seed, offset)
+                    causal, window_left, window_right, softcap, dropout_p, seed, offset,
+                    alibi_slopes)
     assert dout.shape == q.shape and out.shape == q.shape and lse.shape == (c.H, c.total_q)
     dq = _dense._empty_rows((c.total_q, c.H, c.D), c.row_len, q)
     dk = _dense._empty_rows((c.total_k, c.Hkv, c.D), c.row_len, k)
     dv = _dense._empty_rows((c.total_k, c.Hkv, c.D), c.row_len, v)
     if c.empty():
-        return (_dense._finish(dq.zero_()), _dense._finish(dk.zero_()),
-                _dense._finish(dv.zero_()))
+        return (_dense._finish(dq.zero_(), c.D), _dense._finish(dk.zero_(), c.D),
+                _dense._finish(dv.zero_(), c.D))
     dout = _dense._aligned_rows(dout.to(q.dtype), c.row_len)
     out = _dense._aligned_rows(out, c.row_len)
     lse = lse.to(torch.float32).contiguous()
@@ -125,7 +131,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     delta = torch.empty((c.H, c.total_q), device=q.device, dtype=torch.float32)
     out4, dout4 = out.transpose(0, 1).unsqueeze(0), dout.transpose(0, 1).unsqueeze(0)
     pre_bm = 16 if interpreting() else cfg.preprocess_block_m(c.block_d)
-    attn_bwd_preprocess_kernel[(triton.cdiv(c.total_q, pre_bm) * c.H,)](
+    launch(attn_bwd_preprocess_kernel)[(triton.cdiv(c.total_q, pre_bm) * c.H,)](
         out4, dout4, delta, *_dense._strides3(out4), *_dense._strides3(dout4), c.H, c.total_q,
         c.D, BLOCK_M=pre_bm, BLOCK_D=c.block_d, ALIGNED=True,
         DOT_PREC=c.consts["DOT_PREC"])
@@ -137,17 +143,17 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
             *_strides3(dk), *_strides3(dv), 0, 0, 0, 0, *c.lse_strides(), c.H, c.Hkv,
             *c.scalars()]
     d_split = cfg.dkdv_d_split(c.arch, c.block_d, c.q.element_size(), c.consts["DOT_PREC"])
-    _dense._launch(attn_bwd_dkdv_kernel, _dense._dkdv_tuned, cfg.INTERP_DKDV,
+    _dense._launch(attn_bwd_dkdv_kernel, "dkdv", c,
                    lambda bm, bn: triton.cdiv(c.max_k, bn) * c.B * c.Hkv * d_split, args,
-                   dict(c.consts, D_SPLIT=d_split))
+                   dict(c.consts, D_SPLIT=d_split), c.max_q, c.max_k)
 
     args = [c.q, c.k, c.v, dout, lse, delta, dq, delta, c.q, c.q, c.cu_q, c.cu_k,
             *_strides3(c.q), *_strides3(c.k), *_strides3(c.v), *_strides3(dout),
             *_strides3(dq), 0, 0, 0, 0, *c.lse_strides(), c.H, *c.scalars()]
-    _dense._launch(attn_bwd_dq_kernel, _dense._dq_tuned, cfg.INTERP_DQ,
+    _dense._launch(attn_bwd_dq_kernel, "dq", c,
                    lambda bm, bn: triton.cdiv(c.max_q, bm) * c.B * c.H, args,
-                   dict(c.consts, MASK_GRAD=False))
-    return _dense._finish(dq), _dense._finish(dk), _dense._finish(dv)
+                   dict(c.consts, MASK_GRAD=False), c.max_q, c.max_k)
+    return _dense._finish(dq, c.D), _dense._finish(dk, c.D), _dense._finish(dv, c.D)
 
 
 def varlen_dropout_keep_mask(batch, heads, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
@@ -166,6 +172,7 @@ def unsupported(op, **case):
 
 
 def static_variants(arch):
-    """The VARLEN configurations the launchers may pick on `arch`, for the static report."""
-    from ._attention_static import varlen_static_variants
-    return varlen_static_variants(arch)
+    """The VARLEN configurations the launchers may pick on `arch`, for the static report (the
+    ALiBi ones last)."""
+    from ._attention_static import alibi_static_variants, varlen_static_variants
+    return varlen_static_variants(arch) + alibi_static_variants(arch, varlen=True)

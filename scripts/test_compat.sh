@@ -76,6 +76,7 @@ print("test-compat: installed fastattn:", json.dumps(info))')
 # copy's fastattn/, which has no built extension, off sys.path) and the copy's benchmarks/
 # and build_support (appended after site-packages by a .pth file).
 site="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+rm -f "$site/fastattn_compat_src.pth"   # a new file, never one hard-linked from another cache
 echo "$DIR/src" > "$site/fastattn_compat_src.pth"
 export PYTHONSAFEPATH=1
 ( cd "$DIR/src" && "$VPY" -c '
@@ -89,7 +90,7 @@ cd "$DIR/src"
 set +e
 # shellcheck disable=SC2086
 TRITON_INTERPRET=1 TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 \
-  "$VPY" -m pytest tests ${PYTEST_ARGS:--n 2} -rs -p no:cacheprovider | tee "$DIR/pytest.log"
+  "$VPY" -m pytest tests ${PYTEST_ARGS:--n 2} -rs --durations=15 -p no:cacheprovider | tee "$DIR/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e
 say "$(grep -c 'needs torch >=' "$DIR/pytest.log" || true) tests skipped for needing a newer torch"

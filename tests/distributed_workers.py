@@ -54,7 +54,12 @@ def ring_parity(rank, world_size, configs):
                 ("dk", local[1].grad, full[1].grad, f64[1].grad),
                 ("dv", local[2].grad, full[2].grad, f64[2].grad))}
         # the gathered output is the full output (shard/unshard/gather helpers)
-        gathered = fd.gather_sequence(mine.detach(), 2, layout=layout)
+        # ... and returns only once the process group's worker has let go of its input (else
+        # torch 2.6's destroy_process_group can deadlock: fastattn/distributed/collectives.py)
+        src = mine.detach()
+        refs = src._use_count()
+        gathered = fd.gather_sequence(src, 2, layout=layout)
+        assert src._use_count() == refs, "gather_sequence returned while gloo held its input"
         results[cfg["name"]]["gathered"] = (gathered, out.detach(), out64.detach())
     return results
 

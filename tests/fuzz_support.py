@@ -209,3 +209,33 @@ def attention_rounding(out, ref, lse, dout, p, q, k, v, scale, dropout_p, keep=N
     dv = _per_kv_head(torch.matmul((p * drop * w).transpose(-2, -1), do.abs()), hkv)
     top = lambda t: t.max().item() if t.numel() else 0.0
     return {"dmask": top(err), "dq": top(dq), "dk": top(dk), "dv": top(dv)}
+
+
+def visible(sq, sk, off, causal, wl, wr, device="cpu"):
+    """Bool (Sq, Sk) of the oracles: the causal / window rules around the diagonal
+    j = i + off (off = 0 top-left, Sk - Sq bottom-right)."""
+    pos = torch.arange(sq, device=device).view(-1, 1) + off
+    j = torch.arange(sk, device=device).view(1, -1)
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if causal:
+        vis = vis & (j <= pos)
+    if wl >= 0:
+        vis = vis & (j >= pos - wl)
+    if wr >= 0:
+        vis = vis & (j <= pos + wr)
+    return vis
+
+
+def masked_softmax(s, vis):
+    """(P, lse) of the oracles over the last dim of scores s where vis is True; a row with no
+    visible key gives P = 0 and lse = -inf (never NaN). Differentiable in s."""
+    s = s.masked_fill(~vis, float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)           # empty rows: no NaN
+    e = torch.exp(s - m)
+    z = e.sum(-1, keepdim=True)
+    p = e / torch.where(z == 0, torch.ones_like(z), z)
+    zd = z.detach().squeeze(-1)
+    lse = torch.where(zd == 0, torch.full_like(zd, float("-inf")),
+                      m.squeeze(-1) + torch.log(torch.where(zd == 0, torch.ones_like(zd), zd)))
+    return p, lse

@@ -52,6 +52,10 @@ def _subset(arch):
                       ("attention_bwd_dq", "fp16", "d=64"),
                       # the tightest tile: TF32 dK/dV at d=256 (head dim split on sm_90)
                       ("attention_bwd_dkdv", "tf32", "d=256 padded causal")],
+        # fp32 decode tiles that spilled before their per-arch config (kernels/kvcache_attention.py)
+        "kvcache_attention": [("kvcache_split", "fp32", "d=64 contiguous BM=32"),
+                              ("kvcache_split", "fp32", "d=128 contiguous BM=32"),
+                              ("kvcache_split", "fp32", "d=256 paged")],
     }
     for family, picks_of in wanted.items():
         if family not in mods:
@@ -79,7 +83,8 @@ def test_subset_covers_every_family(records):
     assert {r["arch"] for _, r in records} == {"sm_80", "sm_90"}
 
 
-@pytest.mark.parametrize("family", ["softmax", "layer_norm", "rotary", "attention"])
+@pytest.mark.parametrize("family", ["softmax", "layer_norm", "rotary", "attention",
+                                    "kvcache_attention"])
 def test_no_spills_and_within_limits(records, family):
     mine = [r for f, r in records if f == family]
     assert mine, f"no static records for kernels/{family}.py"

@@ -51,11 +51,16 @@ def config_for(family):
                                bos_token_id=1, eos_token_id=2, hidden_dropout=0.0,
                                attention_dropout=0.0)
         return tf.GPTNeoXForCausalLM, cfg, "sdpa"
+    if family == "gptj":      # GPT-J interleaved rotary on part of the head, nn.LayerNorm
+        cfg = tf.GPTJConfig(vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                            rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return tf.GPTJForCausalLM, cfg, "sdpa"
     raise ValueError(family)
 
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt_neox")
-ROTARY_FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt_neox")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt_neox", "gptj")
+ROTARY_FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt_neox", "gptj")
 
 
 def build_pair(family, seed=0, attn="fastattn", patch=True):

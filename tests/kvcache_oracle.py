@@ -89,6 +89,9 @@ def oracle(c, dtype):
             s = (qd[:, h] @ K[:, h // group].T) * scale                     # (Sq, L)
             if c.softcap > 0:
                 s = c.softcap * torch.tanh(s / c.softcap)
+            if c.alibi is not None:                 # ALiBi: -slope * |position_i - j|
+                slope = c.alibi.expand(B, H)[b, h].to(dtype)
+                s = s - slope * (p_i - j).abs().to(dtype)
             s = s.masked_fill(~vis, float("-inf"))
             m = torch.where(seen, s.max(1).values if L else 0, 0)          # (Sq,)
             p = torch.exp(s - m[:, None])
@@ -117,6 +120,7 @@ class Case:
     window: tuple = None
     softcap: float = 0.0
     scale: float = None
+    alibi: torch.Tensor = None
     desc: dict = field(default_factory=dict)
 
     def kwargs(self, device):
@@ -127,16 +131,16 @@ class Case:
                     rotary_sin=to(self.sin) if self.rotary else None,
                     rotary_interleaved=self.interleaved, scale=self.scale,
                     is_causal=self.causal, window=self.window, softcap=self.softcap,
-                    return_lse=True)
+                    return_lse=True, alibi_slopes=to(self.alibi))
 
 
 def make_case(*, B=2, Sq=1, H=4, Hkv=2, D=32, lens=(0, 7), s_new=0, s_max=None,
               block_size=None, cache_batch=None, rotary=None, interleaved=False, causal=True,
               window=None, softcap=0.0, scale=None, dtype=torch.float32, logit_scale=1.0,
-              seed=0):
+              seed=0, alibi=None):
     """A random case. block_size: paged cache with a shuffled block table; cache_batch: a
     contiguous cache of that many rows addressed by a random cache_batch_idx; rotary: the
-    rotary dim (needs s_new > 0)."""
+    rotary dim (needs s_new > 0); alibi: None, "head" (slopes (H,)) or "batch" ((B, H))."""
     g = torch.Generator().manual_seed(seed)
     rnd = (lambda *s: torch.randn(*s, generator=g).to(dtype))
     lens = torch.tensor(lens, dtype=torch.int32)
@@ -160,10 +164,12 @@ def make_case(*, B=2, Sq=1, H=4, Hkv=2, D=32, lens=(0, 7), s_new=0, s_max=None,
         case["k"], case["v"] = rnd(B, s_new, Hkv, D), rnd(B, s_new, Hkv, D)
     if rotary:
         case["cos"], case["sin"] = fastattn.rotary_cache(s_max + 4, rotary)
+    if alibi is not None:                   # drawn last: the other tensors stay as without it
+        case["alibi"] = torch.rand(*((H,) if alibi == "head" else (B, H)), generator=g) * 0.6
     desc = dict(B=B, Sq=Sq, H=H, Hkv=Hkv, D=D, lens=lens.tolist(), s_new=s_new, s_max=s_max,
                 block_size=block_size, cache_batch=cache_batch, rotary=rotary,
                 interleaved=interleaved, causal=causal, window=window, softcap=softcap,
-                scale=scale, dtype=str(dtype), logit_scale=logit_scale, seed=seed)
+                scale=scale, dtype=str(dtype), logit_scale=logit_scale, seed=seed, alibi=alibi)
     return Case(rotary=bool(rotary), interleaved=interleaved, causal=causal, window=window,
                 softcap=softcap, scale=scale, desc=desc, **case)
 

@@ -370,18 +370,12 @@ def test_unsupported_reasons():
     assert "dtype" in ta.unsupported("attention", **dict(case, dtype=torch.float64))
 
 
-def test_autotune_prune_respects_arch_and_lengths(monkeypatch):
+def test_autotune_prune_respects_arch_and_lengths():
     import triton
     from fastattn.kernels import _attention_configs as cfg
-    configs = cfg.autotune_configs("fwd")
-    prune = cfg.make_prune("fwd", "Sq", "Sk")
-    q = torch.zeros(1, 1, 1, 1, dtype=torch.float16)
 
     def tiles(arch, sq, sk, block_d=256):
-        monkeypatch.setattr(cfg, "device_arch", lambda t: arch)
-        kept = prune(configs, {"Q": q, "Sq": sq, "Sk": sk}, BLOCK_D=block_d, ALIGNED=True)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                for c in kept}
+        return set(cfg.prune_tiles("fwd", arch, block_d, 2, rows=sq, cols=sk))
 
     big80, big90 = tiles(80, 4096, 4096), tiles(90, 4096, 4096)
     assert big80 and big80 < big90            # sm_80 has less shared memory than sm_90
@@ -389,28 +383,23 @@ def test_autotune_prune_respects_arch_and_lengths(monkeypatch):
         assert cfg.smem_estimate("fwd", bm, bn, 256, 2, stages) <= cfg.SMEM_LIMIT[80]
     assert all(bm <= 16 or bm == min(b for b, *_ in big90)
                for bm, *_ in tiles(90, 3, 4096))           # no 128-row tile for 3 queries
+    configs = cfg.autotune_configs(cfg.prune_tiles("fwd", 90, 64, 2, rows=4096, cols=4096))
     assert isinstance(configs[0], triton.Config)
 
 
-def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
+def test_autotune_prune_gives_tf32_its_own_tiles():
     # fp32 with TF32 dots spills on some IEEE tiles: the pruner must follow DOT_PREC (and the
     # arch), and the static report must list exactly the tiles the pruner can return
     from fastattn.kernels import _attention_configs as cfg
-    q = torch.zeros(1, 1, 1, 1, dtype=torch.float32)
     listed = {arch: {(v.name, v.config) for v in ta.static_variants(arch)} for arch in (80, 90)}
     for kind, block_d in cfg.TF32_TABLE:
-        configs = cfg.autotune_configs(kind)
-        prune = cfg.make_prune(kind, "Sq", "Sk")
         name = {"fwd": "attention_fwd", "dkdv": "attention_bwd_dkdv",
                 "dq": "attention_bwd_dq"}[kind]
         for arch in (80, 90):
-            monkeypatch.setattr(cfg, "device_arch", lambda t: arch)
 
             def tiles(prec):
-                kept = prune(configs, {"Q": q, "Sq": 1 << 16, "Sk": 1 << 16}, BLOCK_D=block_d,
-                             ALIGNED=True, DOT_PREC=prec)
-                return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                        for c in kept}
+                return set(cfg.prune_tiles(kind, arch, block_d, 4, prec, rows=1 << 16,
+                                           cols=1 << 16))
 
             for prec, label in (("tf32", "tf32"), ("ieee", "fp32")):
                 assert tiles(prec) == set(cfg.valid_configs(kind, arch, block_d, 4, prec))
@@ -423,6 +412,20 @@ def test_autotune_prune_gives_tf32_its_own_tiles(monkeypatch):
             assert tiles("tf32") <= set(cfg.ARCH_TF32_TABLE.get((arch, kind, block_d),
                                                                 cfg.TF32_TABLE[(kind, block_d)]))
     assert (32, 64, 8, 1) not in set(cfg.valid_configs("dkdv", 80, 64, 4, "tf32"))
+
+
+def test_launch_autotuner_has_only_the_pruned_configs():
+    """The GPU launch autotunes over the tiles pruned on the host: an autotuner with configs
+    and key only (what torch.library.wrap_triton accepts), one per tile tuple."""
+    from fastattn.kernels import _attention_configs as cfg
+    from fastattn.kernels._attention_fwd import attn_fwd_kernel
+    tiles = cfg.prune_tiles("fwd", 90, 64, 2, "tf32", rows=100, cols=4096)
+    tuned = ta._tuned(attn_fwd_kernel, "fwd", tiles)
+    assert ta._tuned(attn_fwd_kernel, "fwd", tiles) is tuned
+    assert set(tuned.kwargs) == {"configs", "key"}
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in tuned.kwargs["configs"]] == list(tiles)
+    assert all(bm <= 128 for bm, *_ in tiles)         # 100 rows: no tile above 128 rows
 
 
 def test_sm90_tensor_core_tiles_have_a_64_row_mma():

@@ -13,7 +13,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:          # benchmarks/ is not installed; plain `pytest` runs need this
-    sys.path.insert(0, REPO)
+    sys.path.append(REPO)
 
 from benchmarks import gate, runner  # noqa: E402
 from benchmarks.cases import common, softmax  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 import fastattn
 from fastattn import _ext
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_build_info_keys_and_types():

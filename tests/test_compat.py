@@ -18,7 +18,7 @@ from fastattn import _compat as torch_compat
 from fastattn.kernels import _compat as triton_compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.append(ROOT)   # after site-packages: the compat leg tests an installed fastattn
 import build_support  # noqa: E402
 
 

@@ -111,8 +111,11 @@ def test_example_trains_under_torchrun(tmp_path):
     cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
            str(fd.local.free_port()), os.path.join(root, "examples", "context_parallel.py"),
            "--steps", "2", "--seq-len", "64"]
+    # the ranks import the fastattn this process imported (an installed one in make
+    # test-compat, whose source copy at `root` is not built), not whatever `root` holds
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(fd.__path__[0])))
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
     # own session, so a timeout kills torchrun and the ranks it started together
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=root, start_new_session=True)

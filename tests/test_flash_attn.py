@@ -100,7 +100,7 @@ def test_runs_on_fastattn_kernels():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+    (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),      # nheads is 2
     (dict(return_attn_probs=True), "return_attn_probs"),
     (dict(window_size=(3,)), "window_size"),
 ])
@@ -197,7 +197,7 @@ def test_with_kvcache_appends_and_attends(causal):
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(cache_leftpad=torch.zeros(1, dtype=torch.int32)), "cache_leftpad"),
-    (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+    (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),      # nheads is 2
     (dict(num_splits=-1), "num_splits"),
 ])
 def test_with_kvcache_unsupported_arguments_raise(kwargs, name):

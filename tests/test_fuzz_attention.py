@@ -6,7 +6,8 @@ mask), on the cpu, torch and triton (interpreter) backends.
 Configs: odd sizes, head dims that are not powers of two, GQA, strided views, bool/float masks
 with -inf entries and fully masked rows, windows that empty rows and whole tiles, causal in
 both alignments, Sq != Sk, softcap, key_lengths (0 included), huge logits and scales, dropout
-(keep-mask from the backend's own RNG for the call's seed), deterministic=True reruns.
+(keep-mask from the backend's own RNG for the call's seed), deterministic=True reruns, ALiBi
+slopes ((H,) or (B, H); the oracle adds -slope * |i + shift - j| after softcap).
 
 Bounds: fp32 against the fp64 oracle with tight absolute + relative bounds (for huge-logit
 configs plus twice the fp32 oracle's own error: such logits are ill-conditioned); fp16/bf16 by the
@@ -30,7 +31,7 @@ import torch
 import fastattn
 from fastattn import _backend
 from conftest import TESTABLE_BACKENDS, backend_device
-from fuzz_support import attention_rounding
+from fuzz_support import attention_rounding, masked_softmax, visible
 from tolerances import (ATTENTION_FP32, ATTENTION_FUZZ_LSE, EPS, bound_2x, floor_for, max_err,
                         max_relative_bound)
 
@@ -48,23 +49,8 @@ DEFAULTS = {"cpu": 100, "torch": 40, "triton": 6, "cuda": 40}
 # ------------------------------------------------------------------------------------ oracle
 
 
-def visibility(sq, sk, causal, bottom_right, wl, wr, device):
-    """Bool (Sq, Sk) of the structural rules (causal, window), from the contract."""
-    i = torch.arange(sq, device=device).unsqueeze(1)
-    j = torch.arange(sk, device=device).unsqueeze(0)
-    pos = i + (sk - sq if bottom_right else 0)
-    vis = torch.ones(sq, sk, dtype=torch.bool, device=device)
-    if causal:
-        vis = vis & (j <= pos)
-    if wl >= 0:
-        vis = vis & (j >= pos - wl)
-    if wr >= 0:
-        vis = vis & (j <= pos + wr)
-    return vis
-
-
 def oracle(q, k, v, *, mask, scale, causal, bottom_right, wl, wr, softcap, key_lengths,
-           keep, dropout_p, fp64):
+           keep, dropout_p, fp64, alibi=None):
     """out (B, H, Sq, D), lse (B, H, Sq), P (B, H, Sq, Sk), differentiable.
 
     fp64=True: everything in float64 (the reference). fp64=False: q k^T and P v in the input
@@ -80,7 +66,13 @@ def oracle(q, k, v, *, mask, scale, causal, bottom_right, wl, wr, softcap, key_l
     s = s * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    vis = visibility(sq, sk, causal, bottom_right, wl, wr, q.device).expand(b, h, sq, sk)
+    off = sk - sq if bottom_right else 0                   # the diagonal j = i + off
+    if alibi is not None:                                  # (H,) or (B, H) slopes
+        i = torch.arange(sq, device=q.device).view(sq, 1)
+        j = torch.arange(sk, device=q.device).view(1, sk)
+        dist = (i + off - j).abs().to(s.dtype)
+        s = s - alibi.to(s.dtype).expand(b, h)[:, :, None, None] * dist
+    vis = visible(sq, sk, off, causal, wl, wr, q.device).expand(b, h, sq, sk)
     if key_lengths is not None:
         j = torch.arange(sk, device=q.device).view(1, 1, 1, sk)
         vis = vis & (j < key_lengths.view(b, 1, 1, 1).to(q.device))
@@ -89,15 +81,7 @@ def oracle(q, k, v, *, mask, scale, causal, bottom_right, wl, wr, softcap, key_l
             vis = vis & mask
         else:
             s = s + mask.to(s.dtype)
-    s = s.masked_fill(~vis, float("-inf"))
-    m = s.detach().amax(-1, keepdim=True)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)           # empty rows: no NaN
-    e = torch.exp(s - m)
-    z = e.sum(-1, keepdim=True)
-    p = e / torch.where(z == 0, torch.ones_like(z), z)
-    zd = z.detach().squeeze(-1)
-    lse = torch.where(zd == 0, torch.full_like(zd, float("-inf")),
-                      m.squeeze(-1) + torch.log(torch.where(zd == 0, torch.ones_like(zd), zd)))
+    p, lse = masked_softmax(s, vis)
     pd = p if keep is None else p * keep.to(p.dtype) / (1.0 - dropout_p)
     out = torch.matmul(pd if fp64 else pd.to(vv.dtype), vv)
     return out, lse, p
@@ -205,6 +189,7 @@ def make_config(i, small=False):
         # forms delta = rowsum(dO * O) from the stored, rounded O, and 12x inputs amplify
         # that rounding past the floor. Covered in fp32 and without dropout instead.
         cfg["huge"] = None
+    cfg["alibi"] = rng.choice([None, None, None, "head", "batch"])   # drawn last: see above
     return cfg
 
 
@@ -241,6 +226,11 @@ def make_inputs(cfg, device):
         key_lengths = torch.randint(0, sk + 1, (b,), generator=gen)
         key_lengths[torch.rand(b, generator=gen) < 0.3] = rng.choice([0, sk])
     dout = torch.randn(b, h, sq, d, generator=gen).to(dtype)
+    alibi = None
+    if cfg.get("alibi") is not None:                      # own generator: other draws unchanged
+        g2 = torch.Generator().manual_seed(cfg["seed"] + 7)
+        alibi = (torch.rand(*((h,) if cfg["alibi"] == "head" else (b, h)), generator=g2)
+                 * 0.6).to(device)
     q, k, v = (t.to(device).requires_grad_() for t in (q, k, v))
     if mask is not None:
         mask = mask.to(device)
@@ -248,7 +238,7 @@ def make_inputs(cfg, device):
             mask.requires_grad_()
     if key_lengths is not None:
         key_lengths = key_lengths.to(device)
-    return q, k, v, mask, key_lengths, dout.to(device), scale
+    return q, k, v, mask, key_lengths, dout.to(device), scale, alibi
 
 
 def _grads(out, dout, leaves):
@@ -269,14 +259,14 @@ def _rng_pair(call_seed):
 
 def run_functional(cfg, backend):
     device = backend_device(backend)
-    q, k, v, mask, key_lengths, dout, scale = make_inputs(cfg, device)
+    q, k, v, mask, key_lengths, dout, scale, alibi = make_inputs(cfg, device)
     wl, wr = cfg["window"] if cfg["window"] is not None else (-1, -1)
     p = cfg["dropout_p"]
     kw = dict(attn_mask=mask, dropout_p=p, is_causal=cfg["causal"], scale=scale,
               enable_gqa=cfg["H"] != cfg["Hkv"], window=cfg["window"],
               softcap=cfg["softcap"], key_lengths=key_lengths, return_lse=True,
               causal_alignment="bottom_right" if cfg["bottom_right"] else "top_left",
-              deterministic=cfg["deterministic"])
+              deterministic=cfg["deterministic"], alibi_slopes=alibi)
     call_seed = cfg["seed"] * 7 + 1
 
     def call():
@@ -293,7 +283,8 @@ def run_functional(cfg, backend):
         keep = mod.dropout_keep_mask((cfg["B"], cfg["H"], cfg["Sq"], cfg["Sk"]), p, seed,
                                      offset, device)
     okw = dict(scale=scale, causal=cfg["causal"], bottom_right=cfg["bottom_right"], wl=wl,
-               wr=wr, softcap=cfg["softcap"], key_lengths=key_lengths, keep=keep, dropout_p=p)
+               wr=wr, softcap=cfg["softcap"], key_lengths=key_lengths, keep=keep, dropout_p=p,
+               alibi=alibi)
     leaves64 = [t.detach().double().requires_grad_(t.requires_grad) if t is not None
                 and t.is_floating_point() else t for t in (q, k, v, mask)]
     ref, ref_lse, ref_p = oracle(*leaves64[:3], mask=leaves64[3], fp64=True, **okw)

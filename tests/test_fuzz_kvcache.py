@@ -5,7 +5,7 @@ FASTATTN_FUZZ_CONFIGS (default 8) configurations from seed FASTATTN_FUZZ_SEED (d
 each assertion message carries the full configuration, so a failure replays with make_case.
 Draws: ragged lengths incl. 0 and 1, odd head dims, Sq 1..5, appends with and without rotary
 (either style), paged caches with odd block sizes or cache_batch_idx, GQA/MQA, causal or not,
-windows that empty rows, softcap, huge logits, caches long enough to split.
+windows that empty rows, softcap, huge logits, caches long enough to split, ALiBi slopes.
 """
 
 import os
@@ -47,7 +47,8 @@ def draw(rng, index):
                 window=window, softcap=rng.choice([0.0, 0.0, 5.0]),
                 logit_scale=rng.choice([1.0, 1.0, 30.0]),
                 dtype=rng.choice([torch.float32, torch.float16, torch.bfloat16]),
-                seed=SEED * 100003 + index)
+                seed=SEED * 100003 + index,
+                alibi=rng.choice([None, None, "head", "batch"]))   # drawn last: older draws stay
 
 
 @pytest.mark.parametrize("index", range(CONFIGS))

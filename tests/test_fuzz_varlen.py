@@ -3,7 +3,8 @@ dense oracle (tests/varlen_support.py), outputs, lse and every gradient, on each
 
 Configurations: ragged batches with empty and single-token sequences, Sq != Sk per sequence
 (both ways), GQA/MQA, odd head dims, causal and windows that empty rows or whole tiles,
-softcap, dropout, strided (non-contiguous) views and huge logits.
+softcap, dropout, strided (non-contiguous) views, huge logits and ALiBi slopes ((H,) or
+(B, H)).
 
     FASTATTN_FUZZ_CONFIGS=200 FASTATTN_FUZZ_SEED=7 TRITON_INTERPRET=1 \\
         python -m pytest tests/test_fuzz_varlen.py
@@ -72,7 +73,17 @@ def make_config(i):
     # the inputs' seed, drawn here so a printed config reproduces (it was hash(str(cfg)),
     # which Python randomises per process)
     cfg["data_seed"] = rng.randrange(2**31)
+    cfg["alibi"] = rng.choice([None, None, None, "head", "batch"])   # drawn last: see above
     return cfg
+
+
+def _alibi_slopes(cfg, device):
+    """The config's ALiBi slopes (H,) or (B, H), or None (their own generator)."""
+    if cfg.get("alibi") is None:
+        return None
+    g = torch.Generator().manual_seed(cfg["data_seed"] + 1)
+    shape = (cfg["heads"],) if cfg["alibi"] == "head" else (len(cfg["lens_q"]), cfg["heads"])
+    return (torch.rand(*shape, generator=g) * 0.6).to(device)
 
 
 def _strided(t):
@@ -87,7 +98,7 @@ def _max_finite(t):
     return t[f].double().abs().max().item() if f.any() else 0.0
 
 
-def _rounding_extras(inp, got, ref, keep, cfg):
+def _rounding_extras(inp, got, ref, keep, cfg, slopes=None):
     """Per gradient, the largest over sequences of what a flash backward's stored O and fp32
     lse cost beyond `pt` (fuzz_support.attention_rounding: delta = rowsum(dO * O) from the
     rounded O, dP's and delta's dot products, P = exp(s - lse) from the fp32 lse). Each sequence
@@ -107,7 +118,10 @@ def _rounding_extras(inp, got, ref, keep, cfg):
         p = reference.attention_weights(q.double(), k.double(), scale=scale,
                                         causal=cfg["causal"], alignment="bottom_right",
                                         window_left=window[0], window_right=window[1],
-                                        softcap=cfg["softcap"])          # (1, H, Sq_b, Sk_b)
+                                        softcap=cfg["softcap"],
+                                        alibi_slopes=None if slopes is None else
+                                        slopes.expand(len(cu_q) - 1, -1)[b:b + 1].double())
+                                                                  # (1, H, Sq_b, Sk_b)
         kb = None if keep is None else keep[b:b + 1, :, :qe - qa, :ke - ka]
         terms = attention_rounding(seq(got[0], qa, qe), seq(ref[0], qa, qe).double(),
                                    ref[1][:, qa:qe].unsqueeze(0), seq(inp["dout"], qa, qe),
@@ -143,8 +157,9 @@ def run_config(backend, cfg):
     if cfg["strided"]:
         for n in "qkv":
             inp[n] = _strided(inp[n])
+    slopes = _alibi_slopes(cfg, backend_device(backend))
     opts = dict(is_causal=cfg["causal"], window=cfg["window"], softcap=cfg["softcap"],
-                dropout_p=cfg["dropout_p"])
+                dropout_p=cfg["dropout_p"], alibi_slopes=slopes)
     torch.manual_seed(11)
     got = run(inp, backend=backend, **opts)
     keep = None
@@ -154,12 +169,12 @@ def run_config(backend, cfg):
         keep = keep_mask(backend, inp, cfg["dropout_p"], seed, offset)
     window = cfg["window"] or (-1, -1)
     kw = dict(causal=cfg["causal"], window=window, softcap=cfg["softcap"], dropout_mask=keep,
-              dropout_p=cfg["dropout_p"])
+              dropout_p=cfg["dropout_p"], alibi_slopes=slopes)
     # DESIGN.md: the reference in fp32 for fp16/bf16 (fp64 for fp32/fp64), `pt` in the dtype
     low = dtype in (torch.float16, torch.bfloat16)
     ref = oracle(inp, torch.float32 if low else torch.float64, **kw)
     pt = oracle(inp, dtype, **kw)
-    extras = _rounding_extras(inp, got, ref, keep, cfg)
+    extras = _rounding_extras(inp, got, ref, keep, cfg, slopes)
     for name, g, r, p in zip(("out", "lse", "dq", "dk", "dv"), got, ref, pt):
         assert g.shape == r.shape, f"{name}: shape {tuple(g.shape)}; config {cfg}"
         _check(name, g, r, p, dtype, cfg, _max_finite(ref[1]), extras.get(name, 0.0))

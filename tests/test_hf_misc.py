@@ -83,6 +83,23 @@ def test_torch_compile_forward(patched):
     assert ("attention", "cpu") in calls
 
 
+def test_torch_compile_inductor_forward():
+    """torch.compile(model) with its default backend, inductor (it generates and compiles C++
+    for the graph around fastattn's custom ops), on a patched model: attention, norms and
+    rotary all run as fastattn's CPU kernels inside the compiled graph."""
+    pytest.importorskip("transformers")
+    from hf_models import build_pair
+    import fastattn
+    ref, new = build_pair("llama", patch=True)
+    ids = torch.randint(3, 128, (2, 11))
+    compiled = torch.compile(new)
+    with torch.no_grad(), fastattn.record_dispatch() as calls:
+        got = compiled(ids).logits
+        want = ref(ids).logits
+    torch.testing.assert_close(got, want, **COMPOSED_FP32_TOL)
+    assert {("attention", "cpu"), ("rms_norm", "cpu"), ("rotary", "cpu")} <= set(calls), calls
+
+
 @pytest.mark.skipif(not interpreting(),
                     reason="the triton backend runs CPU tensors only with TRITON_INTERPRET=1")
 def test_triton_backend_two_layer_llama():

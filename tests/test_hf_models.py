@@ -21,7 +21,7 @@ _threads = pytest.fixture(autouse=True)(one_thread)
 
 
 def _norm_op(family):
-    return "layer_norm" if family in ("gpt2", "gpt_neox") else "rms_norm"
+    return "layer_norm" if family in ("gpt2", "gpt_neox", "gptj") else "rms_norm"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -143,9 +143,10 @@ def test_patch_leaves_unknown_rmsnorm_with_warning():
     assert type(new.model.norm) is MyRMSNorm
 
 
-def test_unpatched_model_of_same_family_keeps_hf_rotary():
+@pytest.mark.parametrize("family", ["llama", "gptj"])
+def test_unpatched_model_of_same_family_keeps_hf_rotary(family):
     """The wrapped apply_rotary_pos_emb only takes tables from a patched model's cos."""
-    ref, new = build_pair("llama")                       # patches the llama module's function
+    ref, new = build_pair(family)                        # patches the family's function
     ids = torch.randint(3, 128, (2, 7))
     with torch.no_grad(), fastattn.record_dispatch() as calls:
         ref(ids)

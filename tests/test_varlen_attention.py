@@ -269,19 +269,13 @@ def test_opcheck_cpu_ops():
 @pytest.mark.parametrize("arch,kind,prec,block_d", [(80, "fwd", "ieee", 64),
                                                     (80, "dq", "ieee", 128),
                                                     (90, "dkdv", "tf32", 128)])
-def test_autotune_prune_uses_varlen_tiles(monkeypatch, arch, kind, prec, block_d):
+def test_autotune_prune_uses_varlen_tiles(arch, kind, prec, block_d):
     """The packed mode's autotuner keeps only VARLEN_TABLE's tiles where the dense tiles
     spilled in that mode (static report), and the dense mode keeps its own."""
     from fastattn.kernels import _attention_configs as cfg
-    monkeypatch.setattr(cfg, "device_arch", lambda t: arch)
-    prune = cfg.make_prune(kind, "Sq", "Sk")
-    q = torch.zeros(1, dtype=torch.float32)
 
     def tiles(varlen):
-        kept = prune(cfg.autotune_configs(kind), {"Q": q, "Sq": 4096, "Sk": 4096},
-                     BLOCK_D=block_d, DOT_PREC=prec, VARLEN=varlen)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                for c in kept}
+        return set(cfg.prune_tiles(kind, arch, block_d, 4, prec, varlen, rows=4096, cols=4096))
 
     assert tiles(True) == set(cfg.VARLEN_TABLE[(arch, kind, 4, prec, block_d)])
     assert tiles(False) == set(cfg.valid_configs(kind, arch, block_d, 4, prec))

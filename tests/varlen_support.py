@@ -34,9 +34,10 @@ def packed_inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, device="cpu"
 
 
 def oracle(inp, dtype, *, scale=None, causal=False, window=(-1, -1), softcap=0.0,
-           dropout_mask=None, dropout_p=0.0):
+           dropout_mask=None, dropout_p=0.0, alibi_slopes=None):
     """(out, lse (H, total_q), dq, dk, dv) from a per-sequence loop of reference.attention in
-    `dtype`; dropout_mask: the backend's keep-mask (B, H, max_q, max_k) or None."""
+    `dtype`; dropout_mask: the backend's keep-mask (B, H, max_q, max_k) or None;
+    alibi_slopes: (H,) or (B, H) (sequence b uses row b) or None."""
     q, k, v = (inp[n].detach().to(dtype).requires_grad_() for n in "qkv")
     cu_q, cu_k = inp["cu_q"].tolist(), inp["cu_k"].tolist()
     outs, lses = [], []
@@ -47,10 +48,14 @@ def oracle(inp, dtype, *, scale=None, causal=False, window=(-1, -1), softcap=0.0
         keep = None
         if dropout_mask is not None:
             keep = dropout_mask[b:b + 1, :, :qs.shape[2], :ks.shape[2]]
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.cpu().expand(len(cu_q) - 1, q.shape[1])[b:b + 1]
         o, l = reference.attention(qs, ks, vs, scale=scale, causal=causal,
                                    alignment="bottom_right", window_left=window[0],
                                    window_right=window[1], softcap=softcap, dropout_mask=keep,
-                                   dropout_p=dropout_p, return_lse=True)
+                                   dropout_p=dropout_p, return_lse=True,
+                                   alibi_slopes=None if slopes is None else slopes.to(q.device))
         outs.append(o[0].transpose(0, 1))
         lses.append(l[0])
     out = torch.cat(outs, 0)

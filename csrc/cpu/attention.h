@@ -34,6 +34,9 @@ struct AttentionParams {
   bool causal = false;
   int64_t shift = 0;       // 0 (top-left) or Sk - Sq (bottom-right)
   int64_t window_left = -1, window_right = -1;
+  // ALiBi: slopes (B, H) fp32 contiguous (per query head; B = sequences in packed mode) or
+  // null. Every finished score gets - slope[b, h] * |i + shift - j| (shift: the causal one).
+  const float* alibi = nullptr;
 
   // Dropout on P (after the softmax, lse undropped): kept entries are scaled by
   // dropout_scale = 1 / (1 - p), the others are 0. See common/dropout_rng.h.

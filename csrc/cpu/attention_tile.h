@@ -181,8 +181,25 @@ struct Row {
   float mul = 1.f;
 };
 
+// ALiBi on a finished row: s[j] -= slope * |d0 - j| for j in [a, e), d0 = i + shift - j0 (the
+// query's diagonal position relative to the tile's first key). Distances are exact integers in
+// fp32 and the update is one explicit fma, so the forward and the backward (other tile
+// offsets, other vector/tail splits) form bit-identical scores: P = exp(s - lse) stays
+// consistent at huge logits.
+inline void add_alibi_row(float* s, float slope, int64_t d0, int64_t a, int64_t e) {
+  constexpr int64_t V = Vec::size();
+  const Vec neg_slope(-slope), iota = Vec::arange(0.f, 1.f);
+  for (int64_t j = a; j < e; j += V) {
+    const int64_t n = std::min<int64_t>(V, e - j);
+    const Vec dist = (Vec(static_cast<float>(d0 - j)) - iota).abs();  // |d0 - j - lane|
+    const Vec x = n == V ? Vec::loadu(s + j) : Vec::loadu(s + j, n);
+    const Vec y = at::vec::fmadd(neg_slope, dist, x);
+    if (n == V) y.store(s + j); else y.store(s + j, n);
+  }
+}
+
 // Turns the raw scores s[a:e) = q_i . k_j (unscaled) of query i against keys j0 + [a, e) into
-// logits: scale, softcap, float mask, -inf where a bool mask hides the key (in the plain case
+// logits: scale, softcap, ALiBi bias, float mask, -inf where a bool mask hides the key (in the plain case
 // only the max is computed and Row::mul carries the scale). [a, e) is the
 // structurally visible part of keys j0..j0+n; entries outside it are left untouched (probs()
 // zeroes them). With softcap, `tanh_out` (if given) receives tanh(scale * s / softcap) for the
@@ -201,7 +218,7 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
   const bool masked = p.mask_kind != MaskKind::kNone;
   // Plain scores: max(scale * s) = scale * max(s) for scale > 0 (rounding is monotonic), and
   // probs() folds the scale into its exp, so the row is not rewritten here.
-  if (p.softcap <= 0.f && !masked && p.scale > 0.f)
+  if (p.softcap <= 0.f && !masked && p.scale > 0.f && !p.alibi)
     return {p.scale * row_max(s + a, e - a), a, e, p.scale};
   if (p.softcap > 0.f) {
     const float inv_s = p.scale / p.softcap;
@@ -220,6 +237,8 @@ inline Row finish_scores(const AttentionParams& p, int64_t b, int64_t h, int64_t
   } else {
     at::vec::map([sc = Vec(p.scale)](Vec x) { return x * sc; }, s + a, s + a, e - a);
   }
+  if (p.alibi)  // after softcap: the bias is not capped
+    add_alibi_row(s, p.alibi[b * p.H + h], i + sequence(p, b).shift - j0, a, e);
   if (masked) {
     const int64_t off = b * p.m_sb + h * p.m_sh + i * p.m_sq + j0 * p.m_sk;
     if (p.mask_kind == MaskKind::kBool) {

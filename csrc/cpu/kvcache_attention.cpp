@@ -92,6 +92,28 @@ inline void dot_key(const float* q, int64_t Dp, const float* kr, float* s) {
   for (int x = 0; x < NR; ++x) s[x * kTile] = hsum(a[x]);
 }
 
+// Two key rows at once: s[x * kTile + {0, 1}] = q_x . k{0, 1}. NR x 2 independent FMA chains
+// (one key's NR <= 4 chains leave the FMA units waiting on latency) and each q vector is
+// loaded once for both keys.
+template <int NR>
+inline void dot_key_pair(const float* q, int64_t Dp, const float* k0, const float* k1,
+                         float* s) {
+  Vec a0[NR], a1[NR];
+  for (int x = 0; x < NR; ++x) a0[x] = a1[x] = Vec(0.f);
+  for (int64_t c = 0; c < Dp; c += kV) {
+    const Vec kv0 = Vec::loadu(k0 + c), kv1 = Vec::loadu(k1 + c);
+    for (int x = 0; x < NR; ++x) {
+      const Vec qv = Vec::loadu(q + x * Dp + c);
+      a0[x] = at::vec::fmadd(qv, kv0, a0[x]);
+      a1[x] = at::vec::fmadd(qv, kv1, a1[x]);
+    }
+  }
+  for (int x = 0; x < NR; ++x) {
+    s[x * kTile] = hsum(a0[x]);
+    s[x * kTile + 1] = hsum(a1[x]);
+  }
+}
+
 // acc_x[0:Dp) += sum_j p[x * kTile + j] v_j for NR rows (acc ld Dp).
 template <int NR>
 inline void accumulate_rows(const float* p, const float* const* vrows, int64_t nk, float* acc,
@@ -185,8 +207,9 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
 
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t nk = std::min(kTile, hi - j0);
-    // S = Q K^T, position-major: the heads of one cache position are adjacent in memory,
-    // so the cache is read as one forward stream.
+    // Row pointers (fp32 rows, converted when needed) and the next tile's prefetch,
+    // position-major: the heads of one cache position are adjacent in memory, so the cache
+    // is read as one forward stream.
     for (int64_t j = 0; j < nk; ++j) {
       const Slot s = slot_of(p, b, j0 + j);
       if (j0 + j + kTile < hi) {  // one tile ahead, into L2
@@ -209,11 +232,21 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
           kptr[slot_ix] = kbuf + slot_ix * Dp;
           vptr[slot_ix] = vbuf + slot_ix * Dp;
         }
+      }
+    }
+    // S = Q K^T, two positions at a time, still position-major.
+    for (int64_t j = 0; j < nk; j += 2) {
+      for (int64_t hk = hk0; hk < hk1; ++hk) {
+        const int64_t slot_ix = (hk - hk0) * kTile + j;
         int64_t a, e;
         rows_of(hk, a, e);
         by_row_blocks(e - a, [&](int64_t r, auto nrb) {
-          dot_key<decltype(nrb)::value>(qf + (a + r) * Dp, Dp, kptr[slot_ix],
-                                        sbuf + (a + r) * kTile + j);
+          constexpr int NR = decltype(nrb)::value;
+          float* srow = sbuf + (a + r) * kTile + j;
+          if (j + 1 < nk)
+            dot_key_pair<NR>(qf + (a + r) * Dp, Dp, kptr[slot_ix], kptr[slot_ix + 1], srow);
+          else
+            dot_key<NR>(qf + (a + r) * Dp, Dp, kptr[slot_ix], srow);
         });
       }
     }
@@ -227,14 +260,16 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
         if (p.softcap > 0.f) {
           const float inv = p.scale / p.softcap;
           for (int64_t j = a; j < e; ++j) s[j] = p.softcap * std::tanh(s[j] * inv);
-          row.max = tile::row_max(s + a, e - a);
-        } else if (p.scale > 0.f) {
-          row.max = p.scale * tile::row_max(s + a, e - a);
-          row.mul = p.scale;
+        } else if (p.scale > 0.f && !p.alibi) {
+          row.mul = p.scale;  // probs() applies it inside its exp
         } else {
           for (int64_t j = a; j < e; ++j) s[j] *= p.scale;
-          row.max = tile::row_max(s + a, e - a);
         }
+        if (p.alibi) {  // packed row h * Sq + i sits at diagonal position len - Sq + i
+          const int64_t h = (r0 + r) / Sq, i = (r0 + r) % Sq;
+          tile::add_alibi_row(s, p.alibi[b * p.H + h], len - Sq + i - j0, a, e);
+        }
+        row.max = row.mul * tile::row_max(s + a, e - a);
       }
       const float m_new = std::max(part.m[r], row.max);
       const float sum = tile::probs(s, nk, row, m_new);  // zero outside [a, e)

@@ -35,6 +35,9 @@ struct KVCacheParams {
   float softcap = 0.f;                     // 0 = off
   bool causal = true;
   int64_t window_left = -1, window_right = -1;
+  // ALiBi slopes (B, H) fp32 contiguous, per query head, or null: score of query i against
+  // key n gets - slope[b, h] * |len - Sq + i - n| (len = cache_seqlens[b] + seqlen_new).
+  const float* alibi = nullptr;
 
   void* out = nullptr;                     // (B, Sq, H, D), q's dtype
   int64_t o_sb = 0, o_ss = 0, o_sh = 0;

@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -110,6 +111,24 @@ inline void check_index_tensor(const at::Tensor& t, const char* fn, const char* 
               fn, ": ", name, " must be a ", ndim, "-D ", dtype_name(dtype), " CPU tensor with ",
               rows, " rows (", rows_what, "), got ", dtype_name(t.scalar_type()), " ",
               t.sizes(), " on ", t.device());
+}
+
+// ALiBi slopes of a CPU attention kernel: None, or a contiguous float32 (B, H) tensor on
+// `ref`'s device (the public functions normalise (H,) and (B, H) to that). Returns the data
+// pointer, or null without slopes. Read-only by the kernels, so no copy is kept.
+inline const float* alibi_slopes_ptr(const std::optional<at::Tensor>& slopes, int64_t B,
+                                     int64_t H, const at::Tensor& ref, const char* fn) {
+  if (!slopes.has_value() || !slopes->defined()) return nullptr;
+  const at::Tensor& a = *slopes;
+  TORCH_CHECK(a.device() == ref.device(), fn, ": alibi_slopes must be on q's device (",
+              ref.device(), "), got ", a.device());
+  TORCH_CHECK(a.scalar_type() == at::kFloat, fn, ": alibi_slopes must be float32, got ",
+              dtype_name(a.scalar_type()));
+  TORCH_CHECK(a.dim() == 2 && a.size(0) == B && a.size(1) == H, fn,
+              ": alibi_slopes must have shape (B, H) = (", B, ", ", H, "), got ", a.sizes());
+  TORCH_CHECK(a.is_contiguous(), fn, ": alibi_slopes must be contiguous, got strides ",
+              a.strides());
+  return a.data_ptr<float>();
 }
 
 // Makes the last dim contiguous (stride 1) if it is not; a copy only in that case.

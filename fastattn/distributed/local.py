@@ -10,6 +10,7 @@ import datetime
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -42,18 +43,34 @@ def _entry(fn, rank, world_size, port, out_dir, args, pg_timeout_s, threads):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
-        try:
-            result = fn(rank, world_size, *args)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        result = fn(rank, world_size, *args)
         with open(path + ".tmp", "wb") as f:
             pickle.dump(result, f)
         os.replace(path + ".tmp", path + ".ok")
     except BaseException:  # noqa: BLE001 - reported to the parent, then exit non-zero
         with open(path + ".err", "w") as f:
             f.write(traceback.format_exc())
-        os._exit(1)
+        _end_rank(1)
+    _end_rank(0)
+
+
+def _end_rank(code):
+    """End a rank's process (its report is written). The process group is destroyed first
+    where torch shuts it down with the GIL released (ProcessGroup.shutdown: torch 2.14, not 2.6).
+    torch 2.6's ProcessGroupGloo destructor joins the group's worker threads while the caller
+    holds the GIL, and a worker still releasing the tensors of a collective that the rank's
+    function issued and dropped needs the GIL: a deadlock (fastattn/distributed/collectives.py
+    avoids it for fastattn's own collectives, but not for the function's). There the process
+    ends with the group alive; its sockets close with it (os._exit, so interpreter teardown
+    does not run that destructor either)."""
+    import torch.distributed as dist
+    try:
+        if dist.is_initialized() and hasattr(dist.ProcessGroup, "shutdown"):
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def run_local(fn, world_size, *args, timeout_s=120.0, pg_timeout_s=30.0, threads=1):

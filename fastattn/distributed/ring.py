@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..attention_lse import (attention_backward_with_lse, attention_forward_with_lse,
                              merge_attention_states)
-from . import plan, sharding
+from . import collectives, plan, sharding
 
 _KV_TAG, _GRAD_TAG = 0, 1
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -65,9 +65,9 @@ class _Ring:
         rank. Returns the requests to wait on."""
         if self.spec.compute_only or not pairs:
             return []
-        # Every receive is posted before any send: where a send blocks until its peer has
-        # posted the matching receive (gloo on torch 2.6), sends first would be a cycle of
-        # ranks each waiting on the next (seen: one of 4 ranks hung in 1 of 2 runs).
+        # Every receive is posted before any send, so no backend whose send waits for the
+        # matching receive can make a cycle of ranks each waiting on the next. (The torch 2.6
+        # hangs once put down to send order were a teardown deadlock: see collectives.py.)
         recvs = [dist.P2POp(dist.irecv, recv, self.prev, self.spec.group, tag)
                  for _, recv, tag in pairs]
         sends = [dist.P2POp(dist.isend, send, self.next, self.spec.group, tag)
@@ -194,7 +194,7 @@ def _check_same_everywhere(q, k, v, spec, group):
             float(spec.softcap)]
     mine = torch.tensor(desc, dtype=torch.float64, device=q.device)
     everyone = [torch.empty_like(mine) for _ in range(spec.world_size)]
-    dist.all_gather(everyone, mine, group=group)
+    collectives.all_gather(everyone, mine, group=group)
     rows = [t.tolist() for t in everyone]
     if any(r != rows[0] for r in rows):
         names = ("q", "k", "v")

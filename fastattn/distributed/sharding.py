@@ -98,7 +98,9 @@ def gather_sequence(x, dim, *, group=None, layout="zigzag"):
     """all_gather every rank's shard x and return the full sequence on every rank (not
     differentiable; for evaluation and tests)."""
     import torch.distributed as dist
+
+    from . import collectives
     world_size = dist.get_world_size(group)
     shards = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(shards, x.contiguous(), group=group)
+    collectives.all_gather(shards, x.contiguous(), group=group)
     return unshard_sequence(shards, dim, layout)

@@ -4,7 +4,9 @@ What it changes, in place:
   attention  registers "fastattn" and calls model.set_attn_implementation("fastattn");
   norms      the family's RMSNorm modules become HFRMSNorm (hf_norms.py; same Parameter
              objects); nn.LayerNorm (GPT-2, GPT-NeoX) is handled by the generic patch;
-  rotary     the family's rotary embedding runs on the rotary kernel (hf_rotary.py).
+  rotary     the family's rotary embedding runs on the rotary kernel (hf_rotary.py);
+  cache      the DynamicCache that model.generate builds for itself appends in place instead
+             of concatenating every step (hf_cache.py), with attention.
 Anything else (unknown norm or rotary classes, modules with hooks) is left alone with a
 warning. Returns a list of (qualified name, old, new) entries for model.fastattn_patched.
 """
@@ -13,7 +15,7 @@ import warnings
 
 from torch import nn
 
-from . import hf_norms, hf_rotary
+from . import hf_cache, hf_norms, hf_rotary
 from .transformers import ATTN_IMPLEMENTATION, register
 
 
@@ -45,6 +47,13 @@ def patch_transformers_model(model, *, attention=True, norms=True, rotary=True):
             for qual, m in attn_modules:
                 replaced.append((qual, f"{type(m).__name__}[{old}]",
                                  f"{type(m).__name__}[{ATTN_IMPLEMENTATION}]"))
+        if hasattr(model, "generate"):
+            already = getattr(model._prepare_cache_for_generation, "_fastattn_growing", False)
+            reason = hf_cache.install_generate_cache(model)
+            if reason:
+                _warn("generate", model, f"generate keeps transformers' cache: {reason}")
+            elif not already:
+                replaced.append(("generate", "DynamicCache", "GrowingCache"))
 
     def visit(module, prefix):
         for name, child in list(module._modules.items()):
@@ -78,8 +87,8 @@ def patch_transformers_model(model, *, attention=True, norms=True, rotary=True):
             elif (rotary and type(child).__name__.endswith("RotaryEmbedding")
                   and type(child).__module__.startswith("transformers.")
                   and not type(child).__module__.startswith(hf_rotary.__name__)):
-                _warn(qual, child, "fastattn does not know this rotary layout (GPT-J style "
-                                   "and model-specific ropes keep HF's code)")
+                _warn(qual, child, "fastattn does not know this rotary layout (model-specific "
+                                   "ropes keep HF's code)")
             if new is child:
                 visit(child, qual)
 

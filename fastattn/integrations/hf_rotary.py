@@ -1,5 +1,12 @@
 """Rotary embeddings of Hugging Face models on fastattn's rotary kernel.
 
+Two layouts:
+  NeoX (Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-NeoX, ...): rotate halves, described below.
+  GPT-J (interleaved pairs): GPTJRotaryEmbedding returns (sin, cos), each (B, S, R/2) already
+    compact, and modeling_gptj's `apply_rotary_pos_emb(tensor, sin, cos)` rotates one
+    (B, S, H, R) tensor (q or k before the head transpose, the first rotary_dim features);
+    the same two steps move it onto the kernel with interleaved=True.
+
 HF models compute (cos, sin) once per forward in a `<Family>RotaryEmbedding` module, shape
 (B or 1, S, R) in NeoX layout (the R/2 frequencies twice), and every attention layer calls its
 modeling file's `apply_rotary_pos_emb(q, k, cos, sin)` with q (B, H, S, D), rotating the
@@ -29,21 +36,31 @@ KNOWN_ROTARY = ("LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEm
                 "Qwen3RotaryEmbedding", "GemmaRotaryEmbedding", "Gemma2RotaryEmbedding",
                 "Gemma3RotaryEmbedding", "Phi3RotaryEmbedding", "GPTNeoXRotaryEmbedding")
 
+# GPT-J layout: the rotary module returns (sin, cos), compact (B, S, R/2); the family's
+# apply_rotary_pos_emb(tensor, sin, cos) rotates adjacent pairs of one (B, S, H, R) tensor.
+KNOWN_INTERLEAVED_ROTARY = ("GPTJRotaryEmbedding",)
+
 _TABLES = "_fastattn_rope_tables"
 _subclasses = {}
 
 
 def is_known_rotary(module):
-    return (type(module).__name__ in KNOWN_ROTARY
+    return ((type(module).__name__ in KNOWN_ROTARY
+             or type(module).__name__ in KNOWN_INTERLEAVED_ROTARY)
             and type(module).__module__.startswith("transformers."))
 
 
-def _attach_tables(cos, sin):
-    """Attach (cos table, sin table, positions) to cos; cos/sin (Bc, S, R)."""
-    if cos.dim() != 3 or cos.shape != sin.shape or cos.shape[-1] % 2:
+def _is_interleaved(cls):
+    return cls.__name__ in KNOWN_INTERLEAVED_ROTARY
+
+
+def _attach_tables(cos, sin, compact=False):
+    """Attach (cos table, sin table, positions) to cos; cos/sin (Bc, S, R) in NeoX layout
+    (each frequency twice), or (Bc, S, R/2) when compact (GPT-J)."""
+    if cos.dim() != 3 or cos.shape != sin.shape or (not compact and cos.shape[-1] % 2):
         return
     bc, s, r = cos.shape
-    half = r // 2
+    half = r if compact else r // 2
     table_cos = cos[..., :half].reshape(bc * s, half).float().contiguous()   # (Bc*S, R/2)
     table_sin = sin[..., :half].reshape(bc * s, half).float().contiguous()
     positions = None
@@ -55,11 +72,17 @@ def _attach_tables(cos, sin):
 def fast_rotary_class(cls):
     """The tagging subclass of an HF rotary-embedding class (one per class)."""
     sub = _subclasses.get(cls)
-    if sub is None:
+    if sub is None and _is_interleaved(cls):
+        def forward(self, *args, **kwargs):
+            sin, cos = cls.forward(self, *args, **kwargs)        # GPT-J's order
+            _attach_tables(cos, sin, compact=True)
+            return sin, cos
+    elif sub is None:
         def forward(self, *args, **kwargs):
             cos, sin = cls.forward(self, *args, **kwargs)
             _attach_tables(cos, sin)
             return cos, sin
+    if sub is None:
 
         sub = type(f"Fastattn{cls.__name__}", (cls,), {
             "forward": forward, "__module__": __name__,
@@ -95,7 +118,27 @@ def _wrap_apply(original):
     return apply_rotary_pos_emb
 
 
-def install_apply_wrapper(modeling_module_name):
+def _wrap_apply_interleaved(original):
+    """GPT-J's apply_rotary_pos_emb(tensor, sin, cos): tensor (B, S, H, R), adjacent pairs."""
+    def apply_rotary_pos_emb(tensor, sin, cos, *args, **kwargs):
+        tables = getattr(cos, _TABLES, None)
+        if tables is not None and not args and not kwargs and tensor.dim() == 4:
+            table_cos, table_sin, positions = tables
+            b, s = tensor.shape[:2]
+            if (2 * table_cos.shape[1] == tensor.shape[-1]
+                    and (positions is None or positions.shape == (b, s))
+                    and (positions is not None or table_cos.shape[0] == s)):
+                return _functional.apply_rotary(tensor, table_cos, table_sin,
+                                                interleaved=True, seq_dim=1,
+                                                positions=positions)
+        return original(tensor, sin, cos, *args, **kwargs)
+
+    apply_rotary_pos_emb._fastattn_original = original
+    apply_rotary_pos_emb.__doc__ = original.__doc__
+    return apply_rotary_pos_emb
+
+
+def install_apply_wrapper(modeling_module_name, interleaved=False):
     """Wrap `apply_rotary_pos_emb` of a transformers modeling module (once). Returns a reason
     string when the module has no such function."""
     mod = sys.modules.get(modeling_module_name)
@@ -103,7 +146,8 @@ def install_apply_wrapper(modeling_module_name):
     if fn is None:
         return f"{modeling_module_name} has no apply_rotary_pos_emb"
     if getattr(fn, "_fastattn_original", None) is None:
-        mod.apply_rotary_pos_emb = _wrap_apply(fn)
+        wrap = _wrap_apply_interleaved if interleaved else _wrap_apply
+        mod.apply_rotary_pos_emb = wrap(fn)
     return None
 
 
@@ -115,7 +159,7 @@ def convert_rotary(module, attention_modules):
         return None, "it has hooks registered"
     reasons = set()
     for name in {type(a).__module__ for a in attention_modules}:
-        reason = install_apply_wrapper(name)
+        reason = install_apply_wrapper(name, interleaved=_is_interleaved(type(module)))
         if reason:
             reasons.add(reason)
     if reasons:

@@ -23,13 +23,13 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _triton
 from .._attention_weights_torch import (_raw_scores, _recompute_probs, _repeat_kv,  # noqa: F401
                                        head_mean, torch_attention_weights)
 from .attention import _alignment
 
 
-@torch.library.custom_op("fastattn::attention_weights", mutates_args=())
-def attention_weights_op(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor],
+def attention_weights_impl(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor],
                          key_lengths: Optional[Tensor], scale: float, causal: bool,
                          bottom_right: bool, window_left: int, window_right: int,
                          softcap: float, average: bool, backend: str) -> Tensor:
@@ -41,6 +41,10 @@ def attention_weights_op(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tenso
         q, k, lse, mask=mask, key_lengths=key_lengths, scale=scale, causal=causal,
         alignment=_alignment(bottom_right), window_left=window_left,
         window_right=window_right, softcap=softcap, average=average).contiguous()
+
+
+attention_weights_op = torch.library.custom_op("fastattn::attention_weights",
+                                               attention_weights_impl, mutates_args=())
 
 
 @attention_weights_op.register_fake
@@ -89,6 +93,9 @@ def _backward(ctx, dp):
 
 torch.library.register_autograd("fastattn::attention_weights", _backward,
                                 setup_context=_setup_context)
+# torch.compile on the triton backend: the same body as a fastattn_triton op (ops/_triton.py)
+_triton.register(attention_weights_op, attention_weights_impl, setup_context=_setup_context,
+                 backward=_backward)
 
 
 @torch.library.custom_op("fastattn::attention_dropout_keep", mutates_args=())
@@ -128,6 +135,7 @@ def attention_weights(q, k, lse, *, mask=None, key_lengths=None, scale, causal=F
         raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
     if backend is None:
         backend = select_backend(q.device.type, q.dtype)
-    return attention_weights_op(q, k, lse, mask, key_lengths, float(scale), bool(causal),
-                                alignment == "bottom_right", int(window_left),
-                                int(window_right), float(softcap), bool(average), backend)
+    return _backend.eager_call(attention_weights_op, attention_weights_impl, backend,
+                               q, k, lse, mask, key_lengths, float(scale), bool(causal),
+                               alignment == "bottom_right", int(window_left),
+                               int(window_right), float(softcap), bool(average), backend)

@@ -3,12 +3,14 @@
 `fastattn::kvcache_attention` appends the new keys/values (rotated first when cos/sin are given)
 into the caches in place, then attends q to the filled part of the cache, bottom-right causal.
 It mutates k_cache and v_cache (declared in mutates_args, so torch.compile functionalises the
-append correctly); without new keys they are left untouched.
+append correctly); without new keys they are left untouched. Its Triton twin
+(`fastattn_triton::kvcache_attention`, fastattn/ops/_triton.py) declares the same mutation.
 
 The append and the rotation are the same tensor ops on every backend (index_put_ into the cache
 at cache_seqlens[b] + t, the backend's own rotary kernel with per-batch offsets): sync-free, so
 they also run inside CUDA-graph capture. The attention itself is the backend's
-`kvcache_attention_forward` (docs/backend-contract.md).
+`kvcache_attention_forward` (docs/backend-contract.md). alibi_slopes (last argument): None or
+a contiguous fp32 (B, H) tensor.
 """
 
 from typing import Optional
@@ -17,6 +19,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _triton
+from .attention import alibi_kwargs
 
 
 def _rotate(x, cos, sin, interleaved, offsets, backend):
@@ -56,7 +60,8 @@ def kvcache_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                            rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
                            rotary_interleaved: bool, scale: float, causal: bool,
                            window_left: int, window_right: int, softcap: float,
-                           backend: str) -> tuple[Tensor, Tensor]:
+                           backend: str, alibi_slopes: Optional[Tensor] = None
+                           ) -> tuple[Tensor, Tensor]:
     """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32. Arguments are validated by
     fastattn.kvcache_attention."""
     _backend.log_dispatch("kvcache_attention", backend)
@@ -80,7 +85,8 @@ def kvcache_attention_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     out, lse = impl.kvcache_attention_forward(
         q, k_cache, v_cache, cache_seqlens=cache_seqlens, seqlen_new=seqlen_new,
         block_table=block_table, cache_batch_idx=cache_batch_idx, scale=scale, causal=causal,
-        window_left=window_left, window_right=window_right, softcap=softcap)
+        window_left=window_left, window_right=window_right, softcap=softcap,
+        **alibi_kwargs(alibi_slopes))
     return out.contiguous(), lse.contiguous()
 
 
@@ -90,8 +96,14 @@ kvcache_attention_op = torch.library.custom_op(
 
 @kvcache_attention_op.register_fake
 def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, rotary_cos,
-      rotary_sin, rotary_interleaved, scale, causal, window_left, window_right, softcap, backend):
+      rotary_sin, rotary_interleaved, scale, causal, window_left, window_right, softcap, backend,
+      alibi_slopes=None):
     b, sq, h, _ = q.shape
     out = q.new_empty(b, sq, h, v_cache.shape[-1])
     lse = q.new_empty(b, h, sq, dtype=torch.float32)
     return out, lse
+
+
+# torch.compile on the triton backend traces this twin: the append (index_put_, functionalised
+# into a copy written back to the caches), the rotary and kvcache kernels as graph nodes
+_triton.register(kvcache_attention_op, kvcache_attention_impl, mutates_args=("k_cache", "v_cache"))

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _triton
 
 
 def _empty(like):
@@ -40,13 +41,17 @@ def _(x, weight, bias, residual, eps, backend):
             _empty(x) if residual is None else torch.empty_like(x))
 
 
-@torch.library.custom_op("fastattn::layer_norm_backward", mutates_args=())
-def layer_norm_backward_op(dy: Tensor, h: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                       mean: Tensor, rstd: Tensor, dh_extra: Optional[Tensor],
-                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def layer_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor],
+                             bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                             dh_extra: Optional[Tensor],
+                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _backend.backend_module(backend, "layer_norm")
     dx, dw, db = impl.layer_norm_backward(dy, h, weight, bias, mean, rstd, dh_extra)
     return dx, (_empty(h) if dw is None else dw), (_empty(h) if db is None else db)
+
+
+layer_norm_backward_op = torch.library.custom_op("fastattn::layer_norm_backward",
+                                                 layer_norm_backward_impl, mutates_args=())
 
 
 @layer_norm_backward_op.register_fake
@@ -67,8 +72,8 @@ def _ln_setup(ctx, inputs, output):
 def _ln_backward(ctx, dy, dmean, drstd, dh):
     h, weight, bias, mean, rstd = ctx.saved_tensors
     dh_extra = dh.contiguous() if ctx.has_residual and dh is not None else None
-    dx, dw, db = layer_norm_backward_op(dy.contiguous(), h, weight, bias, mean, rstd, dh_extra,
-                                    ctx.backend)
+    dx, dw, db = _triton.for_ctx(layer_norm_backward_op, ctx)(
+        dy.contiguous(), h, weight, bias, mean, rstd, dh_extra, ctx.backend)
     dw = dw if weight is not None else None
     db = db if bias is not None else None
     return dx, dw, db, (dx if ctx.has_residual else None), None, None
@@ -96,12 +101,15 @@ def _(x, weight, residual, eps, backend):
             _empty(x) if residual is None else torch.empty_like(x))
 
 
-@torch.library.custom_op("fastattn::rms_norm_backward", mutates_args=())
-def rms_norm_backward_op(dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor,
-                     dh_extra: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+def rms_norm_backward_impl(dy: Tensor, h: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                           dh_extra: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     impl = _backend.backend_module(backend, "rms_norm")
     dx, dw = impl.rms_norm_backward(dy, h, weight, rstd, dh_extra)
     return dx, (_empty(h) if dw is None else dw)
+
+
+rms_norm_backward_op = torch.library.custom_op("fastattn::rms_norm_backward",
+                                               rms_norm_backward_impl, mutates_args=())
 
 
 @rms_norm_backward_op.register_fake
@@ -121,8 +129,16 @@ def _rms_setup(ctx, inputs, output):
 def _rms_backward(ctx, dy, drstd, dh):
     h, weight, rstd = ctx.saved_tensors
     dh_extra = dh.contiguous() if ctx.has_residual and dh is not None else None
-    dx, dw = rms_norm_backward_op(dy.contiguous(), h, weight, rstd, dh_extra, ctx.backend)
+    dx, dw = _triton.for_ctx(rms_norm_backward_op, ctx)(dy.contiguous(), h, weight, rstd,
+                                                        dh_extra, ctx.backend)
     return dx, (dw if weight is not None else None), (dx if ctx.has_residual else None), None, None
 
 
 torch.library.register_autograd("fastattn::rms_norm", _rms_backward, setup_context=_rms_setup)
+
+
+# torch.compile on the triton backend: the same bodies as fastattn_triton ops (ops/_triton.py)
+_triton.register(layer_norm_backward_op, layer_norm_backward_impl)
+_triton.register(layer_norm_op, layer_norm_impl, setup_context=_ln_setup, backward=_ln_backward)
+_triton.register(rms_norm_backward_op, rms_norm_backward_impl)
+_triton.register(rms_norm_op, rms_norm_impl, setup_context=_rms_setup, backward=_rms_backward)

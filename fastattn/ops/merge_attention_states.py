@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _triton
 
 
 def merge_impl(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
@@ -55,3 +56,6 @@ def _backward(ctx, dout, dlse):
 
 torch.library.register_autograd("fastattn::merge_attention_states", _backward,
                                 setup_context=_setup_context)
+
+# torch.compile on the triton backend: the same body as a fastattn_triton op (ops/_triton.py)
+_triton.register(merge_op, merge_impl, setup_context=_setup_context, backward=_backward)

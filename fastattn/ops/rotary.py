@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _triton
 
 
 def _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend, positions=None):
@@ -49,7 +50,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy):
     cos, sin, offsets, positions = ctx.saved_tensors
     interleaved, conjugate, backend = ctx.args
-    dx = rotary_op(dy, cos, sin, offsets, interleaved, not conjugate, backend, positions)
+    dx = _triton.for_ctx(rotary_op, ctx)(dy, cos, sin, offsets, interleaved, not conjugate,
+                                         backend, positions)
     return dx, None, None, None, None, None, None, None
 
 
@@ -100,9 +102,16 @@ def _qk_setup(ctx, inputs, output):
 def _qk_backward(ctx, dq, dk):
     cos, sin, offsets, positions = ctx.saved_tensors
     interleaved, conjugate, backend = ctx.args
-    dq_in, dk_in = rotary_qk_op(dq.contiguous(), dk.contiguous(), cos, sin, offsets, interleaved,
-                                not conjugate, backend, positions)
+    dq_in, dk_in = _triton.for_ctx(rotary_qk_op, ctx)(
+        dq.contiguous(), dk.contiguous(), cos, sin, offsets, interleaved, not conjugate, backend,
+        positions)
     return dq_in, dk_in, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastattn::rotary_qk", _qk_backward, setup_context=_qk_setup)
+
+
+# torch.compile on the triton backend: the same bodies as fastattn_triton ops (ops/_triton.py).
+# The in-place rotary_ stays opaque: it mutates its input (inference / KV caches).
+_triton.register(rotary_op, rotary_impl, setup_context=_setup, backward=_backward)
+_triton.register(rotary_qk_op, rotary_qk_impl, setup_context=_qk_setup, backward=_qk_backward)

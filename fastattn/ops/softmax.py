@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from . import _triton
 
 
 def softmax_impl(x: Tensor, mask: Optional[Tensor], scale: float, causal: bool,
@@ -23,10 +24,13 @@ def _(x, mask, scale, causal, backend):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("fastattn::softmax_backward", mutates_args=())
-def softmax_backward_op(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
+def softmax_backward_impl(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
     impl = _backend.backend_module(backend, "softmax")
     return impl.softmax_backward(dy, y, scale=scale).contiguous()
+
+
+softmax_backward_op = torch.library.custom_op("fastattn::softmax_backward",
+                                              softmax_backward_impl, mutates_args=())
 
 
 @softmax_backward_op.register_fake
@@ -43,11 +47,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (y,) = ctx.saved_tensors
+    backward_op = _triton.for_ctx(softmax_backward_op, ctx)
     if not ctx.mask_needs_grad:
-        return softmax_backward_op(dy.contiguous(), y, ctx.scale, ctx.backend), None, None, None, None
+        return backward_op(dy.contiguous(), y, ctx.scale, ctx.backend), None, None, None, None
     # s = x * scale + mask: the mask receives dS, x receives scale * dS.
-    ds = softmax_backward_op(dy.contiguous(), y, 1.0, ctx.backend)
+    ds = backward_op(dy.contiguous(), y, 1.0, ctx.backend)
     return ds * ctx.scale, ds, None, None, None
 
 
 torch.library.register_autograd("fastattn::softmax", _backward, setup_context=_setup_context)
+
+# torch.compile on the triton backend: the same bodies as fastattn_triton ops (ops/_triton.py)
+_triton.register(softmax_backward_op, softmax_backward_impl)
+_triton.register(softmax_op, softmax_impl, setup_context=_setup_context, backward=_backward)
