@@ -333,15 +333,21 @@ def _rotary_view(name, x, seq_dim):
 
 def _has_internal_overlap(x):
     """True when two elements of x share memory (an expanded tensor): ATen's own test, the one
-    the extension's in-place kernels apply, so every backend refuses the same tensors."""
+    the extension's in-place kernels apply, so every backend refuses the same tensors. Under
+    torch.compile (which cannot trace that call) the test is a stride of 0 on a dim of size
+    > 1, which is what an expanded tensor has."""
     check = getattr(torch, "_debug_has_internal_overlap", None)
-    if check is not None:
+    if check is not None and not torch.compiler.is_compiling():
         return check(x) == 1                              # 0 no, 1 yes, 2 too hard to tell
     return any(st == 0 and n > 1 for n, st in zip(x.shape, x.stride()))
 
 
 def _shares_memory_with(v, x):
-    """v is a view of x's storage (not a copy)."""
+    """v is a view of x's storage (not a copy). Under torch.compile, which cannot trace the
+    storage's address: whether _rotary_view kept x's memory is unknown above 4 dims, so the
+    caller writes back (a copy of x's elements onto themselves when v was a view)."""
+    if torch.compiler.is_compiling():
+        return x.dim() <= 4
     return v.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
 
 
@@ -380,8 +386,10 @@ def _check_rotary_tables(x4, cos, sin, offsets, positions=None):
         if offsets.shape[0] != b:
             raise ValueError(f"offsets must have shape ({b},), got {tuple(offsets.shape)}")
         offsets = offsets.to(x4.device)
-        if offsets.numel() and (int(offsets.min()) < 0
-                                or int(offsets.max()) + s > cos.shape[0]):
+        # value checks need a host sync: skipped under torch.compile, as for positions (the
+        # C++ op checks again; the Triton kernel never reads outside the cache)
+        if offsets.numel() and not torch.compiler.is_compiling() and (
+                int(offsets.min()) < 0 or int(offsets.max()) + s > cos.shape[0]):
             raise ValueError(f"offsets + sequence length exceed the cos/sin cache of "
                              f"{cos.shape[0]} positions")
     elif s > cos.shape[0]:
@@ -426,8 +434,9 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, in
                              f"rotate x.clone() or use inplace=False")
     backend = _rotary_backend(x4, rot, interleaved, offsets, inplace, positions)
     if inplace:
-        _rotary_ops.rotary_inplace_op(x4, cos, sin, offsets, bool(interleaved), False, backend,
-                                      *pos_arg)
+        _backend.eager_call(_rotary_ops.rotary_inplace_op, _rotary_ops.rotary_inplace_impl,
+                            backend, x4, cos, sin, offsets, bool(interleaved), False, backend,
+                            *pos_arg)
         if not _shares_memory_with(x4, x):
             # the head dims did not merge and x4 is a contiguous copy: write it back into x
             moved = _rotary_moved("x", x, seq_dim)        # (B, S, ..., D), a view of x

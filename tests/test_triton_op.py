@@ -129,7 +129,7 @@ def test_every_op_with_traceable_launchers_has_a_twin():
     assert _triton.registered() == sorted([
         "attention", "attention_backward", "attention_weights", "layer_norm",
         "layer_norm_backward", "merge_attention_states", "rms_norm", "rms_norm_backward",
-        "kvcache_attention", "rotary", "rotary_qk", "softmax", "softmax_backward",
+        "kvcache_attention", "rotary", "rotary_", "rotary_qk", "softmax", "softmax_backward",
         "varlen_attention", "varlen_attention_backward"])
     for name in _triton.registered():
         assert hasattr(torch.ops.fastattn_triton, name)
@@ -275,15 +275,56 @@ def test_twins_pass_opcheck():
         torch.library.opcheck(op.triton_twin, args)
 
 
-def test_kvcache_twin_passes_opcheck():
-    """The mutating twin: its schema's mutation annotation matches what the body writes (the
-    caches, nothing else), and the fake traced from the body agrees with the real call."""
-    from fastattn.ops import kvcache_attention
+def _strided_heads():
+    """(2, 9, 3, 16) rows of a wider tensor: not contiguous, rotated in place without a copy."""
+    return randn(2, 9, 3, 20, grad=False, seed=4)[..., 2:18]
+
+
+@pytest.mark.parametrize("case", ["contiguous_offsets", "strided_positions_interleaved"])
+def test_inplace_rotary_compiles_to_its_twin(case):
+    """apply_rotary(inplace=True): the graph holds the rotary kernel and writes x back (the
+    twin's declared mutation); x afterwards equals the eager in-place result bit for bit, and
+    the function's other tensors are untouched."""
+    if case == "contiguous_offsets":
+        make = lambda: randn(2, 9, 3, 16, grad=False)              # noqa: E731
+        kw = dict(offsets=torch.tensor([0, 3]).to(DEVICE))
+    else:
+        make = _strided_heads
+        kw = dict(positions=torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8],
+                                          [3, 2, 1, 0, 0, 1, 2, 3, 4]]).to(DEVICE),
+                  interleaved=True)
+
+    def rotate(x):
+        fastattn.apply_rotary(x, COS, SIN, seq_dim=1, inplace=True, **kw)
+        return x * 1
+
+    capture = GraphCapture()
+    with fastattn.use_backend("triton"):
+        want, got = make(), make()
+        before = got.clone()
+        rotate(want)
+        out = torch.compile(rotate, fullgraph=True, dynamic=False, backend=capture.backend)(got)
+    (forward,) = capture.forward
+    assert KERNEL_NODE in forward and OPAQUE not in forward, forward
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert not torch.equal(got, before)
+
+
+def test_mutating_twins_pass_opcheck():
+    """The twins that write their inputs: each schema's mutation annotation matches what the
+    body writes (the caches / x, nothing else), and the fake traced from the body agrees with
+    the real call."""
+    from fastattn.ops import kvcache_attention, rotary
     (q, k_cache, v_cache, k, v), kw = _kvcache_case("paged_rotary")
-    args = (q, k_cache, v_cache, k, v, kw["cache_seqlens"], kw["block_table"], None,
-            kw["rotary_cos"], kw["rotary_sin"], True, 0.25, True, -1, -1, 0.0, "triton")
-    result = torch.library.opcheck(kvcache_attention.kvcache_attention_op.triton_twin, args)
-    assert set(result.values()) == {"SUCCESS"}, result
+    kv_args = (q, k_cache, v_cache, k, v, kw["cache_seqlens"], kw["block_table"], None,
+               kw["rotary_cos"], kw["rotary_sin"], True, 0.25, True, -1, -1, 0.0, "triton")
+    rot_args = (_strided_heads(), COS[:, :4], SIN[:, :4], torch.tensor([1, 2]).to(DEVICE),
+                False, False, "triton")
+    for op, args in ((kvcache_attention.kvcache_attention_op, kv_args),
+                     (rotary.rotary_inplace_op, rot_args)):
+        result = torch.library.opcheck(op.triton_twin, args)
+        assert set(result.values()) == {"SUCCESS"}, result
 
 
 def test_compiled_triton_calls_are_logged_each_time_they_run():

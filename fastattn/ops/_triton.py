@@ -15,9 +15,11 @@ launches going through kernels/_compat.launch (wrap_triton while traced).
 - The twin's autograd is the fastattn op's own setup_context/backward; `for_ctx` makes that
   backward call the backward twin, so the backward graph holds Triton kernel nodes too.
 
-Ops registered here are listed in `registered()`; the other (the in-place rotary_) stays opaque
-under compile: docs/architecture.md says why. kvcache_attention's twin declares the caches it
-appends to in mutates_args, like the fastattn op, so functionalisation writes them back.
+Ops registered here are listed in `registered()`: every fastattn op but attention_dropout_keep
+(MultiHeadAttention's need_weights=True under dropout re-draws the keep-mask from the seed on
+the host; it stays opaque, docs/architecture.md). Two write their inputs,
+kvcache_attention (the caches it appends to) and rotary_ (in-place rotation); their twins
+declare that in mutates_args, like the fastattn ops, so functionalisation writes them back.
 """
 
 import functools

@@ -58,12 +58,26 @@ def _backward(ctx, dy):
 torch.library.register_autograd("fastattn::rotary", _backward, setup_context=_setup)
 
 
-@torch.library.custom_op("fastattn::rotary_", mutates_args=("x",))
-def rotary_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
-                      interleaved: bool, conjugate: bool, backend: str,
-                      positions: Optional[Tensor] = None) -> None:
+def rotary_inplace_impl(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
+                        interleaved: bool, conjugate: bool, backend: str,
+                        positions: Optional[Tensor] = None) -> None:
     """In-place rotation (no autograd: for inference and KV caches)."""
     _rotate(x, cos, sin, interleaved, offsets, conjugate, x, backend, positions)
+
+
+rotary_inplace_op = torch.library.custom_op("fastattn::rotary_", rotary_inplace_impl,
+                                            mutates_args=("x",))
+
+
+def _rotary_inplace_traced(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor],
+                           interleaved: bool, conjugate: bool, backend: str,
+                           positions: Optional[Tensor] = None) -> None:
+    """The triton twin's body: the rotation into a new tensor, then copied into x. A traced
+    launch cannot take x as both its input and its output (torch would see one tensor passed
+    twice); functionalisation turns the copy into the write-back of the declared mutation."""
+    out = torch.empty_like(x)
+    _rotate(x, cos, sin, interleaved, offsets, conjugate, out, backend, positions)
+    x.copy_(out)
 
 
 @rotary_inplace_op.register_fake
@@ -111,7 +125,8 @@ def _qk_backward(ctx, dq, dk):
 torch.library.register_autograd("fastattn::rotary_qk", _qk_backward, setup_context=_qk_setup)
 
 
-# torch.compile on the triton backend: the same bodies as fastattn_triton ops (ops/_triton.py).
-# The in-place rotary_ stays opaque: it mutates its input (inference / KV caches).
+# torch.compile on the triton backend: the same bodies as fastattn_triton ops (ops/_triton.py);
+# the in-place rotary_'s twin declares its mutation of x, like the fastattn op.
 _triton.register(rotary_op, rotary_impl, setup_context=_setup, backward=_backward)
 _triton.register(rotary_qk_op, rotary_qk_impl, setup_context=_qk_setup, backward=_qk_backward)
+_triton.register(rotary_inplace_op, _rotary_inplace_traced, mutates_args=("x",))
