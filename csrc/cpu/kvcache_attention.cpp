@@ -6,9 +6,10 @@
 // at a time), not once per query head. A row block holds up to 64 rows, i.e. every kv head at
 // one-token decode: the cache is then walked position by position, all heads of a position
 // together. Those are adjacent in memory ((.., S, Hkv, D) layout), so the cache is read as one
-// forward stream, with software prefetch one tile ahead; walking one kv head at a time reads
-// rows Hkv * D elements apart (4 KiB at Hkv 8, D 128 fp32), a page per row, and measured
-// several times slower. A long cache is cut into splits (split-K) so one-token decode with few
+// forward stream per tensor, which the hardware prefetcher follows on its own (software
+// prefetch one tile ahead measured 10-25% slower here: benchmarks/cases/kvcache.py shapes,
+// 2026-12-03); walking one kv head at a time reads rows Hkv * D elements apart (4 KiB at
+// Hkv 8, D 128 fp32), a page per row, and measured several times slower. A long cache is cut into splits (split-K) so one-token decode with few
 // batch rows still fills every core; each split keeps an unnormalised (acc, max, sum) and the
 // splits are merged with the log-sum-exp rule. fp32 accumulation for every cache dtype.
 #include "cpu/attention_tile.h"  // must come first: picks the at::vec width
@@ -68,12 +69,6 @@ inline void row_f32(const T* src, int64_t D, int64_t Dp, float* dst) {
   const float* f = tile::as_f32(src, 1, D, D, dst, ld);
   if (f != dst) std::copy_n(f, D, dst);
   std::fill(dst + D, dst + Dp, 0.f);
-}
-
-template <typename T>
-inline void prefetch_row(const T* row, int64_t bytes) {
-  const char* c = reinterpret_cast<const char*>(row);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);  // into L2
 }
 
 inline float hsum(const Vec& v) {
@@ -192,7 +187,6 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
 
   // fp32 rows with a whole number of vectors are read in place, others converted per tile.
   const bool in_place = std::is_same_v<T, float> && D == Dp;
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
   auto k_row = [&](const Slot& s, int64_t hk) {
     return kc + s.page * p.k_sp + s.row * p.k_sr + hk * p.k_sh;
   };
@@ -207,18 +201,10 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
 
   for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
     const int64_t nk = std::min(kTile, hi - j0);
-    // Row pointers (fp32 rows, converted when needed) and the next tile's prefetch,
-    // position-major: the heads of one cache position are adjacent in memory, so the cache
-    // is read as one forward stream.
+    // Row pointers (fp32 rows, converted when needed), position-major: the heads of one
+    // cache position are adjacent in memory, so the cache is read as one forward stream.
     for (int64_t j = 0; j < nk; ++j) {
       const Slot s = slot_of(p, b, j0 + j);
-      if (j0 + j + kTile < hi) {  // one tile ahead, into L2
-        const Slot sn = slot_of(p, b, j0 + j + kTile);
-        for (int64_t hk = hk0; hk < hk1; ++hk) {
-          prefetch_row(k_row(sn, hk), row_bytes);
-          prefetch_row(v_row(sn, hk), row_bytes);
-        }
-      }
       for (int64_t hk = hk0; hk < hk1; ++hk) {
         const int64_t slot_ix = (hk - hk0) * kTile + j;
         const T* kr = k_row(s, hk);
