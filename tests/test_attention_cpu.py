@@ -25,13 +25,13 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def ours(q, k, v, dout, *, mask=None, scale=None, causal=False, alignment="top_left",
          window_left=-1, window_right=-1, softcap=0.0, key_lengths=None, mask_grad=False,
-         dropout_p=0.0, seed=0, offset=0):
+         dropout_p=0.0, seed=0, offset=0, alibi_slopes=None):
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     if mask is not None:
         mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     args = (mask, scale, causal, alignment == "bottom_right", window_left, window_right,
             softcap, key_lengths)
-    drop = (dropout_p, seed, offset)
+    drop = (dropout_p, seed, offset, alibi_slopes)
     out, lse = torch.ops.fastattn_kernels.attention_forward(q, k, v, *args, *drop)
     dq, dk, dv, dmask = torch.ops.fastattn_kernels.attention_backward(dout, q, k, v, out, lse, *args,
                                                               mask_grad, *drop)
@@ -257,6 +257,38 @@ def test_empty_sequences():
     q, k, v = qkv(1, 2, 2, 4, 0, 16)
     out, lse, dq, dk, dv, _ = ours(q, k, v, torch.ones_like(q))
     assert (out == 0).all() and torch.isneginf(lse).all() and (dq == 0).all()
+
+
+def test_seeded_fuzz_one_query_row():
+    """One query row (one-token decoding through the dense API) in random configurations:
+    both causal alignments (top-left sees key 0 only), windows, softcap, ALiBi, key_lengths,
+    odd head dims, GQA, strided (B, S, H, D)-layout views, no keys at all; output, lse and
+    gradients against the oracle. Huge logits at Sq = 1 are in tests/test_fuzz_attention.py,
+    whose bound grows with the logits as the roundings do."""
+    gen = torch.Generator().manual_seed(2026)
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    for case in range(48):
+        dtype = pick(torch.float32, torch.float32, torch.bfloat16, torch.float16)
+        b, hkv, group = pick(1, 2, 3), pick(1, 2, 3), pick(1, 2, 4)
+        sk, d = pick(0, 1, 7, 300, 700), pick(8, 40, 64, 96, 128)
+        h = hkv * group
+
+        def tensor(heads, s, seed):             # (B, S, heads, D) memory seen as (B, heads, S, D)
+            x = rand(b, s, heads, d + 3, dtype=dtype, seed=1000 * case + seed)
+            return x[..., :d].transpose(1, 2)
+        q, k, v = tensor(h, 1, 0), tensor(hkv, sk, 1), tensor(hkv, sk, 2)
+        kw = dict(causal=pick(False, True), alignment=pick("top_left", "bottom_right"),
+                  softcap=pick(0.0, 0.0, 5.0))
+        if pick(False, True):
+            kw.update(window_left=pick(-1, 0, 3, 50), window_right=pick(-1, 0, 2))
+        if pick(False, False, True):
+            kw["alibi_slopes"] = rand(b, h, seed=case).abs()
+        if pick(False, False, False, True):
+            kw["key_lengths"] = torch.randint(0, sk + 1, (b,), generator=gen)
+        check(q, k, v, **kw)
 
 
 # ---------------------------------------------------------------------------------- bad input
