@@ -168,10 +168,12 @@ def load_baseline(path):
         return json.load(f).get("cases", {})
 
 
-def write_baseline(path, runs, info, keep_others=False):
+def write_baseline(path, runs, info, keep_others=False, keep_lower=False):
     """runs: one list of records per repeat. Each case's baseline is the median speedup over
-    the repeats (one noisy pass must not set the bar); the spread is kept for the record.
-    keep_others: the cases not measured keep their entries (--only)."""
+    the repeats (one noisy pass must not set the bar); the spread is kept for the record, and
+    the machine it was measured on (`cpu`). keep_others: the cases not measured keep their
+    entries (--only). keep_lower: a case whose existing baseline is lower keeps it (--keep-lower:
+    CI runs on more than one machine type, and the bar must hold on the slowest)."""
     bad = sorted({r["case"] for records in runs for r in records if r["status"] != "ok"})
     if bad:
         raise RuntimeError(f"refusing to write a baseline with cases that did not run: {bad}")
@@ -183,9 +185,14 @@ def write_baseline(path, runs, info, keep_others=False):
             "speedup": round(statistics.median(speedups), 4),
             "speedup_runs": [round(v, 4) for v in speedups],
             "fastattn_ms": round(statistics.median(r["fastattn_ms"] for r in same), 4),
-            "torch_ms": round(statistics.median(r["torch_ms"] for r in same), 4)}
+            "torch_ms": round(statistics.median(r["torch_ms"] for r in same), 4),
+            "cpu": info.get("cpu")}
+    old = load_baseline(path)
+    if keep_lower:
+        cases = {case: old[case] if case in old and old[case]["speedup"] < entry["speedup"]
+                 else entry for case, entry in cases.items()}
     if keep_others:
-        cases = {**load_baseline(path), **cases}
+        cases = {**old, **cases}
     doc = {"machine": info, "tolerance": TOLERANCE, "rounds": ROUNDS, "repeats": len(runs),
            "command": "make bench-baseline  (python -m benchmarks.gate --update-baseline)",
            "cases": cases}
@@ -207,6 +214,9 @@ def main(argv=None):
     ap.add_argument("--only", metavar="PREFIX",
                     help="only the gate cases whose id starts with PREFIX (with "
                          "--update-baseline: the other cases keep their baseline)")
+    ap.add_argument("--keep-lower", action="store_true",
+                    help="with --update-baseline: a case keeps its existing baseline where that "
+                         "is lower (measure each machine type CI runs on, in turn)")
     ap.add_argument("--slowdown", type=int, default=1,
                     help="run each fastattn callable K times (demonstrates a failing gate)")
     args = ap.parse_args(argv)
@@ -224,7 +234,8 @@ def main(argv=None):
         for i in range(max(1, args.repeats)):
             print(f"baseline pass {i + 1}/{args.repeats}", file=sys.stderr, flush=True)
             runs.append(measure(cases))
-        write_baseline(args.baseline, runs, info, keep_others=bool(args.only))
+        write_baseline(args.baseline, runs, info, keep_others=bool(args.only),
+                       keep_lower=args.keep_lower)
         rows, _ = compare(runs[-1], {})
         print(format_table(rows))
         print(f"\nwrote baseline {args.baseline} (median speedup of {len(runs)} passes)")

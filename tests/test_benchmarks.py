@@ -163,6 +163,21 @@ def test_baseline_is_the_median_of_passes_and_needs_every_case(tmp_path):
         gate.write_baseline(str(path), [[dict(rec, status="unavailable", speedup=None)]], {})
 
 
+def test_keep_lower_keeps_the_slower_machines_baseline(tmp_path):
+    """--keep-lower: a case keeps its existing entry where that is lower (measured on another
+    machine type CI runs on) and takes the new median where that is lower; each entry says
+    which machine measured it."""
+    rec = {"status": "ok", "error": None, "fastattn_ms": 1.0, "torch_ms": 2.0}
+    path = str(tmp_path / "baseline.json")
+    gate.write_baseline(path, [[dict(rec, case="a", speedup=2.0), dict(rec, case="b", speedup=1.0)]],
+                        {"cpu": "first"})
+    gate.write_baseline(path, [[dict(rec, case="a", speedup=1.5), dict(rec, case="b", speedup=3.0)]],
+                        {"cpu": "second"}, keep_lower=True)
+    base = gate.load_baseline(path)
+    assert (base["a"]["speedup"], base["a"]["cpu"]) == (1.5, "second")
+    assert (base["b"]["speedup"], base["b"]["cpu"]) == (1.0, "first")
+
+
 def test_gate_cases_resolve():
     assert [c.id for c in gate.gate_cases()] == list(gate.GATE_CASES)
 
