@@ -187,7 +187,7 @@ def write_baseline(path, runs, info, keep_others=False, keep_lower=False):
             "fastattn_ms": round(statistics.median(r["fastattn_ms"] for r in same), 4),
             "torch_ms": round(statistics.median(r["torch_ms"] for r in same), 4),
             "cpu": info.get("cpu")}
-    old = load_baseline(path)
+    old = load_baseline(path) if keep_lower or keep_others else {}
     if keep_lower:
         cases = {case: old[case] if case in old and old[case]["speedup"] < entry["speedup"]
                  else entry for case, entry in cases.items()}

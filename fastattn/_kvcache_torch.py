@@ -14,11 +14,18 @@ def gather_cache(cache, block_table, cache_batch_idx, batch):
     return cache[:batch]
 
 
+def positions(lengths, sq, s_cap):
+    """(j (1, 1, S_cap), pos (B, Sq, 1)): cache positions and the position of query i of batch
+    b, bottom-right aligned over lengths[b] keys."""
+    j = torch.arange(s_cap, device=lengths.device).view(1, 1, s_cap)
+    pos = (lengths.view(-1, 1, 1) - sq) + torch.arange(sq, device=lengths.device).view(1, sq, 1)
+    return j, pos
+
+
 def visibility(lengths, sq, s_cap, causal, window_left, window_right):
     """bool (B, 1, Sq, S_cap): key j visible to query i of batch b, bottom-right aligned over
     lengths[b] keys."""
-    j = torch.arange(s_cap, device=lengths.device).view(1, 1, s_cap)
-    pos = (lengths.view(-1, 1, 1) - sq) + torch.arange(sq, device=lengths.device).view(1, sq, 1)
+    j, pos = positions(lengths, sq, s_cap)
     vis = j < lengths.view(-1, 1, 1)
     if causal:
         vis = vis & (j <= pos)
@@ -48,8 +55,7 @@ def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new,
         s = softcap * torch.tanh(s / softcap)
     lengths = cache_seqlens.to(torch.int64) + seqlen_new
     if alibi_slopes is not None:
-        j = torch.arange(s_cap, device=q.device).view(1, 1, s_cap)
-        pos = (lengths.view(-1, 1, 1) - sq) + torch.arange(sq, device=q.device).view(1, sq, 1)
+        j, pos = positions(lengths, sq, s_cap)
         dist = (pos - j).abs().to(acc).unsqueeze(1)                     # (B, 1, Sq, S)
         s = s - alibi_slopes.to(acc)[:, :, None, None] * dist
     vis = visibility(lengths, sq, s_cap, causal, window_left, window_right)
