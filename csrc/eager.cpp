@@ -1,5 +1,5 @@
-// The eager fast path: fastattn.softmax / layer_norm / rms_norm / scaled_dot_product_attention
-// called from Python on plain CPU tensors that need no gradient, outside torch.compile, on the
+// The eager fast path: fastattn.softmax / layer_norm / rms_norm / scaled_dot_product_attention /
+// apply_rotary / apply_rotary_qk / kvcache_attention called from Python on plain CPU tensors that need no gradient, outside torch.compile, on the
 // `cpu` backend (requested or chosen by `auto`), call the registered kernel op
 // (torch.ops.fastattn_kernels.*) straight from C++.
 //
@@ -42,12 +42,13 @@ PyObject* g_dispatch_logs = nullptr;     // record_dispatch(): a tuple of lists
 
 // ------------------------------------------------------------------------ the plain case
 
-// A torch.Tensor (or Parameter) with no __torch_function__ override and no torch-function mode,
+// A torch.Tensor (or Parameter), of any dtype, with no __torch_function__ override and no
+// torch-function mode,
 // dense on the CPU, that dispatches straight to the CPU kernel: no dispatch key above the
 // backend once autograd is out of the picture (no Python/functorch/functionalization wrappers,
 // no conjugate/negative views, no autocast, tracing or dispatch mode in the thread-local
 // include set), and no gradient to record.
-const at::Tensor* plain_cpu_tensor(PyObject* obj) {
+const at::Tensor* plain_cpu_tensor_any(PyObject* obj) {
   // Exactly torch.Tensor or Parameter: a subclass may override __torch_function__.
   if (!THPVariable_CheckExact(obj) || at::impl::torch_function_mode_enabled()) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
@@ -59,9 +60,16 @@ const at::Tensor* plain_cpu_tensor(PyObject* obj) {
       c10::autograd_dispatch_keyset_with_ADInplaceOrView -
       c10::DispatchKeySet(c10::DispatchKey::BackendSelect);  // always included; factories only
   if (keys.highestPriorityTypeId() != c10::DispatchKey::CPU) return nullptr;
-  const auto dtype = t.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
   return &t;
+}
+
+// plain_cpu_tensor_any of a floating dtype the kernels take (fp32, fp16, bf16).
+const at::Tensor* plain_cpu_tensor(PyObject* obj) {
+  const at::Tensor* t = plain_cpu_tensor_any(obj);
+  if (t == nullptr) return nullptr;
+  const auto dtype = t->scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return nullptr;
+  return t;
 }
 
 // $FASTATTN_BACKEND as fastattn._backend reads it: stripped, lower case.
@@ -359,6 +367,193 @@ PyObject* eager_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// -------------------------------------------------------------------------------- rotary
+
+const auto& rotary_out_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::rotary_forward_out", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
+                      const OptTensor&, bool, const at::Tensor&, const OptTensor&)>();
+  return op;
+}
+
+// The sequence dim of a 4-D tensor as fastattn.apply_rotary reads seq_dim: 1 or 2 (batch
+// first, the head dim last), or -1 when it is not the plain case.
+int64_t rotary_seq_dim(PyObject* seq_dim) {
+  if (!is_int(seq_dim)) return -1;
+  const long long s = PyLong_AsLongLong(seq_dim);
+  if (s == 1 || s == -3) return 1;
+  if (s == 2 || s == -2) return 2;
+  return -1;
+}
+
+// positions for a (B, S) rotation: None, or an int32/int64 (B, S) or (1, S) tensor whose
+// values index the cos/sin cache (out-of-range values are the general path's error).
+// False when not the plain case; `out` is then unset.
+bool rotary_positions(PyObject* obj, int64_t b, int64_t s, int64_t cache_rows,
+                      OptTensor& out) {
+  if (obj == Py_None) return s <= cache_rows;
+  const at::Tensor* t = plain_cpu_tensor_any(obj);
+  if (t == nullptr || (t->scalar_type() != at::kInt && t->scalar_type() != at::kLong) ||
+      t->dim() != 2 || t->size(1) != s || (t->size(0) != b && t->size(0) != 1))
+    return false;
+  const at::Tensor pos = t->to(at::kLong).contiguous();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < pos.numel(); ++i)
+    if (p[i] < 0 || p[i] >= cache_rows) return false;
+  out = pos.expand({b, s});
+  return true;
+}
+
+// x (4-D, sequence at `seq`) rotated into a new tensor laid out like x, as
+// fastattn.apply_rotary's general path does (the kernel op writes into empty_like of the
+// (B, S, H, D) view, then the view is undone).
+at::Tensor rotate_4d(const at::Tensor& x, int64_t seq, const at::Tensor& cos,
+                     const at::Tensor& sin, bool interleaved, const OptTensor& positions) {
+  const at::Tensor x4 = x.movedim(seq, 1);
+  at::Tensor out = at::empty_like(x4);
+  rotary_out_kernel().call(x4, cos, sin, interleaved, std::nullopt, false, out, positions);
+  return out.movedim(1, seq);
+}
+
+// cos/sin tables of the plain case: 2-D, one shape, rotating 0 < 2 * cols <= head_dim.
+bool rotary_tables(PyObject* cos_obj, PyObject* sin_obj, int64_t head_dim,
+                   const at::Tensor*& cos, const at::Tensor*& sin) {
+  cos = plain_cpu_tensor(cos_obj);
+  sin = plain_cpu_tensor(sin_obj);
+  if (cos == nullptr || sin == nullptr || cos->dim() != 2 || cos->sizes() != sin->sizes())
+    return false;
+  return cos->size(1) > 0 && 2 * cos->size(1) <= head_dim;
+}
+
+// rotary_qk(q, k, cos, sin, interleaved, seq_dim, positions): fastattn.apply_rotary_qk on 4-D
+// q and k without offsets. Returns (q_rotated, k_rotated).
+PyObject* eager_rotary_qk(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7 || !cpu_backend_requested()) return decline();
+  const at::Tensor* q = plain_cpu_tensor(args[0]);
+  const at::Tensor* k = plain_cpu_tensor(args[1]);
+  if (q == nullptr || k == nullptr || q->dim() != 4 || k->dim() != 4) return decline();
+  if (k->scalar_type() != q->scalar_type()) return decline();
+  const int64_t seq = rotary_seq_dim(args[5]);
+  if (seq < 0) return decline();
+  const int64_t b = q->size(0), s = q->size(seq), d = q->size(3);
+  if (k->size(0) != b || k->size(seq) != s || k->size(3) != d) return decline();
+  const at::Tensor *cos = nullptr, *sin = nullptr;
+  if (!rotary_tables(args[2], args[3], d, cos, sin)) return decline();
+  const int interleaved = PyObject_IsTrue(args[4]);
+  if (interleaved < 0) return nullptr;
+  OptTensor positions;
+  if (!rotary_positions(args[6], b, s, cos->size(0), positions)) return decline();
+  if (!log_dispatch("rotary")) return nullptr;
+  at::Tensor qo, ko;
+  {
+    ReleaseGil no_gil;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    qo = rotate_4d(*q, seq, *cos, *sin, interleaved != 0, positions);
+    ko = rotate_4d(*k, seq, *cos, *sin, interleaved != 0, positions);
+  }
+  PyObject* pq = THPVariable_Wrap(std::move(qo));
+  if (pq == nullptr) return nullptr;
+  PyObject* pk = THPVariable_Wrap(std::move(ko));
+  if (pk == nullptr) {
+    Py_DECREF(pq);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, pq, pk);
+  Py_DECREF(pq);
+  Py_DECREF(pk);
+  return pair;
+  END_HANDLE_TH_ERRORS
+}
+
+// rotary(x, cos, sin, interleaved, seq_dim, positions): fastattn.apply_rotary on a 4-D x
+// without offsets, not in place.
+PyObject* eager_rotary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 6 || !cpu_backend_requested()) return decline();
+  const at::Tensor* x = plain_cpu_tensor(args[0]);
+  if (x == nullptr || x->dim() != 4) return decline();
+  const int64_t seq = rotary_seq_dim(args[4]);
+  if (seq < 0) return decline();
+  const at::Tensor *cos = nullptr, *sin = nullptr;
+  if (!rotary_tables(args[1], args[2], x->size(3), cos, sin)) return decline();
+  const int interleaved = PyObject_IsTrue(args[3]);
+  if (interleaved < 0) return nullptr;
+  OptTensor positions;
+  if (!rotary_positions(args[5], x->size(0), x->size(seq), cos->size(0), positions))
+    return decline();
+  return run_kernel("rotary", [&] {
+    return rotate_4d(*x, seq, *cos, *sin, interleaved != 0, positions);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+// ---------------------------------------------------------------------- kvcache attention
+
+const auto& kvcache_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::kvcache_attention_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const OptTensor&, const OptTensor&, int64_t, double, bool, int64_t, int64_t,
+              double, const OptTensor&)>();
+  return op;
+}
+
+// kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap):
+// fastattn.kvcache_attention over a contiguous-layout cache (any strides) that it does not
+// append to: no k/v, block_table, cache_batch_idx, rotary, window, alibi or lse (the Python
+// caller passes only such calls). cache_seqlens: an int, or an int32 (B,) tensor.
+PyObject* eager_kvcache_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 7 || !cpu_backend_requested()) return decline();
+  const at::Tensor* q = plain_cpu_tensor(args[0]);
+  const at::Tensor* kc = plain_cpu_tensor(args[1]);
+  const at::Tensor* vc = plain_cpu_tensor(args[2]);
+  if (q == nullptr || kc == nullptr || vc == nullptr) return decline();
+  if (q->dim() != 4 || kc->dim() != 4 || kc->sizes() != vc->sizes()) return decline();
+  if (kc->scalar_type() != q->scalar_type() || vc->scalar_type() != q->scalar_type())
+    return decline();
+  const int64_t b = q->size(0), h = q->size(2), d = q->size(3);
+  const int64_t s_max = kc->size(1), hkv = kc->size(2);
+  if (kc->size(0) != b || kc->size(3) != d || hkv == 0 || h % hkv != 0 || d == 0)
+    return decline();
+  at::Tensor seqlens;
+  if (is_int(args[3])) {
+    const long long n = PyLong_AsLongLong(args[3]);
+    if (n == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return decline();
+    }
+    if (n < 0 || n > s_max) return decline();
+    seqlens = at::full({b}, static_cast<int64_t>(n), at::TensorOptions().dtype(at::kInt));
+  } else {
+    const at::Tensor* t = plain_cpu_tensor_any(args[3]);
+    if (t == nullptr || t->scalar_type() != at::kInt || t->dim() != 1 || t->size(0) != b)
+      return decline();
+    seqlens = t->contiguous();
+    const int32_t* lens = seqlens.data_ptr<int32_t>();
+    for (int64_t i = 0; i < b; ++i)
+      if (lens[i] < 0 || lens[i] > s_max) return decline();
+  }
+  double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  if (args[4] != Py_None && !as_finite_double(args[4], scale)) return decline();
+  const int causal = PyObject_IsTrue(args[5]);
+  if (causal < 0) return nullptr;
+  double softcap = 0.0;
+  if (!as_finite_double(args[6], softcap) || softcap < 0) return decline();
+  return run_kernel("kvcache_attention", [&] {
+    return std::get<0>(kvcache_kernel().call(*q, *kc, *vc, seqlens, std::nullopt, std::nullopt,
+                                             /*seqlen_new=*/0, scale, causal != 0, -1, -1,
+                                             softcap, /*alibi_slopes=*/std::nullopt))
+        .contiguous();
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 // init(backend_override, dispatch_logs): fastattn._backend's context variables.
 PyObject* eager_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !PyContextVar_CheckExact(args[0]) || !PyContextVar_CheckExact(args[1])) {
@@ -389,6 +584,17 @@ PyMethodDef methods[] = {
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_attention)),
      METH_FASTCALL,
      "attention(q, k, v, dropout_p, is_causal, scale, enable_gqa) -> Tensor, or None."},
+    {"_eager_rotary_qk",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_rotary_qk)),
+     METH_FASTCALL,
+     "rotary_qk(q, k, cos, sin, interleaved, seq_dim, positions) -> (q, k), or None."},
+    {"_eager_rotary", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_rotary)),
+     METH_FASTCALL, "rotary(x, cos, sin, interleaved, seq_dim, positions) -> Tensor, or None."},
+    {"_eager_kvcache_attention",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_kvcache_attention)),
+     METH_FASTCALL,
+     "kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap) -> "
+     "Tensor, or None."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,5 +1,6 @@
-"""The eager fast path (csrc/eager.cpp): fastattn.softmax, layer_norm, rms_norm and
-scaled_dot_product_attention on plain CPU tensors that need no gradient, on the `cpu` backend,
+"""The eager fast path (csrc/eager.cpp): fastattn.softmax, layer_norm, rms_norm,
+scaled_dot_product_attention, apply_rotary, apply_rotary_qk and kvcache_attention on plain CPU
+tensors that need no gradient, on the `cpu` backend,
 outside torch.compile, call the registered kernel op straight from C++.
 
 Each function returns the result, or None when the call is not the plain case it accepts; the
@@ -18,6 +19,10 @@ try:
     rms_norm = _C._eager_rms_norm        # (input, normalized_shape, weight, eps)
     layer_norm = _C._eager_layer_norm    # (input, normalized_shape, weight, bias, eps)
     attention = _C._eager_attention      # (q, k, v, dropout_p, is_causal, scale, enable_gqa)
+    rotary = _C._eager_rotary            # (x, cos, sin, interleaved, seq_dim, positions)
+    rotary_qk = _C._eager_rotary_qk      # (q, k, cos, sin, interleaved, seq_dim, positions)
+    # (q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap)
+    kvcache_attention = _C._eager_kvcache_attention
 except (ImportError, AttributeError):   # not built, or built before the fast path existed
     def softmax(x, dim, scale, causal):
         return None
@@ -29,4 +34,13 @@ except (ImportError, AttributeError):   # not built, or built before the fast pa
         return None
 
     def attention(q, k, v, dropout_p, is_causal, scale, enable_gqa):
+        return None
+
+    def rotary(x, cos, sin, interleaved, seq_dim, positions):
+        return None
+
+    def rotary_qk(q, k, cos, sin, interleaved, seq_dim, positions):
+        return None
+
+    def kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap):
         return None

@@ -421,6 +421,10 @@ def apply_rotary(x, cos, sin, *, interleaved=False, seq_dim=-2, offsets=None, in
     and written without a copy; with more dims whose head dims cannot be merged into one
     strided dim, x is rotated in a contiguous copy (in place there too) that is written back.
     """
+    if not inplace and offsets is None and not torch.compiler.is_compiling():
+        y = _eager.rotary(x, cos, sin, interleaved, seq_dim, positions)
+        if y is not None:
+            return y
     x4 = _rotary_view("x", x, seq_dim)
     rot, offsets, positions = _check_rotary_tables(x4, cos, sin, offsets, positions)
     pos_arg = () if positions is None else (positions,)
@@ -460,6 +464,10 @@ def apply_rotary_qk(q, k, cos, sin, *, interleaved=False, seq_dim=-2, offsets=No
                     positions=None):
     """Rotate q and k; same arguments as apply_rotary. One kernel launch for both on the triton
     backend; the cpu and cuda backends launch once per tensor."""
+    if offsets is None and not torch.compiler.is_compiling():
+        qk = _eager.rotary_qk(q, k, cos, sin, interleaved, seq_dim, positions)
+        if qk is not None:
+            return qk
     q4, k4 = _rotary_view("q", q, seq_dim), _rotary_view("k", k, seq_dim)
     if q4.shape[:2] != k4.shape[:2] or q4.shape[-1] != k4.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, sequence "

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, _eager
 from ._alibi import check_alibi_slopes
 from .ops import attention as _attention_ops
 from .ops import kvcache_attention as _ops
@@ -54,6 +54,13 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
     reads them on the host (one device sync per eager call; skipped under torch.compile, where
     the kernels clamp instead of reading out of bounds). The kernels themselves never sync.
     """
+    if (k is None and v is None and block_table is None and cache_batch_idx is None
+            and rotary_cos is None and rotary_sin is None and window is None
+            and alibi_slopes is None and not return_lse and not torch.compiler.is_compiling()):
+        out = _eager.kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale, is_causal,
+                                       softcap)
+        if out is not None:
+            return out
     _checks.check_tensor("q", q, ndim=4, dtypes=KVCACHE_DTYPES)
     _checks.check_tensor("k_cache", k_cache, ndim=4, dtypes=KVCACHE_DTYPES)
     _checks.check_tensor("v_cache", v_cache, ndim=4, dtypes=KVCACHE_DTYPES)

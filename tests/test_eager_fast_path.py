@@ -43,12 +43,27 @@ def selector_calls(monkeypatch, *, forbid=False):
         monkeypatch.setattr(_backend, "select", real)
 
 
+COS, SIN = fastattn.rotary_cache(64, 16)
+OPS = ["softmax", "rms_norm", "layer_norm", "attention", "rotary", "rotary_qk",
+       "kvcache_attention"]
+# the op name the selector and record_dispatch() see
+LOGGED = {"rotary_qk": "rotary"}
+
+
 def _calls(q, k, v, x, w):
+    # q (1, 4, 1, 32): rotated (its first 32 features, positions in the 64-row tables) and
+    # attending to k/v (1, 4, 40, 32) read as a (B, S, H, D) cache
+    pos = torch.tensor([[5]])
     return {
         "softmax": lambda: fastattn.softmax(x, -1),
         "rms_norm": lambda: fastattn.rms_norm(x, (x.shape[-1],), w),
         "layer_norm": lambda: fastattn.layer_norm(x, x.shape[-1:], w, w * 0.5),
         "attention": lambda: fastattn.scaled_dot_product_attention(q, k, v),
+        "rotary": lambda: fastattn.apply_rotary(q, COS, SIN, seq_dim=2, positions=pos),
+        "rotary_qk": lambda: torch.cat(fastattn.apply_rotary_qk(q, q * 2, COS, SIN,
+                                                                seq_dim=2, positions=pos)),
+        "kvcache_attention": lambda: fastattn.kvcache_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=40),
     }
 
 
@@ -62,7 +77,7 @@ def _inputs(requires_grad=False):
     return q, k, v, x, w
 
 
-@pytest.mark.parametrize("op", ["softmax", "rms_norm", "layer_norm", "attention"])
+@pytest.mark.parametrize("op", OPS)
 def test_plain_call_skips_the_general_path(monkeypatch, op):
     fn = _calls(*_inputs())[op]
     with selector_calls(monkeypatch, forbid=True):
@@ -72,12 +87,12 @@ def test_plain_call_skips_the_general_path(monkeypatch, op):
     assert torch.equal(out, no_grad_out)
 
 
-@pytest.mark.parametrize("op", ["softmax", "rms_norm", "layer_norm", "attention"])
+@pytest.mark.parametrize("op", OPS)
 def test_fast_path_logs_dispatch(op):
     fn = _calls(*_inputs())[op]
     with fastattn.record_dispatch() as calls, torch.no_grad():
         fn()
-    assert calls == [(op, "cpu")]
+    assert calls == [(LOGGED.get(op, op), "cpu")]
 
 
 class _Subclass(torch.Tensor):
@@ -101,7 +116,7 @@ def _declined_contexts():
     ]
 
 
-@pytest.mark.parametrize("op", ["softmax", "rms_norm", "layer_norm", "attention"])
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", range(len(_declined_contexts())),
                          ids=[c[0] for c in _declined_contexts()])
 def test_declined_calls_take_the_general_path(monkeypatch, op, case):
@@ -112,7 +127,7 @@ def test_declined_calls_take_the_general_path(monkeypatch, op, case):
     fn = _calls(q, k, v, x, w)[op]
     with selector_calls(monkeypatch) as calls, torch.no_grad(), ctx():
         fn()
-    assert calls == [op]
+    assert calls == [LOGGED.get(op, op)]
 
 
 def test_env_backend_is_read_by_the_fast_path(monkeypatch):
@@ -222,6 +237,88 @@ def test_fast_path_equals_general_path_bitwise(monkeypatch, seed):
     assert torch.equal(fast, general.detach()), (op, kw)
 
 
+def _random_decode_case(rng):
+    """A seeded rotary / rotary_qk / kvcache_attention call (the ops whose fast path serves
+    decoding): (op, public function, args, kwargs)."""
+    dtype = rng.choice(DTYPES)
+    op = rng.choice(["rotary", "rotary_qk", "kvcache_attention"])
+    b, d = rng.randint(1, 3), rng.choice([8, 16, 24, 64])
+    if op == "kvcache_attention":
+        hkv, group = rng.randint(1, 3), rng.choice([1, 2, 4])
+        sq, s_max = rng.choice([1, 1, 2, 5]), rng.randint(1, 90)
+        q = torch.randn(b, sq, hkv * group, d, dtype=dtype) * rng.choice([1.0, 8.0])
+        if rng.random() < 0.5:          # transformers' (B, Hkv, S, D) cache read in place
+            k, v = (torch.randn(b, hkv, s_max, d, dtype=dtype).transpose(1, 2) for _ in range(2))
+        else:
+            k, v = (torch.randn(b, s_max, hkv, d, dtype=dtype) for _ in range(2))
+        lens = rng.randint(0, s_max)
+        if rng.random() < 0.4:
+            lens = torch.tensor([rng.randint(0, s_max) for _ in range(b)], dtype=torch.int32)
+        kw = dict(cache_seqlens=lens, is_causal=rng.random() < 0.7,
+                  scale=rng.choice([None, 0.3]), softcap=rng.choice([0.0, 0.0, 5.0]))
+        return op, fastattn.kvcache_attention, (q, k, v), kw
+    s, cache_rows = rng.randint(1, 9), rng.randint(9, 40)
+    rot = 2 * rng.randint(1, d // 2)
+    cos, sin = fastattn.rotary_cache(cache_rows, rot)
+    seq_dim = rng.choice([1, 2, -2, -3])
+    seq = seq_dim % 4
+
+    def tensor(heads):
+        shape = [b, heads, heads, d]
+        shape[seq] = s
+        t = torch.randn(shape, dtype=dtype)
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if rng.random() < 0.3 else t
+    positions = None
+    if rng.random() < 0.7:
+        rows = rng.choice([b, 1])
+        positions = torch.randint(0, cache_rows, (rows, s),
+                                  dtype=rng.choice([torch.int32, torch.int64]))
+    kw = dict(interleaved=rng.random() < 0.3, seq_dim=seq_dim, positions=positions)
+    if op == "rotary":
+        return op, fastattn.apply_rotary, (tensor(rng.randint(1, 4)), cos, sin), kw
+    def both(*a, **k):      # q and k compared as one tensor
+        return torch.cat([t.flatten() for t in fastattn.apply_rotary_qk(*a, **k)])
+    return op, both, (tensor(rng.randint(1, 4)), tensor(rng.randint(1, 4)), cos, sin), kw
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_decode_fast_paths_equal_general_path_bitwise(monkeypatch, seed):
+    """Seeded random configurations of the rotary and KV-cache fast paths: bitwise the general
+    path's output (forced by making the fast path decline), and the fast path was taken."""
+    op, fn, args, kw = _random_decode_case(random.Random(seed))
+    with selector_calls(monkeypatch, forbid=True), torch.no_grad():
+        fast = fn(*args, **kw)
+    from fastattn import _eager
+    monkeypatch.setattr(_eager, op, lambda *a: None)
+    with selector_calls(monkeypatch) as calls, torch.no_grad():
+        general = fn(*args, **kw)
+    assert calls == [LOGGED.get(op, op)]
+    assert fast.dtype == general.dtype and fast.shape == general.shape
+    # the same memory layout (a size-1 dim's stride is arbitrary)
+    assert ([st for n, st in zip(fast.shape, fast.stride()) if n > 1]
+            == [st for n, st in zip(general.shape, general.stride()) if n > 1]), (op, kw)
+    assert torch.equal(fast, general), (op, kw)
+
+
+@pytest.mark.parametrize("call", [
+    lambda q, k: fastattn.kvcache_attention(q, k, k, cache_seqlens=41),
+    lambda q, k: fastattn.kvcache_attention(q, k, k, cache_seqlens=-1),
+    lambda q, k: fastattn.kvcache_attention(q, k, k, cache_seqlens=torch.tensor([41],
+                                                                              dtype=torch.int32)),
+    lambda q, k: fastattn.kvcache_attention(q, k, k, cache_seqlens=3, softcap=-1.0),
+    lambda q, k: fastattn.kvcache_attention(q, k[..., :2, :], k, cache_seqlens=3),
+    lambda q, k: fastattn.apply_rotary(q, COS, SIN, seq_dim=1, positions=torch.full((1, 1), 64)),
+    lambda q, k: fastattn.apply_rotary(q[..., :8], COS, SIN, seq_dim=1),
+    lambda q, k: fastattn.apply_rotary_qk(q, k, COS, SIN, seq_dim=1),
+], ids=["kv-len-over", "kv-len-negative", "kv-len-tensor-over", "kv-softcap", "kv-shapes",
+        "rotary-position", "rotary-width", "rotary-qk-shapes"])
+def test_decode_fast_paths_leave_bad_input_to_the_general_path(call):
+    """Bad input is declined by the fast path and gets the general path's ValueError."""
+    q, k = torch.randn(1, 1, 4, 32), torch.randn(1, 40, 4, 32)
+    with torch.no_grad(), pytest.raises(ValueError):
+        call(q, k)
+
+
 def test_fast_path_results_match_pytorch():
     """The fast path's answers against PyTorch's own ops (fp32, tight)."""
     q, k, v, x, w = _inputs()
@@ -249,6 +346,9 @@ def test_without_the_extension_every_function_declines():
         "assert _eager.rms_norm(x, 4, None, None) is None\n"
         "assert _eager.layer_norm(x, 4, None, None, 1e-5) is None\n"
         "assert _eager.attention(x, x, x, 0.0, False, None, False) is None\n"
+        "assert _eager.rotary(x, x, x, False, 1, None) is None\n"
+        "assert _eager.rotary_qk(x, x, x, x, False, 1, None) is None\n"
+        "assert _eager.kvcache_attention(x, x, x, 1, None, True, 0.0) is None\n"
         "with fastattn.record_dispatch() as calls, torch.no_grad():\n"
         "    y = fastattn.softmax(x, -1)\n"
         "assert calls == [('softmax', 'torch')], calls\n"

@@ -45,6 +45,20 @@ def growing_layer_class():
 
         _key_buffer = None    # (B, Hkv, capacity, D)
         _value_buffer = None
+        _views = None         # the (keys, values) views the last update returned
+
+        def _still_ours(self, key_states, value_states):
+            """_owns_tensors, answered without its checks when self.keys/values are the very
+            views the last update made (nothing replaced them since)."""
+            views = self._views
+            if views is None or views[0] is not self.keys or views[1] is not self.values:
+                return self._owns_tensors(key_states, value_states)
+            kb, vb = self._key_buffer, self._value_buffer
+            return (key_states.shape[:2] == kb.shape[:2] and key_states.shape[3] == kb.shape[3]
+                    and value_states.shape[:2] == vb.shape[:2]
+                    and value_states.shape[3] == vb.shape[3]
+                    and key_states.dtype == kb.dtype and value_states.dtype == vb.dtype
+                    and key_states.device == kb.device)
 
         def _owns_tensors(self, key_states, value_states):
             """Are self.keys/values prefixes of this layer's buffers, with room to match
@@ -81,21 +95,22 @@ def growing_layer_class():
             if (key_states.dim() != 4 or value_states.dim() != 4
                     or (torch.is_grad_enabled()
                         and (key_states.requires_grad or value_states.requires_grad))):
-                self._key_buffer = self._value_buffer = None
+                self._key_buffer = self._value_buffer = self._views = None
                 return super().update(key_states, value_states, *args, **kwargs)
             old = self.get_seq_length()            # 0 for the empty initial tensors
             new = old + key_states.shape[-2]
-            if (not self._owns_tensors(key_states, value_states)
+            if (not self._still_ours(key_states, value_states)
                     or new > self._key_buffer.shape[2]):
                 self._regrow(key_states, value_states, old, new)
             self._key_buffer[:, :, old:new].copy_(key_states)
             self._value_buffer[:, :, old:new].copy_(value_states)
             self.keys = self._key_buffer[:, :, :new]
             self.values = self._value_buffer[:, :, :new]
+            self._views = (self.keys, self.values)
             return self.keys, self.values
 
         def reset(self):
-            self._key_buffer = self._value_buffer = None
+            self._key_buffer = self._value_buffer = self._views = None
             super().reset()
 
     GrowingLayer.__module__ = __name__
