@@ -267,6 +267,16 @@ def rotary_forward_qk(q, k, cos, sin, *, interleaved, offsets, conjugate, q_out=
     return q_out, k_out
 
 
+# ------------------------------------------------------------------ swiglu
+
+def swiglu_forward(gate, up):
+    return _ops().swiglu_forward(gate, up)
+
+
+def swiglu_backward(dy, gate, up):
+    return _ops().swiglu_backward(dy, gate, up)
+
+
 # ------------------------------------------------------------------ kvcache attention
 
 def kvcache_attention_forward(q, k_cache, v_cache, *, cache_seqlens, seqlen_new, block_table,

@@ -231,6 +231,23 @@ def rms_norm_backward(dy, h, weight, rstd, dh_extra):
     return dx.to(h.dtype), dw
 
 
+# ------------------------------------------------------------------ swiglu
+
+def swiglu_forward(gate, up):
+    # fp32 math (fp64 stays fp64), rounded once at the end, as the kernels do
+    acc = torch.promote_types(gate.dtype, torch.float32)
+    return reference.swiglu(gate.to(acc), up.to(acc)).to(gate.dtype)
+
+
+def swiglu_backward(dy, gate, up):
+    acc = torch.promote_types(gate.dtype, torch.float32)
+    g, u, d = gate.to(acc), up.to(acc), dy.to(acc)
+    sig = torch.sigmoid(g)
+    dgate = d * u * sig * (1 + g * (1 - sig))
+    dup = d * g * sig
+    return dgate.to(gate.dtype), dup.to(gate.dtype)
+
+
 # ------------------------------------------------------------------ rotary
 
 def rotary_forward(x, cos, sin, *, interleaved, offsets, conjugate, out, positions=None):

@@ -15,6 +15,7 @@ from .ops import attention as _attention_ops
 from .ops import layer_norm as _layer_norm_ops
 from .ops import rotary as _rotary_ops
 from .ops import softmax as _softmax_ops
+from .ops import swiglu as _swiglu_ops
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -300,6 +301,26 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
                                   x2, w, r2, eps, backend)
     y = y.view(input.shape)
     return y if residual is None else (y, h.view(input.shape))
+
+
+# --------------------------------------------------------------------------------------- swiglu
+
+def swiglu(gate, up):
+    """SwiGLU, `F.silu(gate) * up`, fused: one pass over gate and up (fp32 math, one rounding
+    to the dtype), and a one-pass backward. gate and up: the same shape, dtype and device; any
+    layout (non-contiguous views are copied once). The gated MLP of Llama/Mistral/Qwen is
+    `down_proj(swiglu(gate_proj(x), up_proj(x)))`.
+    """
+    _checks.check_tensor("gate", gate)
+    _checks.check_tensor("up", up)
+    if up.shape != gate.shape:
+        raise ValueError(f"swiglu: up must have gate's shape {tuple(gate.shape)}, got "
+                         f"{tuple(up.shape)}")
+    _checks.check_same("up", up, "gate", gate)
+    backend = _backend.select("swiglu", gate.device.type, dtype=gate.dtype,
+                              device=gate.device.type)
+    return _backend.eager_call(_swiglu_ops.swiglu_op, _swiglu_ops.swiglu_impl, backend,
+                               gate.contiguous(), up.contiguous(), backend)
 
 
 # --------------------------------------------------------------------------------------- rotary

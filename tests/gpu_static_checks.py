@@ -48,6 +48,7 @@ def _subset(arch):
                        ("ln_bwd_dx", "fp32 dh=1"), ("ln_bwd_stats", "fp32")],
         "rotary": [("rotary", "fp32", "gptj", "BH=16 BK=64"), ("rotary", "bf16", "neox",
                     "BH=16 BK=64")],
+        "swiglu": [("swiglu_fwd", "bf16"), ("swiglu_bwd", "fp32"), ("swiglu_bwd", "fp16")],
         "attention": [("attention_fwd", "fp16", "d=128"), ("attention_bwd_dkdv", "bf16", "d=64"),
                       ("attention_bwd_dq", "fp16", "d=64"),
                       # the tightest tile: TF32 dK/dV at d=256 (head dim split on sm_90)
@@ -84,7 +85,7 @@ def test_subset_covers_every_family(records):
 
 
 @pytest.mark.parametrize("family", ["softmax", "layer_norm", "rotary", "attention",
-                                    "kvcache_attention"])
+                                    "kvcache_attention", "swiglu"])
 def test_no_spills_and_within_limits(records, family):
     mine = [r for f, r in records if f == family]
     assert mine, f"no static records for kernels/{family}.py"

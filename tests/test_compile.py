@@ -107,6 +107,7 @@ def test_public_functions_compile_fullgraph():
     assert_same(eager_and_compiled(lambda t, ww, bb: fastattn.layer_norm(t, (33,), ww, bb),
                                    x, w, b))
     assert_same(eager_and_compiled(lambda t, ww: fastattn.rms_norm(t, (33,), ww), x, w))
+    assert_same(eager_and_compiled(fastattn.swiglu, x, torch.randn(4, 33, requires_grad=True)))
     cos, sin = fastattn.rotary_cache(9, 16)
     assert_same(eager_and_compiled(lambda t: fastattn.apply_rotary(t, cos, sin), q))
 

@@ -56,6 +56,9 @@ def _opcheck_cases():
                             True)),
         ("rotary_forward_out", (q, cos, sin, False, offs, False, torch.empty_like(q))),
         ("rotary_forward_inplace", (q.clone(), cos, sin, True, None, False)),
+        ("swiglu_forward", (rows, rows.t().contiguous().t())),       # strided, then not
+        ("swiglu_forward", (rows.bfloat16(), torch.randn(6, 33, generator=g).bfloat16())),
+        ("swiglu_backward", (torch.randn(6, 33, generator=g), rows, rows * 2)),
     ]
     if hasattr(ops, "attention_forward"):
         aq, ak, av = (torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 1, 6, 8, generator=g),

@@ -37,6 +37,8 @@ def op_samples(backend):
          (x4, cos, sin, torch.tensor([0, 3]), True, False, backend)),
         (torch.ops.fastattn.rotary_qk.default,
          (x4, r(2, 5, 1, 8), cos, sin, None, False, False, backend)),
+        (torch.ops.fastattn.swiglu.default, (r(4, 33), r(4, 33), backend)),
+        (torch.ops.fastattn.swiglu.default, (r(2, 3, 1), r(2, 3, 1), backend)),
     ]
 
 
@@ -45,7 +47,8 @@ def op_samples(backend):
 PUBLIC_OPS = {"attention", "attention_backward", "attention_weights", "attention_dropout_keep",
               "softmax", "softmax_backward", "layer_norm", "layer_norm_backward", "rms_norm",
               "rms_norm_backward", "rotary", "rotary_", "rotary_qk", "varlen_attention",
-              "varlen_attention_backward", "kvcache_attention", "merge_attention_states"}
+              "varlen_attention_backward", "kvcache_attention", "merge_attention_states",
+              "swiglu", "swiglu_backward"}
 
 
 def _ops_in(namespace):

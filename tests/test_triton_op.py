@@ -116,6 +116,7 @@ CASES = {
     "rotary_qk": (lambda: (lambda q, k: fastattn.apply_rotary_qk(q, k, COS, SIN, seq_dim=1,
                                                                  interleaved=True),
                            (randn(2, 9, 4, 14), randn(2, 9, 2, 14, seed=1))), True),
+    "swiglu": (lambda: (fastattn.swiglu, (randn(3, 5, 37), randn(3, 5, 37, seed=1))), True),
     # the backward of these two is torch ops on every backend: no kernel there
     "merge_attention_states": (lambda: (fastattn.merge_attention_states,
                                         (randn(2, 3, 5, 8), randn(2, 3, 5),
@@ -130,7 +131,7 @@ def test_every_op_with_traceable_launchers_has_a_twin():
         "attention", "attention_backward", "attention_weights", "layer_norm",
         "layer_norm_backward", "merge_attention_states", "rms_norm", "rms_norm_backward",
         "kvcache_attention", "rotary", "rotary_", "rotary_qk", "softmax", "softmax_backward",
-        "varlen_attention", "varlen_attention_backward"])
+        "swiglu", "swiglu_backward", "varlen_attention", "varlen_attention_backward"])
     for name in _triton.registered():
         assert hasattr(torch.ops.fastattn_triton, name)
 
@@ -237,10 +238,11 @@ def test_seeded_fuzz_compiled_twins_equal_eager():
 def test_twins_pass_opcheck():
     """Schema, fake (traced from the body), autograd registration and AOT dispatch with
     dynamic shapes of the twins (torch.library.opcheck)."""
-    from fastattn.ops import layer_norm, rotary, softmax
+    from fastattn.ops import layer_norm, rotary, softmax, swiglu
     x, w = randn(5, 24), randn(24, seed=1)
     checks = [
         (softmax.softmax_op, (randn(3, 37), None, 0.5, True, "triton")),
+        (swiglu.swiglu_op, (randn(5, 24), randn(5, 24, seed=1), "triton")),
         (layer_norm.rms_norm_op, (x, w, randn(5, 24, seed=2), 1e-6, "triton")),
         (rotary.rotary_qk_op, (randn(1, 6, 2, 8), randn(1, 6, 1, 8, seed=1), COS[:, :4],
                                SIN[:, :4], None, False, False, "triton")),

@@ -6,7 +6,9 @@ What it changes, in place:
              objects); nn.LayerNorm (GPT-2, GPT-NeoX) is handled by the generic patch;
   rotary     the family's rotary embedding runs on the rotary kernel (hf_rotary.py);
   cache      the DynamicCache that model.generate builds for itself appends in place instead
-             of concatenating every step (hf_cache.py), with attention.
+             of concatenating every step (hf_cache.py), with attention;
+  mlp        the family's gated SiLU MLPs (LlamaMLP, Mistral, Qwen2/3) run silu(gate) * up on
+             the fused swiglu kernel (hf_mlp.py; same submodules and Parameter objects).
 Anything else (unknown norm or rotary classes, modules with hooks) is left alone with a
 warning. Returns a list of (qualified name, old, new) entries for model.fastattn_patched.
 """
@@ -15,7 +17,7 @@ import warnings
 
 from torch import nn
 
-from . import hf_cache, hf_norms, hf_rotary
+from . import hf_cache, hf_mlp, hf_norms, hf_rotary
 from .transformers import ATTN_IMPLEMENTATION, register
 
 
@@ -36,7 +38,7 @@ def _warn(qual, m, reason):
                   f"{reason}", stacklevel=4)
 
 
-def patch_transformers_model(model, *, attention=True, norms=True, rotary=True):
+def patch_transformers_model(model, *, attention=True, norms=True, rotary=True, mlp=True):
     replaced = []
     attn_modules = _attention_modules(model)
     if attention:
@@ -75,6 +77,14 @@ def patch_transformers_model(model, *, attention=True, norms=True, rotary=True):
             elif rotary and hf_rotary.is_known_rotary(child):
                 old_name = type(child).__name__
                 new, reason = hf_rotary.convert_rotary(child, [m for _, m in attn_modules])
+                if new is None:
+                    _warn(qual, child, reason)
+                    new = child
+                else:
+                    replaced.append((qual, old_name, type(new).__name__))
+            elif mlp and hf_mlp.is_known_mlp(child):
+                old_name = type(child).__name__
+                new, reason = hf_mlp.convert_mlp(child)      # switches its class in place
                 if new is None:
                     _warn(qual, child, reason)
                     new = child
