@@ -1,5 +1,5 @@
 // The eager fast path: fastattn.softmax / layer_norm / rms_norm / scaled_dot_product_attention /
-// apply_rotary / apply_rotary_qk / kvcache_attention called from Python on plain CPU tensors that need no gradient, outside torch.compile, on the
+// apply_rotary / apply_rotary_qk / kvcache_attention / swiglu called from Python on plain CPU tensors that need no gradient, outside torch.compile, on the
 // `cpu` backend (requested or chosen by `auto`), call the registered kernel op
 // (torch.ops.fastattn_kernels.*) straight from C++.
 //
@@ -554,6 +554,31 @@ PyObject* eager_kvcache_attention(PyObject*, PyObject* const* args, Py_ssize_t n
   END_HANDLE_TH_ERRORS
 }
 
+// -------------------------------------------------------------------------------- swiglu
+
+const auto& swiglu_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::swiglu_forward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op;
+}
+
+// swiglu(gate, up): fastattn.swiglu on tensors of one shape and dtype.
+PyObject* eager_swiglu(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2 || !cpu_backend_requested()) return decline();
+  const at::Tensor* gate = plain_cpu_tensor(args[0]);
+  const at::Tensor* up = plain_cpu_tensor(args[1]);
+  if (gate == nullptr || up == nullptr || up->sizes() != gate->sizes() ||
+      up->scalar_type() != gate->scalar_type())
+    return decline();
+  return run_kernel("swiglu", [&] {
+    return swiglu_kernel().call(gate->contiguous(), up->contiguous());
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 // init(backend_override, dispatch_logs): fastattn._backend's context variables.
 PyObject* eager_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !PyContextVar_CheckExact(args[0]) || !PyContextVar_CheckExact(args[1])) {
@@ -595,6 +620,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap) -> "
      "Tensor, or None."},
+    {"_eager_swiglu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_swiglu)),
+     METH_FASTCALL, "swiglu(gate, up) -> Tensor, or None."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,5 +1,5 @@
 """The eager fast path (csrc/eager.cpp): fastattn.softmax, layer_norm, rms_norm,
-scaled_dot_product_attention, apply_rotary, apply_rotary_qk and kvcache_attention on plain CPU
+scaled_dot_product_attention, apply_rotary, apply_rotary_qk, kvcache_attention and swiglu on plain CPU
 tensors that need no gradient, on the `cpu` backend,
 outside torch.compile, call the registered kernel op straight from C++.
 
@@ -23,6 +23,7 @@ try:
     rotary_qk = _C._eager_rotary_qk      # (q, k, cos, sin, interleaved, seq_dim, positions)
     # (q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap)
     kvcache_attention = _C._eager_kvcache_attention
+    swiglu = _C._eager_swiglu            # (gate, up)
 except (ImportError, AttributeError):   # not built, or built before the fast path existed
     def softmax(x, dim, scale, causal):
         return None
@@ -43,4 +44,7 @@ except (ImportError, AttributeError):   # not built, or built before the fast pa
         return None
 
     def kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap):
+        return None
+
+    def swiglu(gate, up):
         return None

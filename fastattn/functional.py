@@ -311,6 +311,10 @@ def swiglu(gate, up):
     layout (non-contiguous views are copied once). The gated MLP of Llama/Mistral/Qwen is
     `down_proj(swiglu(gate_proj(x), up_proj(x)))`.
     """
+    if not torch.compiler.is_compiling():
+        out = _eager.swiglu(gate, up)
+        if out is not None:
+            return out
     _checks.check_tensor("gate", gate)
     _checks.check_tensor("up", up)
     if up.shape != gate.shape:

@@ -45,7 +45,7 @@ def selector_calls(monkeypatch, *, forbid=False):
 
 COS, SIN = fastattn.rotary_cache(64, 16)
 OPS = ["softmax", "rms_norm", "layer_norm", "attention", "rotary", "rotary_qk",
-       "kvcache_attention"]
+       "kvcache_attention", "swiglu"]
 # the op name the selector and record_dispatch() see
 LOGGED = {"rotary_qk": "rotary"}
 
@@ -64,6 +64,7 @@ def _calls(q, k, v, x, w):
                                                                 seq_dim=2, positions=pos)),
         "kvcache_attention": lambda: fastattn.kvcache_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=40),
+        "swiglu": lambda: fastattn.swiglu(x, x.flip(-1)),
     }
 
 
@@ -238,10 +239,16 @@ def test_fast_path_equals_general_path_bitwise(monkeypatch, seed):
 
 
 def _random_decode_case(rng):
-    """A seeded rotary / rotary_qk / kvcache_attention call (the ops whose fast path serves
-    decoding): (op, public function, args, kwargs)."""
+    """A seeded rotary / rotary_qk / kvcache_attention / swiglu call (the ops whose fast path
+    serves decoding): (op, public function, args, kwargs)."""
     dtype = rng.choice(DTYPES)
-    op = rng.choice(["rotary", "rotary_qk", "kvcache_attention"])
+    op = rng.choice(["rotary", "rotary_qk", "kvcache_attention", "swiglu"])
+    if op == "swiglu":          # one decode step's MLP activation, or a prefill's
+        shape = rng.choice([(4, 1, 1376), (3, 7, 130), (2, 5)])
+        gate = torch.randn(shape, dtype=dtype) * rng.choice([1.0, 30.0])
+        up = torch.randn(shape[::-1], dtype=dtype).mT if rng.random() < 0.3 and len(shape) == 2 \
+            else torch.randn(shape, dtype=dtype)
+        return op, fastattn.swiglu, (gate, up), {}
     b, d = rng.randint(1, 3), rng.choice([8, 16, 24, 64])
     if op == "kvcache_attention":
         hkv, group = rng.randint(1, 3), rng.choice([1, 2, 4])
@@ -349,6 +356,7 @@ def test_without_the_extension_every_function_declines():
         "assert _eager.rotary(x, x, x, False, 1, None) is None\n"
         "assert _eager.rotary_qk(x, x, x, x, False, 1, None) is None\n"
         "assert _eager.kvcache_attention(x, x, x, 1, None, True, 0.0) is None\n"
+        "assert _eager.swiglu(x, x) is None\n"
         "with fastattn.record_dispatch() as calls, torch.no_grad():\n"
         "    y = fastattn.softmax(x, -1)\n"
         "assert calls == [('softmax', 'torch')], calls\n"
