@@ -4,14 +4,21 @@
 // h * Sq + i, so the rows of one kv head (its GQA group's query heads x query positions) are
 // contiguous: each K/V row is loaded once and used by the whole group (register-blocked 4 rows
 // at a time), not once per query head. A row block holds up to 64 rows, i.e. every kv head at
-// one-token decode: the cache is then walked position by position, all heads of a position
-// together. Those are adjacent in memory ((.., S, Hkv, D) layout), so the cache is read as one
-// forward stream per tensor, which the hardware prefetcher follows on its own (software
-// prefetch one tile ahead measured 10-25% slower here: benchmarks/cases/kvcache.py shapes,
-// 2026-12-03); walking one kv head at a time reads rows Hkv * D elements apart (4 KiB at
-// Hkv 8, D 128 fp32), a page per row, and measured several times slower. A long cache is cut into splits (split-K) so one-token decode with few
-// batch rows still fills every core; each split keeps an unnormalised (acc, max, sum) and the
-// splits are merged with the log-sum-exp rule. fp32 accumulation for every cache dtype.
+// one-token decode: the cache is then walked position by position (8 at a time for Q K^T),
+// all heads of a position together. Those are adjacent in memory ((.., S, Hkv, D) layout), so
+// the cache is read as one forward stream per tensor, which the hardware prefetcher follows on
+// its own (software prefetch one tile ahead measured 10-25% slower here:
+// benchmarks/cases/kvcache.py shapes, 2026-12-03; prefetching V during Q K^T gained nothing at
+// small shapes either); walking one kv head at a time reads rows Hkv * D elements apart
+// (4 KiB at Hkv 8, D 128 fp32), a page per row, and measured several times slower.
+// Scores are not one horizontal sum per key and row: 4 keys' accumulators are folded into one
+// vector (deinterleave + add, twice), and a fold tree over those gives kV keys' scores in the
+// lanes of one vector, which the softmax then reads as a row. A tile holds up to 64 positions
+// (16 when a block's heads make wide rows, to keep the tile in L2), so the per-row online
+// softmax step is spread over more keys. A long cache is cut into splits (split-K) so one-token
+// decode with few batch rows still fills every core; each split keeps an unnormalised
+// (acc, max, sum) and the splits are merged with the log-sum-exp rule. fp32 accumulation for
+// every cache dtype.
 #include "cpu/attention_tile.h"  // must come first: picks the at::vec width
 
 #include "cpu/kvcache_attention.h"
