@@ -165,7 +165,7 @@ inline void accumulate_cols(const float* p, int64_t ldp, const float* const* vro
 template <int NR>
 inline void accumulate_rows(const float* p, int64_t ldp, const float* const* vrows, int64_t nk,
                             float* acc, int64_t Dp) {
-  constexpr int NC = NR >= 3 ? 2 : 4;
+  constexpr int NC = 4;
   int64_t c = 0;
   for (; c + NC * kV <= Dp; c += NC * kV) accumulate_cols<NR, NC>(p, ldp, vrows, nk, acc, Dp, c);
   for (; c < Dp; c += kV) accumulate_cols<NR, 1>(p, ldp, vrows, nk, acc, Dp, c);
