@@ -98,6 +98,8 @@ constexpr int64_t kParts = kMaxTile / 4;  // 4-key partial vectors per score row
 // Partial scores of NR rows of q (ld Dp) against 4G key rows k[0:4G) (Dp fp32): out[x * G + g]
 // is keys 4g..4g+3 of row x folded twice, i.e. kV/4 lanes per key in key order. G = 2 for
 // one or two rows so that there are >= 8 independent FMA chains.
+// The unroll pragmas (here and in accumulate_cols) let GCC keep the accumulator arrays in
+// registers; without them it stored every accumulator to the stack on every iteration.
 template <int NR, int G>
 inline void key_parts(const float* q, int64_t Dp, const float* const* k, Vec* out) {
   constexpr int NK = 4 * G;
@@ -160,8 +162,9 @@ inline void accumulate_cols(const float* p, int64_t ldp, const float* const* vro
     for (int n = 0; n < NC; ++n) a[x][n].store(acc + x * Dp + c + n * kV);
 }
 
-// acc_x[0:Dp) += sum_j p[x * ldp + j] v_j for NR rows, NC columns of vectors at a time so
-// that there are >= 6 independent FMA chains (4 rows x 1 column waited on FMA latency).
+// acc_x[0:Dp) += sum_j p[x * ldp + j] v_j for NR rows, four vector columns per pass: NR x 4
+// independent FMA chains (4 rows x 1 column waited on FMA latency); each probability
+// broadcast feeds 4 FMAs and each V load NR.
 template <int NR>
 inline void accumulate_rows(const float* p, int64_t ldp, const float* const* vrows, int64_t nk,
                             float* acc, int64_t Dp) {
