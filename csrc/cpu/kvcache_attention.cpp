@@ -4,14 +4,21 @@
 // h * Sq + i, so the rows of one kv head (its GQA group's query heads x query positions) are
 // contiguous: each K/V row is loaded once and used by the whole group (register-blocked 4 rows
 // at a time), not once per query head. A row block holds up to 64 rows, i.e. every kv head at
-// one-token decode: the cache is then walked position by position, all heads of a position
-// together. Those are adjacent in memory ((.., S, Hkv, D) layout), so the cache is read as one
-// forward stream per tensor, which the hardware prefetcher follows on its own (software
-// prefetch one tile ahead measured 10-25% slower here: benchmarks/cases/kvcache.py shapes,
-// 2026-12-03); walking one kv head at a time reads rows Hkv * D elements apart (4 KiB at
-// Hkv 8, D 128 fp32), a page per row, and measured several times slower. A long cache is cut into splits (split-K) so one-token decode with few
-// batch rows still fills every core; each split keeps an unnormalised (acc, max, sum) and the
-// splits are merged with the log-sum-exp rule. fp32 accumulation for every cache dtype.
+// one-token decode: the cache is then walked position by position (8 at a time for Q K^T),
+// all heads of a position together. Those are adjacent in memory ((.., S, Hkv, D) layout), so
+// the cache is read as one forward stream per tensor, which the hardware prefetcher follows on
+// its own (software prefetch one tile ahead measured 10-25% slower here:
+// benchmarks/cases/kvcache.py shapes, 2026-12-03; prefetching V during Q K^T gained nothing at
+// small shapes either); walking one kv head at a time reads rows Hkv * D elements apart
+// (4 KiB at Hkv 8, D 128 fp32), a page per row, and measured several times slower.
+// Scores are not one horizontal sum per key and row: 4 keys' accumulators are folded into one
+// vector (deinterleave + add, twice), and a fold tree over those gives kV keys' scores in the
+// lanes of one vector, which the softmax then reads as a row. A tile holds up to 64 positions
+// (16 when a block's heads make wide rows, to keep the tile in L2), so the per-row online
+// softmax step is spread over more keys. A long cache is cut into splits (split-K) so one-token
+// decode with few batch rows still fills every core; each split keeps an unnormalised
+// (acc, max, sum) and the splits are merged with the log-sum-exp rule. fp32 accumulation for
+// every cache dtype.
 #include "cpu/attention_tile.h"  // must come first: picks the at::vec width
 
 #include "cpu/kvcache_attention.h"
@@ -29,7 +36,12 @@ namespace {
 using tile::Vec;
 using tile::kNegInf;
 constexpr int64_t kV = Vec::size();
-constexpr int64_t kTile = 16;       // cache positions per online-softmax step (tile in L2)
+// Cache positions per online-softmax step: up to kMaxTile, fewer when the tile's K (the heads
+// of a row block) would pass kTileFloats fp32 values, so K and V stay in L2 (Plan::tile).
+constexpr int64_t kMaxTile = 64;
+constexpr int64_t kMinTile = 16;
+constexpr int64_t kTileFloats = 16384;
+constexpr int64_t kStep = 8;       // positions per score step: two 4-key partials
 constexpr int64_t kRowBlock = 4;    // query rows sharing each loaded K/V vector (registers)
 constexpr int64_t kTaskRows = 64;   // packed query rows per task
 constexpr int64_t kMinSplitKeys = 256;
@@ -71,57 +83,95 @@ inline void row_f32(const T* src, int64_t D, int64_t Dp, float* dst) {
   std::fill(dst + D, dst + Dp, 0.f);
 }
 
-inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
+// Pairwise lane sums of a and b side by side: [a0+a1, a2+a3, .., b0+b1, b2+b3, ..]. As a tree
+// over per-key accumulators this is a transposing reduction that leaves one key's dot product
+// per lane: 15 folds of 3 ops for 16 keys instead of 16 horizontal sums of 8 ops each (the
+// horizontal sums cost twice the FMAs at D = 64 and made small-group decode compute bound).
+inline Vec fold(Vec a, Vec b) {
+  const auto [even, odd] = at::vec::deinterleave2(a, b);
+  return even + odd;
 }
 
-// s[x * kTile] = q_x . k for NR rows of q (ld Dp) and one key row k (Dp fp32).
-template <int NR>
-inline void dot_key(const float* q, int64_t Dp, const float* kr, float* s) {
-  Vec a[NR];
-  for (int x = 0; x < NR; ++x) a[x] = Vec(0.f);
-  for (int64_t c = 0; c < Dp; c += kV) {
-    const Vec kv = Vec::loadu(kr + c);
-    for (int x = 0; x < NR; ++x) a[x] = at::vec::fmadd(Vec::loadu(q + x * Dp + c), kv, a[x]);
-  }
-  for (int x = 0; x < NR; ++x) s[x * kTile] = hsum(a[x]);
-}
+static_assert(kV % 4 == 0 && (kV & (kV - 1)) == 0, "fold tree needs a power-of-two width >= 4");
+constexpr int64_t kParts = kMaxTile / 4;  // 4-key partial vectors per score row
 
-// Two key rows at once: s[x * kTile + {0, 1}] = q_x . k{0, 1}. NR x 2 independent FMA chains
-// (one key's NR <= 4 chains leave the FMA units waiting on latency) and each q vector is
-// loaded once for both keys.
-template <int NR>
-inline void dot_key_pair(const float* q, int64_t Dp, const float* k0, const float* k1,
-                         float* s) {
-  Vec a0[NR], a1[NR];
-  for (int x = 0; x < NR; ++x) a0[x] = a1[x] = Vec(0.f);
+// Partial scores of NR rows of q (ld Dp) against 4G key rows k[0:4G) (Dp fp32): out[x * G + g]
+// is keys 4g..4g+3 of row x folded twice, i.e. kV/4 lanes per key in key order. G = 2 for
+// one or two rows so that there are >= 8 independent FMA chains.
+// The unroll pragmas (here and in accumulate_cols) let GCC keep the accumulator arrays in
+// registers; without them it stored every accumulator to the stack on every iteration.
+template <int NR, int G>
+inline void key_parts(const float* q, int64_t Dp, const float* const* k, Vec* out) {
+  constexpr int NK = 4 * G;
+  Vec a[NR][NK];
+#pragma GCC unroll 4
+  for (int x = 0; x < NR; ++x)
+#pragma GCC unroll 8
+    for (int i = 0; i < NK; ++i) a[x][i] = Vec(0.f);
   for (int64_t c = 0; c < Dp; c += kV) {
-    const Vec kv0 = Vec::loadu(k0 + c), kv1 = Vec::loadu(k1 + c);
+    Vec kv[NK];
+#pragma GCC unroll 8
+    for (int i = 0; i < NK; ++i) kv[i] = Vec::loadu(k[i] + c);
+#pragma GCC unroll 4
     for (int x = 0; x < NR; ++x) {
       const Vec qv = Vec::loadu(q + x * Dp + c);
-      a0[x] = at::vec::fmadd(qv, kv0, a0[x]);
-      a1[x] = at::vec::fmadd(qv, kv1, a1[x]);
+#pragma GCC unroll 8
+      for (int i = 0; i < NK; ++i) a[x][i] = at::vec::fmadd(qv, kv[i], a[x][i]);
     }
   }
-  for (int x = 0; x < NR; ++x) {
-    s[x * kTile] = hsum(a0[x]);
-    s[x * kTile + 1] = hsum(a1[x]);
+#pragma GCC unroll 4
+  for (int x = 0; x < NR; ++x)
+#pragma GCC unroll 2
+    for (int g = 0; g < G; ++g)
+      out[x * G + g] = fold(fold(a[x][4 * g], a[x][4 * g + 1]), fold(a[x][4 * g + 2], a[x][4 * g + 3]));
+}
+
+// The fold tree over N consecutive partial vectors at p (kV floats apart).
+template <int N>
+inline Vec fold_tree(const float* p) {
+  if constexpr (N == 1) {
+    return Vec::loadu(p);
+  } else {
+    return fold(fold_tree<N / 2>(p), fold_tree<N / 2>(p + N / 2 * kV));
   }
 }
 
-// acc_x[0:Dp) += sum_j p[x * kTile + j] v_j for NR rows (acc ld Dp).
-template <int NR>
-inline void accumulate_rows(const float* p, const float* const* vrows, int64_t nk, float* acc,
-                            int64_t Dp) {
-  for (int64_t c = 0; c < Dp; c += kV) {
-    Vec a[NR];
-    for (int x = 0; x < NR; ++x) a[x] = Vec::loadu(acc + x * Dp + c);
-    for (int64_t j = 0; j < nk; ++j) {
-      const Vec vv = Vec::loadu(vrows[j] + c);
-      for (int x = 0; x < NR; ++x) a[x] = at::vec::fmadd(Vec(p[x * kTile + j]), vv, a[x]);
+// acc_x[c:c + NC kV) += sum_j p[x * ldp + j] v_j[c:..) for NR rows (acc ld Dp).
+template <int NR, int NC>
+inline void accumulate_cols(const float* p, int64_t ldp, const float* const* vrows, int64_t nk,
+                            float* acc, int64_t Dp, int64_t c) {
+  Vec a[NR][NC];
+#pragma GCC unroll 4
+  for (int x = 0; x < NR; ++x)
+#pragma GCC unroll 4
+    for (int n = 0; n < NC; ++n) a[x][n] = Vec::loadu(acc + x * Dp + c + n * kV);
+  for (int64_t j = 0; j < nk; ++j) {
+    Vec vv[NC];
+#pragma GCC unroll 4
+    for (int n = 0; n < NC; ++n) vv[n] = Vec::loadu(vrows[j] + c + n * kV);
+#pragma GCC unroll 4
+    for (int x = 0; x < NR; ++x) {
+      const Vec pj(p[x * ldp + j]);
+#pragma GCC unroll 4
+      for (int n = 0; n < NC; ++n) a[x][n] = at::vec::fmadd(pj, vv[n], a[x][n]);
     }
-    for (int x = 0; x < NR; ++x) a[x].store(acc + x * Dp + c);
   }
+#pragma GCC unroll 4
+  for (int x = 0; x < NR; ++x)
+#pragma GCC unroll 4
+    for (int n = 0; n < NC; ++n) a[x][n].store(acc + x * Dp + c + n * kV);
+}
+
+// acc_x[0:Dp) += sum_j p[x * ldp + j] v_j for NR rows, four vector columns per pass: NR x 4
+// independent FMA chains (4 rows x 1 column waited on FMA latency); each probability
+// broadcast feeds 4 FMAs and each V load NR.
+template <int NR>
+inline void accumulate_rows(const float* p, int64_t ldp, const float* const* vrows, int64_t nk,
+                            float* acc, int64_t Dp) {
+  constexpr int NC = 4;
+  int64_t c = 0;
+  for (; c + NC * kV <= Dp; c += NC * kV) accumulate_cols<NR, NC>(p, ldp, vrows, nk, acc, Dp, c);
+  for (; c < Dp; c += kV) accumulate_cols<NR, 1>(p, ldp, vrows, nk, acc, Dp, c);
 }
 
 template <typename F>
@@ -138,7 +188,7 @@ inline void by_row_blocks(int64_t rows, F&& f) {
 
 // Plan shared by the tasks and the merge.
 struct Plan {
-  int64_t group, rows, task_rows, row_blocks, splits, Dp;
+  int64_t group, rows, task_rows, row_blocks, splits, Dp, tile;
 };
 
 // One task's running state for its rows: unnormalised acc (rows, Dp), running max and sum.
@@ -150,8 +200,8 @@ struct Partial {
 
 template <typename T>
 void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, int64_t split,
-              float* qf, float* sbuf, float* kbuf, float* vbuf, const float** kptr,
-              const float** vptr, const Partial& part) {
+              float* qf, float* sbuf, float* pbuf, float* kbuf, float* vbuf,
+              const float** kptr, const float** vptr, const Partial& part) {
   const int64_t Dp = plan.Dp, D = p.D, Sq = p.Sq, head_rows = plan.group * Sq;
   const int64_t r0 = rb * plan.task_rows, nr = std::min(plan.task_rows, plan.rows - r0);
   const int64_t len = batch_len(p, b);
@@ -187,58 +237,69 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
 
   // fp32 rows with a whole number of vectors are read in place, others converted per tile.
   const bool in_place = std::is_same_v<T, float> && D == Dp;
-  auto k_row = [&](const Slot& s, int64_t hk) {
-    return kc + s.page * p.k_sp + s.row * p.k_sr + hk * p.k_sh;
-  };
-  auto v_row = [&](const Slot& s, int64_t hk) {
-    return vc + s.page * p.v_sp + s.row * p.v_sr + hk * p.v_sh;
-  };
+  // Strides in locals: the pointer stores below would otherwise reload them from p.
+  const int64_t k_sp = p.k_sp, k_sr = p.k_sr, k_sh = p.k_sh;
+  const int64_t v_sp = p.v_sp, v_sr = p.v_sr, v_sh = p.v_sh;
+  const bool paged = p.block_table != nullptr;
+  const int64_t page0 = paged ? 0 : slot_of(p, b, 0).page;
   // Rows [a, e) of the block that belong to kv head hk (block-relative).
   auto rows_of = [&](int64_t hk, int64_t& a, int64_t& e) {
     a = std::max(hk * head_rows, r0) - r0;
     e = std::min((hk + 1) * head_rows, r0 + nr) - r0;
   };
 
-  for (int64_t j0 = lo; j0 < hi; j0 += kTile) {
-    const int64_t nk = std::min(kTile, hi - j0);
+  const int64_t tile = plan.tile;
+  for (int64_t j0 = lo; j0 < hi; j0 += tile) {
+    const int64_t nk = std::min(tile, hi - j0);
     // Row pointers (fp32 rows, converted when needed), position-major: the heads of one
     // cache position are adjacent in memory, so the cache is read as one forward stream.
     for (int64_t j = 0; j < nk; ++j) {
-      const Slot s = slot_of(p, b, j0 + j);
+      const Slot s = paged ? slot_of(p, b, j0 + j) : Slot{page0, j0 + j};
+      const T* kr = kc + s.page * k_sp + s.row * k_sr;
+      const T* vr = vc + s.page * v_sp + s.row * v_sr;
       for (int64_t hk = hk0; hk < hk1; ++hk) {
-        const int64_t slot_ix = (hk - hk0) * kTile + j;
-        const T* kr = k_row(s, hk);
-        const T* vr = v_row(s, hk);
+        const int64_t slot_ix = (hk - hk0) * tile + j;
         if (in_place) {
-          kptr[slot_ix] = reinterpret_cast<const float*>(kr);
-          vptr[slot_ix] = reinterpret_cast<const float*>(vr);
+          kptr[slot_ix] = reinterpret_cast<const float*>(kr + hk * k_sh);
+          vptr[slot_ix] = reinterpret_cast<const float*>(vr + hk * v_sh);
         } else {
-          row_f32(kr, D, Dp, kbuf + slot_ix * Dp);
-          row_f32(vr, D, Dp, vbuf + slot_ix * Dp);
+          row_f32(kr + hk * k_sh, D, Dp, kbuf + slot_ix * Dp);
+          row_f32(vr + hk * v_sh, D, Dp, vbuf + slot_ix * Dp);
           kptr[slot_ix] = kbuf + slot_ix * Dp;
           vptr[slot_ix] = vbuf + slot_ix * Dp;
         }
       }
     }
-    // S = Q K^T, two positions at a time, still position-major.
-    for (int64_t j = 0; j < nk; j += 2) {
+    // S = Q K^T, kStep positions at a time, still position-major: 4-key partials (pbuf, per
+    // row kParts vectors), then one fold tree per kV keys. Keys past nk (up to a whole vector)
+    // repeat the last key; their lanes land in S past nk, which nothing reads.
+    const int64_t nk_lanes = round_up(nk, std::max(kV, kStep));
+    for (int64_t j = 0; j < nk_lanes; j += kStep) {
       for (int64_t hk = hk0; hk < hk1; ++hk) {
-        const int64_t slot_ix = (hk - hk0) * kTile + j;
+        const float* kj[kStep];
+        for (int64_t i = 0; i < kStep; ++i)
+          kj[i] = kptr[(hk - hk0) * tile + std::min(j + i, nk - 1)];
         int64_t a, e;
         rows_of(hk, a, e);
         by_row_blocks(e - a, [&](int64_t r, auto nrb) {
           constexpr int NR = decltype(nrb)::value;
-          float* srow = sbuf + (a + r) * kTile + j;
-          if (j + 1 < nk)
-            dot_key_pair<NR>(qf + (a + r) * Dp, Dp, kptr[slot_ix], kptr[slot_ix + 1], srow);
-          else
-            dot_key<NR>(qf + (a + r) * Dp, Dp, kptr[slot_ix], srow);
+          constexpr int G = NR <= 2 ? 2 : 1;
+          Vec out[NR * 2];
+          for (int64_t h = 0; h < kStep; h += 4 * G) {
+            key_parts<NR, G>(qf + (a + r) * Dp, Dp, kj + h, out);
+            for (int x = 0; x < NR; ++x)
+              for (int g = 0; g < G; ++g)
+                out[x * G + g].store(pbuf + ((a + r + x) * kParts + (j + h) / 4 + g) * kV);
+          }
         });
       }
     }
+    for (int64_t r = 0; r < nr; ++r)
+      for (int64_t j = 0; j < nk; j += kV)
+        fold_tree<kV / 4>(pbuf + (r * kParts + j / 4) * kV).store(sbuf + r * kMaxTile + j);
     // Online softmax per row; P overwrites S.
     for (int64_t r = 0; r < nr; ++r) {
-      float* s = sbuf + r * kTile;
+      float* s = sbuf + r * kMaxTile;
       const int64_t a = std::clamp<int64_t>(spans[r].lo - j0, 0, nk);
       const int64_t e = std::clamp<int64_t>(spans[r].hi - j0, a, nk);
       tile::Row row{kNegInf, a, e};
@@ -273,9 +334,9 @@ void run_task(const KVCacheParams& p, const Plan& plan, int64_t b, int64_t rb, i
     for (int64_t hk = hk0; hk < hk1; ++hk) {
       int64_t a, e;
       rows_of(hk, a, e);
-      const float* const* vrows = vptr + (hk - hk0) * kTile;
+      const float* const* vrows = vptr + (hk - hk0) * tile;
       by_row_blocks(e - a, [&](int64_t r, auto nrb) {
-        accumulate_rows<decltype(nrb)::value>(sbuf + (a + r) * kTile, vrows, nk,
+        accumulate_rows<decltype(nrb)::value>(sbuf + (a + r) * kMaxTile, kMaxTile, vrows, nk,
                                               part.acc + (a + r) * Dp, Dp);
       });
     }
@@ -321,35 +382,42 @@ void forward_impl(const KVCacheParams& p) {
   // kv heads one row block can touch (a head's rows may straddle two blocks)
   const int64_t max_heads = std::min(p.Hkv, kTaskRows) + 1;
   const bool convert = !std::is_same_v<T, float> || p.D != Dp;
-  const int64_t conv = convert ? max_heads * kTile * Dp : 0;
+  // Fewer positions per tile when a row block's heads make wide cache rows (tile in L2).
+  const int64_t block_heads = std::min(p.Hkv, (plan.task_rows + head_rows - 1) / head_rows + 1);
+  plan.tile = kMaxTile;
+  while (plan.tile > kMinTile && plan.tile * block_heads * Dp > kTileFloats) plan.tile /= 2;
+  const int64_t conv = convert ? max_heads * plan.tile * Dp : 0;
 
   // Per-task partial results when split (merged below); unsplit tasks store directly.
   const bool split = plan.splits > 1;
-  std::vector<float> parts;
-  if (split) parts.resize(n_tasks * kTaskRows * (Dp + 2));
+  // Scratch is left uninitialised (every read is of something written in the same call):
+  // zero-filling it cost a few us per call, which is visible at small shapes.
+  std::unique_ptr<float[]> parts;
+  if (split) parts.reset(new float[n_tasks * kTaskRows * (Dp + 2)]);
 
   tile::parallel_tasks(n_tasks, 1, [&] {
-    return [&, scratch = std::vector<float>(kTaskRows * Dp * 2 + kTaskRows * kTile +
-                                            2 * conv + 2 * kTaskRows),
-            ptrs = std::vector<const float*>(2 * max_heads * kTile)](
+    return [&, scratch = std::unique_ptr<float[]>(new float[kTaskRows * Dp * 2 + kTaskRows * kMaxTile +
+                                                    kTaskRows * kParts * kV + 2 * conv + 2 * kTaskRows]),
+            ptrs = std::vector<const float*>(2 * max_heads * plan.tile)](
                int64_t begin, int64_t end) mutable {
-      float* qf = scratch.data();                 // (rows, Dp) fp32 q
+      float* qf = scratch.get();                 // (rows, Dp) fp32 q
       float* own_acc = qf + kTaskRows * Dp;       // (rows, Dp) when not split
-      float* sbuf = own_acc + kTaskRows * Dp;     // (rows, kTile) scores / probabilities
-      float* kbuf = sbuf + kTaskRows * kTile;     // (heads, kTile, Dp) converted K
-      float* vbuf = kbuf + conv;                  // (heads, kTile, Dp) converted V
+      float* sbuf = own_acc + kTaskRows * Dp;     // (rows, kMaxTile) scores / probabilities
+      float* pbuf = sbuf + kTaskRows * kMaxTile;  // (rows, kParts, kV) partial scores
+      float* kbuf = pbuf + kTaskRows * kParts * kV;  // (heads, tile, Dp) converted K
+      float* vbuf = kbuf + conv;                  // (heads, tile, Dp) converted V
       float* own_ml = vbuf + conv;                // m, l (rows each)
-      const float** kptr = ptrs.data();           // (heads, kTile) K / V row pointers
-      const float** vptr = kptr + max_heads * kTile;
+      const float** kptr = ptrs.data();           // (heads, tile) K / V row pointers
+      const float** vptr = kptr + max_heads * plan.tile;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t s = t % plan.splits, rbh = t / plan.splits;
         const int64_t rb = rbh % plan.row_blocks, b = rbh / plan.row_blocks;
         Partial part{own_acc, own_ml, own_ml + kTaskRows};
         if (split) {
-          float* base = parts.data() + t * kTaskRows * (Dp + 2);
+          float* base = parts.get() + t * kTaskRows * (Dp + 2);
           part = {base, base + kTaskRows * Dp, base + kTaskRows * Dp + kTaskRows};
         }
-        run_task<T>(p, plan, b, rb, s, qf, sbuf, kbuf, vbuf, kptr, vptr, part);
+        run_task<T>(p, plan, b, rb, s, qf, sbuf, pbuf, kbuf, vbuf, kptr, vptr, part);
         if (!split) {
           const int64_t r0 = rb * plan.task_rows, nr = std::min(plan.task_rows, plan.rows - r0);
           for (int64_t r = 0; r < nr; ++r)
@@ -367,7 +435,7 @@ void forward_impl(const KVCacheParams& p) {
     for (int64_t gi = begin; gi < end; ++gi) {
       const int64_t rb = gi % plan.row_blocks, b = gi / plan.row_blocks;
       const int64_t r0 = rb * plan.task_rows, nr = std::min(plan.task_rows, plan.rows - r0);
-      auto part_of = [&](int64_t s) { return parts.data() + (gi * plan.splits + s) * kTaskRows * (Dp + 2); };
+      auto part_of = [&](int64_t s) { return parts.get() + (gi * plan.splits + s) * kTaskRows * (Dp + 2); };
       for (int64_t r = 0; r < nr; ++r) {
         float m = kNegInf;
         for (int64_t s = 0; s < plan.splits; ++s)
