@@ -105,3 +105,30 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def training_step_matches(ref, new, family):
+    """One training step of `new` (patched) and `ref` on a right-padded batch: the loss and
+    every parameter gradient equal within the composed fp32 bound. Returns the step's
+    record_dispatch() log."""
+    import fastattn
+    from tolerances import COMPOSED_FP32_TOL
+    ref.train()
+    new.train()
+    ids, mask = padded_batch([12, 8], 12, left=False, seed=5)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss_ref = ref(ids, attention_mask=mask, labels=labels).loss
+    loss_ref.backward()
+    with fastattn.record_dispatch() as calls:
+        loss = new(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+    torch.testing.assert_close(loss, loss_ref, **COMPOSED_FP32_TOL)
+    want = dict(ref.named_parameters())
+    n = 0
+    for name, p in new.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient"
+        torch.testing.assert_close(p.grad, want[name].grad, **COMPOSED_FP32_TOL,
+                                   msg=lambda m: f"{family} {name}: {m}")
+        n += 1
+    assert n == len(want)
+    return calls

@@ -15,7 +15,8 @@ pytest.importorskip("transformers")
 import fastattn  # noqa: E402
 from tolerances import COMPOSED_FP32_TOL  # noqa: E402
 
-from hf_models import _common, build_pair, config_for, one_thread, padded_batch  # noqa: E402
+from hf_models import (_common, build_pair, config_for, one_thread, padded_batch,  # noqa: E402
+                       training_step_matches)
 
 _threads = pytest.fixture(autouse=True)(one_thread)
 
@@ -65,24 +66,7 @@ def test_patched_mlp_logits_and_dispatch(family):
 @pytest.mark.parametrize("family", MLP_FAMILIES)
 def test_patched_mlp_training_step_grads(family):
     ref, new = _pair(family)
-    ref.train()
-    new.train()
-    ids, mask = padded_batch([12, 8], 12, left=False, seed=5)
-    labels = ids.masked_fill(mask == 0, -100)
-    loss_ref = ref(ids, attention_mask=mask, labels=labels).loss
-    loss_ref.backward()
-    with fastattn.record_dispatch() as calls:
-        loss = new(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-    torch.testing.assert_close(loss, loss_ref, **COMPOSED_FP32_TOL)
-    want = dict(ref.named_parameters())
-    n = 0
-    for name, p in new.named_parameters():
-        assert p.grad is not None, f"{name}: no gradient"
-        torch.testing.assert_close(p.grad, want[name].grad, **COMPOSED_FP32_TOL,
-                                   msg=lambda m: f"{family} {name}: {m}")
-        n += 1
-    assert n == len(want)
+    calls = training_step_matches(ref, new, family)
     assert _swiglu_calls(calls) == [("swiglu", "cpu")] * LAYERS, calls
 
 

@@ -13,7 +13,8 @@ import fastattn  # noqa: E402
 from fastattn.integrations.transformers import record_routes  # noqa: E402
 from tolerances import COMPOSED_FP32_TOL, TIGHT_FP32_TOL
 
-from hf_models import one_thread, FAMILIES, ROTARY_FAMILIES, build_pair, padded_batch  # noqa: E402
+from hf_models import (one_thread, FAMILIES, ROTARY_FAMILIES, build_pair, padded_batch,  # noqa: E402
+                       training_step_matches)
 
 # fp32 through two layers: kernels reorder sums (attention, norms) relative to PyTorch
 
@@ -64,24 +65,7 @@ def test_greedy_generation_left_padded(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_step_loss_and_grads(family):
     ref, new = build_pair(family)
-    ref.train()
-    new.train()
-    ids, mask = padded_batch([12, 8], 12, left=False, seed=5)
-    labels = ids.masked_fill(mask == 0, -100)
-    loss_ref = ref(ids, attention_mask=mask, labels=labels).loss
-    loss_ref.backward()
-    with fastattn.record_dispatch() as calls:
-        loss = new(ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-    torch.testing.assert_close(loss, loss_ref, **COMPOSED_FP32_TOL)
-    want = dict(ref.named_parameters())
-    n = 0
-    for name, p in new.named_parameters():
-        assert p.grad is not None, f"{name}: no gradient"
-        torch.testing.assert_close(p.grad, want[name].grad, **COMPOSED_FP32_TOL,
-                                   msg=lambda m: f"{family} {name}: {m}")
-        n += 1
-    assert n == len(want)
+    calls = training_step_matches(ref, new, family)
     assert {b for _, b in calls} == {"cpu"}, calls
 
 
