@@ -3,6 +3,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "cpu/kernels.h"
 #include "cpu/tensor_args.h"
 #if FASTATTN_WITH_CUDA
@@ -58,7 +60,11 @@ void rotary_run(const char* fn, const at::Tensor& x, const at::Tensor& cos_in,
   }
   if (x.numel() == 0) return;
   if (positions.defined() && positions.is_cpu() && positions.numel() > 0) {
-    const int64_t lo = positions.min().item<int64_t>(), hi = positions.max().item<int64_t>();
+    // a plain loop: min()/max() would be two ops and two item() reads per call, which at
+    // one decode token cost more than the rotation
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const auto [lo_it, hi_it] = std::minmax_element(pos, pos + positions.numel());
+    const int64_t lo = *lo_it, hi = *hi_it;
     TORCH_CHECK(lo >= 0 && hi < s_cache, fn, ": positions must lie in [0, ", s_cache,
                 "), got [", lo, ", ", hi, "]");
   }
