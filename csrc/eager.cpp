@@ -1,6 +1,6 @@
 // The eager fast path: fastattn.softmax / layer_norm / rms_norm / scaled_dot_product_attention /
-// apply_rotary / apply_rotary_qk / kvcache_attention / swiglu called from Python on plain CPU tensors that need no gradient, outside torch.compile, on the
-// `cpu` backend (requested or chosen by `auto`), call the registered kernel op
+// apply_rotary / apply_rotary_qk / kvcache_attention / swiglu called from Python on plain CPU
+// tensors that need no gradient, outside torch.compile, on the `cpu` backend (requested or chosen by `auto`), call the registered kernel op
 // (torch.ops.fastattn_kernels.*) straight from C++.
 //
 // Why: at decode and other tiny sizes the Python layers above a kernel (argument parsing, the
@@ -27,6 +27,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "eager.h"
@@ -43,8 +44,7 @@ PyObject* g_dispatch_logs = nullptr;     // record_dispatch(): a tuple of lists
 // ------------------------------------------------------------------------ the plain case
 
 // A torch.Tensor (or Parameter), of any dtype, with no __torch_function__ override and no
-// torch-function mode,
-// dense on the CPU, that dispatches straight to the CPU kernel: no dispatch key above the
+// torch-function mode, dense on the CPU, that dispatches straight to the CPU kernel: no dispatch key above the
 // backend once autograd is out of the picture (no Python/functorch/functionalization wrappers,
 // no conjugate/negative views, no autocast, tracing or dispatch mode in the thread-local
 // include set), and no gradient to record.
@@ -198,18 +198,35 @@ struct ReleaseGil {
 // The call's result as a new reference, or None (not the fast path's case).
 PyObject* decline() { Py_RETURN_NONE; }
 
-// The accepted call: logs it for record_dispatch(), runs `compute` (-> at::Tensor) without the
-// GIL and below autograd (nothing needs a gradient), and returns its result to Python.
+PyObject* wrap_result(at::Tensor t) { return THPVariable_Wrap(std::move(t)); }
+
+PyObject* wrap_result(std::pair<at::Tensor, at::Tensor> both) {  // a tuple of two
+  PyObject* first = THPVariable_Wrap(std::move(both.first));
+  if (first == nullptr) return nullptr;
+  PyObject* second = THPVariable_Wrap(std::move(both.second));
+  if (second == nullptr) {
+    Py_DECREF(first);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, first, second);
+  Py_DECREF(first);
+  Py_DECREF(second);
+  return pair;
+}
+
+// The accepted call: logs it for record_dispatch(), runs `compute` (-> at::Tensor, or a pair of
+// them, returned as a tuple) without the GIL and below autograd (nothing needs a gradient), and
+// returns its result to Python.
 template <typename Compute>
 PyObject* run_kernel(const char* op, Compute&& compute) {
   if (!log_dispatch(op)) return nullptr;
-  at::Tensor result;
+  decltype(compute()) result;
   {
     ReleaseGil no_gil;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     result = compute();
   }
-  return THPVariable_Wrap(std::move(result));
+  return wrap_result(std::move(result));
 }
 
 // ------------------------------------------------------------------------------- softmax
@@ -417,14 +434,32 @@ at::Tensor rotate_4d(const at::Tensor& x, int64_t seq, const at::Tensor& cos,
   return out.movedim(1, seq);
 }
 
-// cos/sin tables of the plain case: 2-D, one shape, rotating 0 < 2 * cols <= head_dim.
-bool rotary_tables(PyObject* cos_obj, PyObject* sin_obj, int64_t head_dim,
-                   const at::Tensor*& cos, const at::Tensor*& sin) {
-  cos = plain_cpu_tensor(cos_obj);
-  sin = plain_cpu_tensor(sin_obj);
-  if (cos == nullptr || sin == nullptr || cos->dim() != 2 || cos->sizes() != sin->sizes())
-    return false;
-  return cos->size(1) > 0 && 2 * cos->size(1) <= head_dim;
+// The arguments after the tensor(s) of a rotary call, (cos, sin, interleaved, seq_dim,
+// positions), for a 4-D x: cos/sin 2-D of one shape rotating 0 < 2 * cols <= head_dim,
+// the sequence dim, and positions for x's (B, S). 1: the plain case; 0: not (decline);
+// -1: a Python error.
+struct RotaryArgs {
+  const at::Tensor* cos = nullptr;
+  const at::Tensor* sin = nullptr;
+  bool interleaved = false;
+  int64_t seq = -1;
+  OptTensor positions;
+};
+
+int rotary_args(const at::Tensor& x, PyObject* const* rest, RotaryArgs& a) {
+  a.cos = plain_cpu_tensor(rest[0]);
+  a.sin = plain_cpu_tensor(rest[1]);
+  if (a.cos == nullptr || a.sin == nullptr || a.cos->dim() != 2 ||
+      a.cos->sizes() != a.sin->sizes() || a.cos->size(1) == 0 ||
+      2 * a.cos->size(1) > x.size(3))
+    return 0;
+  const int interleaved = PyObject_IsTrue(rest[2]);
+  if (interleaved < 0) return -1;
+  a.interleaved = interleaved != 0;
+  a.seq = rotary_seq_dim(rest[3]);
+  if (a.seq < 0) return 0;
+  return rotary_positions(rest[4], x.size(0), x.size(a.seq), a.cos->size(0), a.positions) ? 1
+                                                                                           : 0;
 }
 
 // rotary_qk(q, k, cos, sin, interleaved, seq_dim, positions): fastattn.apply_rotary_qk on 4-D
@@ -436,35 +471,15 @@ PyObject* eager_rotary_qk(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::Tensor* k = plain_cpu_tensor(args[1]);
   if (q == nullptr || k == nullptr || q->dim() != 4 || k->dim() != 4) return decline();
   if (k->scalar_type() != q->scalar_type()) return decline();
-  const int64_t seq = rotary_seq_dim(args[5]);
-  if (seq < 0) return decline();
-  const int64_t b = q->size(0), s = q->size(seq), d = q->size(3);
-  if (k->size(0) != b || k->size(seq) != s || k->size(3) != d) return decline();
-  const at::Tensor *cos = nullptr, *sin = nullptr;
-  if (!rotary_tables(args[2], args[3], d, cos, sin)) return decline();
-  const int interleaved = PyObject_IsTrue(args[4]);
-  if (interleaved < 0) return nullptr;
-  OptTensor positions;
-  if (!rotary_positions(args[6], b, s, cos->size(0), positions)) return decline();
-  if (!log_dispatch("rotary")) return nullptr;
-  at::Tensor qo, ko;
-  {
-    ReleaseGil no_gil;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    qo = rotate_4d(*q, seq, *cos, *sin, interleaved != 0, positions);
-    ko = rotate_4d(*k, seq, *cos, *sin, interleaved != 0, positions);
-  }
-  PyObject* pq = THPVariable_Wrap(std::move(qo));
-  if (pq == nullptr) return nullptr;
-  PyObject* pk = THPVariable_Wrap(std::move(ko));
-  if (pk == nullptr) {
-    Py_DECREF(pq);
-    return nullptr;
-  }
-  PyObject* pair = PyTuple_Pack(2, pq, pk);
-  Py_DECREF(pq);
-  Py_DECREF(pk);
-  return pair;
+  RotaryArgs a;
+  const int ok = rotary_args(*q, args + 2, a);
+  if (ok <= 0) return ok < 0 ? nullptr : decline();
+  if (k->size(0) != q->size(0) || k->size(a.seq) != q->size(a.seq) || k->size(3) != q->size(3))
+    return decline();
+  return run_kernel("rotary", [&] {
+    return std::make_pair(rotate_4d(*q, a.seq, *a.cos, *a.sin, a.interleaved, a.positions),
+                          rotate_4d(*k, a.seq, *a.cos, *a.sin, a.interleaved, a.positions));
+  });
   END_HANDLE_TH_ERRORS
 }
 
@@ -475,17 +490,11 @@ PyObject* eager_rotary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 6 || !cpu_backend_requested()) return decline();
   const at::Tensor* x = plain_cpu_tensor(args[0]);
   if (x == nullptr || x->dim() != 4) return decline();
-  const int64_t seq = rotary_seq_dim(args[4]);
-  if (seq < 0) return decline();
-  const at::Tensor *cos = nullptr, *sin = nullptr;
-  if (!rotary_tables(args[1], args[2], x->size(3), cos, sin)) return decline();
-  const int interleaved = PyObject_IsTrue(args[3]);
-  if (interleaved < 0) return nullptr;
-  OptTensor positions;
-  if (!rotary_positions(args[5], x->size(0), x->size(seq), cos->size(0), positions))
-    return decline();
+  RotaryArgs a;
+  const int ok = rotary_args(*x, args + 1, a);
+  if (ok <= 0) return ok < 0 ? nullptr : decline();
   return run_kernel("rotary", [&] {
-    return rotate_4d(*x, seq, *cos, *sin, interleaved != 0, positions);
+    return rotate_4d(*x, a.seq, *a.cos, *a.sin, a.interleaved, a.positions);
   });
   END_HANDLE_TH_ERRORS
 }

@@ -48,28 +48,28 @@ def growing_layer_class():
         _views = None         # the (keys, values) views the last update returned
 
         def _still_ours(self, key_states, value_states):
-            """_owns_tensors, answered without its checks when self.keys/values are the very
-            views the last update made (nothing replaced them since)."""
-            views = self._views
-            if views is None or views[0] is not self.keys or views[1] is not self.values:
-                return self._owns_tensors(key_states, value_states)
-            kb, vb = self._key_buffer, self._value_buffer
-            return (key_states.shape[:2] == kb.shape[:2] and key_states.shape[3] == kb.shape[3]
-                    and value_states.shape[:2] == vb.shape[:2]
-                    and value_states.shape[3] == vb.shape[3]
-                    and key_states.dtype == kb.dtype and value_states.dtype == vb.dtype
-                    and key_states.device == kb.device)
-
-        def _owns_tensors(self, key_states, value_states):
             """Are self.keys/values prefixes of this layer's buffers, with room to match
-            key_states/value_states (batch, heads, head dim, dtype, device)?"""
+            key_states/value_states? When they are the very views the last update made
+            (nothing replaced them since), without looking at their storage."""
+            views = self._views
+            mine = (views is not None and views[0] is self.keys and views[1] is self.values)
+            return (mine or self._holds_buffers()) and self._buffers_fit(key_states,
+                                                                         value_states)
+
+        def _holds_buffers(self):
+            """Are self.keys/values (B, Hkv, S, D) prefixes of this layer's buffers?"""
             kb, vb, k, v = self._key_buffer, self._value_buffer, self.keys, self.values
             if kb is None or k is None or v is None or k.dim() != 4 or v.dim() != 4:
                 return False
             return (k.data_ptr() == kb.data_ptr() and v.data_ptr() == vb.data_ptr()
                     and k.stride() == kb.stride() and v.stride() == vb.stride()
-                    and k.shape[:2] == kb.shape[:2] and v.shape[:2] == vb.shape[:2]
-                    and kb.shape[:2] == key_states.shape[:2]
+                    and k.shape[:2] == kb.shape[:2] and v.shape[:2] == vb.shape[:2])
+
+        def _buffers_fit(self, key_states, value_states):
+            """Do the buffers take key_states/value_states (batch, heads, head dim, dtype,
+            device)?"""
+            kb, vb = self._key_buffer, self._value_buffer
+            return (kb.shape[:2] == key_states.shape[:2]
                     and vb.shape[:2] == value_states.shape[:2]
                     and kb.shape[-1] == key_states.shape[-1]
                     and vb.shape[-1] == value_states.shape[-1]
