@@ -19,10 +19,10 @@ longer run).
 from torch import nn
 
 from .. import functional as _functional
+from ._subclass import subclass_with_forward
 
 KNOWN_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 SILU_NAMES = ("silu", "swish")
-_subclasses = {}
 
 
 def is_known_mlp(module):
@@ -51,13 +51,9 @@ def _forward(self, x):
 
 def fast_mlp_class(cls):
     """The subclass of an HF gated-MLP class whose forward runs the swiglu kernel."""
-    sub = _subclasses.get(cls)
-    if sub is None:
-        sub = type(f"Fastattn{cls.__name__}", (cls,), {
-            "forward": _forward, "__module__": __name__,
-            "__doc__": f"{cls.__name__} whose silu(gate) * up runs on fastattn.swiglu."})
-        _subclasses[cls] = sub
-    return sub
+    return subclass_with_forward(
+        cls, lambda _: _forward,
+        f"{cls.__name__} whose silu(gate) * up runs on fastattn.swiglu.", __name__)
 
 
 def convert_mlp(module):

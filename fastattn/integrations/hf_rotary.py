@@ -29,6 +29,7 @@ import sys
 import torch
 
 from .. import functional as _functional
+from ._subclass import subclass_with_forward
 
 # Rotary-embedding classes whose cos/sin use NeoX layout and whose family's
 # apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) rotates cos.shape[-1] features.
@@ -41,7 +42,6 @@ KNOWN_ROTARY = ("LlamaRotaryEmbedding", "MistralRotaryEmbedding", "Qwen2RotaryEm
 KNOWN_INTERLEAVED_ROTARY = ("GPTJRotaryEmbedding",)
 
 _TABLES = "_fastattn_rope_tables"
-_subclasses = {}
 
 
 def is_known_rotary(module):
@@ -69,26 +69,26 @@ def _attach_tables(cos, sin, compact=False):
     setattr(cos, _TABLES, (table_cos, table_sin, positions))
 
 
-def fast_rotary_class(cls):
-    """The tagging subclass of an HF rotary-embedding class (one per class)."""
-    sub = _subclasses.get(cls)
-    if sub is None and _is_interleaved(cls):
+def _tagging_forward(cls):
+    """cls.forward, then the compact tables attached to the returned cos."""
+    if _is_interleaved(cls):
         def forward(self, *args, **kwargs):
             sin, cos = cls.forward(self, *args, **kwargs)        # GPT-J's order
             _attach_tables(cos, sin, compact=True)
             return sin, cos
-    elif sub is None:
+    else:
         def forward(self, *args, **kwargs):
             cos, sin = cls.forward(self, *args, **kwargs)
             _attach_tables(cos, sin)
             return cos, sin
-    if sub is None:
+    return forward
 
-        sub = type(f"Fastattn{cls.__name__}", (cls,), {
-            "forward": forward, "__module__": __name__,
-            "__doc__": f"{cls.__name__} whose cos also carries fastattn's rotary tables."})
-        _subclasses[cls] = sub
-    return sub
+
+def fast_rotary_class(cls):
+    """The tagging subclass of an HF rotary-embedding class (one per class)."""
+    return subclass_with_forward(
+        cls, _tagging_forward,
+        f"{cls.__name__} whose cos also carries fastattn's rotary tables.", __name__)
 
 
 def _rotate(q, k, tables):
