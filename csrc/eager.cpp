@@ -1,5 +1,5 @@
 // The eager fast path: fastattn.softmax / layer_norm / rms_norm / scaled_dot_product_attention /
-// apply_rotary / apply_rotary_qk / kvcache_attention / swiglu called from Python on plain CPU
+// apply_rotary / apply_rotary_qk / kvcache_attention / swiglu / linear called from Python on plain CPU
 // tensors that need no gradient, outside torch.compile, on the `cpu` backend (requested or chosen by `auto`), call the registered kernel op
 // (torch.ops.fastattn_kernels.*) straight from C++.
 //
@@ -588,6 +588,47 @@ PyObject* eager_swiglu(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// -------------------------------------------------------------------------------- linear
+
+const auto& linear_kernel() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastattn_kernels::linear_forward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+  return op;
+}
+
+// The most rows `auto` gives the cpu backend's linear kernel: fastattn/_C_ops.py's
+// LINEAR_MAX_ROWS (tests/test_eager_fast_path.py checks that both paths agree at the edge).
+constexpr int64_t kLinearMaxRows = 16;
+
+// linear(input, weight, bias): fastattn.linear with 1..16 rows and a nonempty in_features.
+PyObject* eager_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3 || !cpu_backend_requested()) return decline();
+  const at::Tensor* x = plain_cpu_tensor(args[0]);
+  const at::Tensor* w = plain_cpu_tensor(args[1]);
+  if (x == nullptr || w == nullptr || x->dim() == 0 || w->dim() != 2) return decline();
+  const int64_t k = x->size(-1);
+  if (k == 0 || w->size(1) != k || w->scalar_type() != x->scalar_type()) return decline();
+  const int64_t rows = x->numel() / k;
+  if (rows < 1 || rows > kLinearMaxRows) return decline();
+  OptTensor bias;
+  if (args[2] != Py_None) {
+    const at::Tensor* b = plain_cpu_tensor(args[2]);
+    if (b == nullptr || b->dim() != 1 || b->size(0) != w->size(0) ||
+        b->scalar_type() != x->scalar_type())
+      return decline();
+    bias = *b;
+  }
+  std::vector<int64_t> shape(x->sizes().begin(), x->sizes().end());
+  shape.back() = w->size(0);
+  return run_kernel("linear", [&] {
+    return linear_kernel().call(x->reshape({rows, k}), *w, bias).view(shape);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 // init(backend_override, dispatch_logs): fastattn._backend's context variables.
 PyObject* eager_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !PyContextVar_CheckExact(args[0]) || !PyContextVar_CheckExact(args[1])) {
@@ -631,6 +672,8 @@ PyMethodDef methods[] = {
      "Tensor, or None."},
     {"_eager_swiglu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_swiglu)),
      METH_FASTCALL, "swiglu(gate, up) -> Tensor, or None."},
+    {"_eager_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(eager_linear)),
+     METH_FASTCALL, "linear(input, weight, bias) -> Tensor, or None."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -105,6 +105,8 @@ def unsupported(op, **case):
     if device == "cuda":
         if not _cuda_compiled():
             return "fastattn._C was built without CUDA kernels"
+        if op == "linear":
+            return "no CUDA linear kernel (cuBLAS, the torch backend, is the GEMM for CUDA)"
         if not _has_cuda_kernel(op):
             return f"no CUDA {op} kernel in fastattn._C (use the triton backend)"
         if case.get("alibi"):  # ALiBi is in the CPU kernels only
@@ -117,6 +119,9 @@ def unsupported(op, **case):
             return f"alibi_slopes (no ALiBi in the {op} kernels)"
         if not _takes_alibi(op):
             return "fastattn._C was built without ALiBi (rebuild it)"
+    if op == "linear" and case.get("rows", 0) > LINEAR_MAX_ROWS:
+        return (f"more than {LINEAR_MAX_ROWS} rows: a compute-bound GEMM, ATen's (the torch "
+                "backend) is the kernel for it")
     if op == "rotary" and case.get("positions") and not _rotary_takes_positions():
         return "fastattn._C was built without rotary positions (rebuild it)"
     if op in ("attention", "varlen_attention") and case.get("v_head_dim", case.get("head_dim")) != case.get("head_dim"):
@@ -275,6 +280,18 @@ def swiglu_forward(gate, up):
 
 def swiglu_backward(dy, gate, up):
     return _ops().swiglu_backward(dy, gate, up)
+
+
+# ------------------------------------------------------------------ linear
+
+# The most rows (batch x tokens) the skinny-GEMM kernel takes: up to here reading the weight
+# once beats a BLAS GEMM (which packs it on every call); past it the product is compute-bound
+# and `auto` gives it to the torch backend (ATen's GEMM). `python -m benchmarks --ops linear`.
+LINEAR_MAX_ROWS = 16
+
+
+def linear_forward(x, weight, bias):
+    return _ops().linear_forward(x, weight, bias)
 
 
 # ------------------------------------------------------------------ kvcache attention

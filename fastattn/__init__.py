@@ -11,8 +11,8 @@ from ._backend import available_backends, record_dispatch, use_backend
 from ._ext import build_info
 from .attention_lse import (attention_backward_with_lse, attention_forward_with_lse,
                             merge_attention_states)
-from .functional import (apply_rotary, apply_rotary_qk, layer_norm, rms_norm, rotary_cache,
-                         scaled_dot_product_attention, softmax, swiglu)
+from .functional import (apply_rotary, apply_rotary_qk, layer_norm, linear, rms_norm,
+                         rotary_cache, scaled_dot_product_attention, softmax, swiglu)
 from .kvcache import kvcache_attention
 from .nn import LayerNorm, MultiHeadAttention, RMSNorm, RotaryEmbedding, patch
 from .varlen import varlen_attention
@@ -24,5 +24,5 @@ __all__ = [
     "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm", "apply_rotary",
     "apply_rotary_qk", "rotary_cache", "use_backend", "available_backends", "record_dispatch",
     "build_info", "varlen_attention", "kvcache_attention", "attention_forward_with_lse",
-    "attention_backward_with_lse", "merge_attention_states", "swiglu",
+    "attention_backward_with_lse", "merge_attention_states", "swiglu", "linear",
 ]

@@ -1,5 +1,5 @@
 """The eager fast path (csrc/eager.cpp): fastattn.softmax, layer_norm, rms_norm,
-scaled_dot_product_attention, apply_rotary, apply_rotary_qk, kvcache_attention and swiglu on plain CPU
+scaled_dot_product_attention, apply_rotary, apply_rotary_qk, kvcache_attention, swiglu and linear on plain CPU
 tensors that need no gradient, on the `cpu` backend,
 outside torch.compile, call the registered kernel op straight from C++.
 
@@ -24,6 +24,7 @@ try:
     # (q, k_cache, v_cache, cache_seqlens, scale, is_causal, softcap)
     kvcache_attention = _C._eager_kvcache_attention
     swiglu = _C._eager_swiglu            # (gate, up)
+    linear = _C._eager_linear            # (input, weight, bias)
 except (ImportError, AttributeError):   # not built, or built before the fast path existed
     def softmax(x, dim, scale, causal):
         return None
@@ -47,4 +48,7 @@ except (ImportError, AttributeError):   # not built, or built before the fast pa
         return None
 
     def swiglu(gate, up):
+        return None
+
+    def linear(input, weight, bias):
         return None

@@ -231,6 +231,12 @@ def rms_norm_backward(dy, h, weight, rstd, dh_extra):
     return dx.to(h.dtype), dw
 
 
+# ------------------------------------------------------------------ linear
+
+def linear_forward(x, weight, bias):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 # ------------------------------------------------------------------ swiglu
 
 def swiglu_forward(gate, up):

@@ -9,10 +9,11 @@ import math
 
 import torch
 
-from . import _backend, _checks, _eager
+from . import _backend, _C_ops, _checks, _eager
 from ._alibi import check_alibi_slopes
 from .ops import attention as _attention_ops
 from .ops import layer_norm as _layer_norm_ops
+from .ops import linear as _linear_ops
 from .ops import rotary as _rotary_ops
 from .ops import softmax as _softmax_ops
 from .ops import swiglu as _swiglu_ops
@@ -301,6 +302,52 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
                                   x2, w, r2, eps, backend)
     y = y.view(input.shape)
     return y if residual is None else (y, h.view(input.shape))
+
+
+# --------------------------------------------------------------------------------------- linear
+
+def linear(input, weight, bias=None):
+    """`F.linear(input, weight, bias)` = input @ weight.T + bias, with a kernel for the
+    skinny products of a decode step. input (..., in_features), weight (out_features,
+    in_features), bias (out_features,) or None; one dtype and device.
+
+    On the cpu backend, inputs of at most 16 rows (the product of input's leading dims, e.g.
+    batch x new tokens) run a C++ kernel that reads the weight once (fp32 accumulation, one
+    rounding); a BLAS GEMM packs the weight on every call, which at so few rows costs as much
+    as the product itself. With more rows the product is compute-bound and `auto` runs it on
+    the torch backend (ATen's GEMM), as it does CUDA tensors (cuBLAS); the record_dispatch()
+    log says which. Gradients: ATen's matmuls on every backend.
+    """
+    if not torch.compiler.is_compiling():
+        out = _eager.linear(input, weight, bias)
+        if out is not None:
+            return out
+    _checks.check_tensor("input", input)
+    _checks.check_tensor("weight", weight, ndim=2)
+    if input.dim() == 0:
+        raise ValueError("linear: input must have at least 1 dimension (in_features), got a "
+                         "0-d tensor")
+    k = input.shape[-1]
+    if weight.shape[1] != k:
+        raise ValueError(f"linear: weight must have shape (out_features, {k}) for input of "
+                         f"shape {tuple(input.shape)}, got {tuple(weight.shape)}")
+    _checks.check_same("weight", weight, "input", input)
+    if bias is not None:
+        _checks.check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"linear: bias must have shape ({weight.shape[0]},) (out_features), "
+                             f"got {tuple(bias.shape)}")
+        _checks.check_same("bias", bias, "input", input)
+    x = input.reshape(-1, k)
+    if k > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    # The selector caches per case: rows past the cpu kernel's limit are all one case.
+    rows = min(x.shape[0], _C_ops.LINEAR_MAX_ROWS + 1)
+    backend = _backend.select("linear", input.device.type, dtype=input.dtype,
+                              device=input.device.type, rows=rows)
+    y = _backend.eager_call(_linear_ops.linear_op, _linear_ops.linear_impl, backend, x, weight,
+                            bias, backend)
+    return y.view(*input.shape[:-1], weight.shape[0])
 
 
 # --------------------------------------------------------------------------------------- swiglu

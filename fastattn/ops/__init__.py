@@ -2,4 +2,4 @@
 and direction, each with its fake and autograd registered once (docs/architecture.md)."""
 
 from . import (attention, attention_weights, kvcache_attention, layer_norm,  # noqa: F401
-               merge_attention_states, rotary, softmax, swiglu, varlen_attention)
+               linear, merge_attention_states, rotary, softmax, swiglu, varlen_attention)
