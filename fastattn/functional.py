@@ -338,7 +338,7 @@ def linear(input, weight, bias=None):
             raise ValueError(f"linear: bias must have shape ({weight.shape[0]},) (out_features), "
                              f"got {tuple(bias.shape)}")
         _checks.check_same("bias", bias, "input", input)
-    x = input.reshape(-1, k)
+    x = input.reshape(math.prod(input.shape[:-1]), k)
     if k > 1 and x.stride(1) != 1:
         x = x.contiguous()
     # The selector caches per case: rows past the cpu kernel's limit are all one case.

@@ -8,7 +8,10 @@ What it changes, in place:
   cache      the DynamicCache that model.generate builds for itself appends in place instead
              of concatenating every step (hf_cache.py), with attention;
   mlp        the family's gated SiLU MLPs (LlamaMLP, Mistral, Qwen2/3) run silu(gate) * up on
-             the fused swiglu kernel (hf_mlp.py; same submodules and Parameter objects).
+             the fused swiglu kernel (hf_mlp.py; same submodules and Parameter objects);
+  linear     plain nn.Linear layers (projections, lm_head) run decode-sized CPU calls on the
+             skinny-GEMM kernel of fastattn.linear and everything else on F.linear as before
+             (hf_linear.py; same module and Parameter objects).
 Anything else (unknown norm or rotary classes, modules with hooks) is left alone with a
 warning. Returns a list of (qualified name, old, new) entries for model.fastattn_patched.
 """
@@ -17,7 +20,7 @@ import warnings
 
 from torch import nn
 
-from . import hf_cache, hf_mlp, hf_norms, hf_rotary
+from . import hf_cache, hf_linear, hf_mlp, hf_norms, hf_rotary
 from .transformers import ATTN_IMPLEMENTATION, register
 
 
@@ -38,7 +41,8 @@ def _warn(qual, m, reason):
                   f"{reason}", stacklevel=4)
 
 
-def patch_transformers_model(model, *, attention=True, norms=True, rotary=True, mlp=True):
+def patch_transformers_model(model, *, attention=True, norms=True, rotary=True, mlp=True,
+                             linear=True):
     replaced = []
     attn_modules = _attention_modules(model)
     if attention:
@@ -90,6 +94,13 @@ def patch_transformers_model(model, *, attention=True, norms=True, rotary=True, 
                     new = child
                 else:
                     replaced.append((qual, old_name, type(new).__name__))
+            elif linear and hf_linear.is_plain_linear(child):
+                new, reason = hf_linear.convert_linear(child, _has_hooks)  # in place
+                if new is None:
+                    _warn(qual, child, reason)
+                    new = child
+                else:
+                    replaced.append((qual, "Linear", type(new).__name__))
             elif (norms and type(child).__name__.endswith("RMSNorm")
                   and type(child).__module__.startswith("transformers.")):
                 _warn(qual, child, "fastattn does not know this RMSNorm variant's weight "
