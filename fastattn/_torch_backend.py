@@ -234,6 +234,13 @@ def rms_norm_backward(dy, h, weight, rstd, dh_extra):
 # ------------------------------------------------------------------ linear
 
 def linear_forward(x, weight, bias):
+    # x (rows, in_features) may have strided rows (a slice of a wider buffer). ATen's bf16 CPU
+    # GEMM (torch 2.14) with more than 16 rows reads such an x's rows whole, the gaps between
+    # them included, and multiplies the gaps by 0: NaN or inf there (uninitialised memory)
+    # gives NaN outputs (tests/test_linear.py::test_torch_backend_ignores_gaps_between_rows).
+    # A copy of x's rows is cheap next to reading the weight.
+    if x.device.type == "cpu" and x.shape[0] > 1 and x.stride(0) != x.shape[1]:
+        x = x.contiguous()
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -341,8 +341,10 @@ def linear(input, weight, bias=None):
     x = input.reshape(math.prod(input.shape[:-1]), k)
     if k > 1 and x.stride(1) != 1:
         x = x.contiguous()
-    # The selector caches per case: rows past the cpu kernel's limit are all one case.
-    rows = min(x.shape[0], _C_ops.LINEAR_MAX_ROWS + 1)
+    # The selector caches per case, and under torch.compile takes constants only: the case is
+    # whether the rows fit the cpu kernel (a guard when the row count is dynamic, not a SymInt).
+    fits = x.shape[0] <= _C_ops.LINEAR_MAX_ROWS
+    rows = _C_ops.LINEAR_MAX_ROWS if fits else _C_ops.LINEAR_MAX_ROWS + 1
     backend = _backend.select("linear", input.device.type, dtype=input.dtype,
                               device=input.device.type, rows=rows)
     y = _backend.eager_call(_linear_ops.linear_op, _linear_ops.linear_impl, backend, x, weight,

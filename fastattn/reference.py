@@ -255,6 +255,17 @@ def swiglu(gate, up):
 
 
 # ----------------------------------------------------------------------------------------------
+# linear
+# ----------------------------------------------------------------------------------------------
+
+def linear(input, weight, bias=None):
+    """F.linear semantics: input (..., in_features) @ weight (out_features, in_features)^T
+    (+ bias (out_features,)), in the inputs' dtype, as a matmul and an add."""
+    y = torch.matmul(input, weight.transpose(0, 1))
+    return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------------------------
 # rotary embeddings
 # ----------------------------------------------------------------------------------------------
 

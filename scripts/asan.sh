@@ -13,7 +13,7 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 # test_attention_regressions.py: issue #12's shapes (windows that leave trailing query rows
 # keyless, MultiHeadAttention's weights with window (0, -1)), each in fresh interpreters that
 # inherit LD_PRELOAD and load this sanitized copy.
-TESTS="${ASAN_TESTS:-tests/test_extension.py tests/test_attention_cpu.py tests/test_softmax_cpu.py tests/test_layer_norm_cpu.py tests/test_rotary_cpu.py tests/test_cpu_streaming.py tests/test_varlen_attention.py tests/test_kvcache_attention.py tests/test_attention_regressions.py tests/test_alibi_cpu.py tests/test_fuzz_alibi_cpu.py tests/test_swiglu.py tests/test_eager_fast_path.py}"
+TESTS="${ASAN_TESTS:-tests/test_extension.py tests/test_attention_cpu.py tests/test_softmax_cpu.py tests/test_layer_norm_cpu.py tests/test_rotary_cpu.py tests/test_cpu_streaming.py tests/test_varlen_attention.py tests/test_kvcache_attention.py tests/test_attention_regressions.py tests/test_alibi_cpu.py tests/test_fuzz_alibi_cpu.py tests/test_swiglu.py tests/test_linear.py tests/test_fuzz_linear.py tests/test_eager_fast_path.py}"
 if [[ -n "${ASAN_DIR:-}" ]]; then
   mkdir -p "$ASAN_DIR"
   WORK="$(cd "$ASAN_DIR" && pwd)"

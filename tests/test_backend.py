@@ -103,7 +103,7 @@ def test_triton_backend_runs_cpu_tensors_only_under_the_interpreter(monkeypatch,
 def test_public_names_exist():
     for name in ("MultiHeadAttention", "LayerNorm", "RMSNorm", "RotaryEmbedding",
                  "scaled_dot_product_attention", "softmax", "layer_norm", "rms_norm",
-                 "apply_rotary", "patch", "use_backend", "build_info", "swiglu"):
+                 "apply_rotary", "patch", "use_backend", "build_info", "swiglu", "linear"):
         assert hasattr(fastattn, name), name
 
 

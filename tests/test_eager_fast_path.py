@@ -44,8 +44,11 @@ def selector_calls(monkeypatch, *, forbid=False):
 
 
 COS, SIN = fastattn.rotary_cache(64, 16)
+# linear's weight (out_features 5, in_features 48) and bias, applied to x (3, 48)
+_LIN = torch.Generator().manual_seed(1)
+LIN_W, LIN_B = torch.randn(5, 48, generator=_LIN), torch.randn(5, generator=_LIN)
 OPS = ["softmax", "rms_norm", "layer_norm", "attention", "rotary", "rotary_qk",
-       "kvcache_attention", "swiglu"]
+       "kvcache_attention", "swiglu", "linear"]
 # the op name the selector and record_dispatch() see
 LOGGED = {"rotary_qk": "rotary"}
 
@@ -65,6 +68,7 @@ def _calls(q, k, v, x, w):
         "kvcache_attention": lambda: fastattn.kvcache_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cache_seqlens=40),
         "swiglu": lambda: fastattn.swiglu(x, x.flip(-1)),
+        "linear": lambda: fastattn.linear(x, LIN_W, LIN_B),
     }
 
 
@@ -171,9 +175,18 @@ def test_vmap_takes_the_general_path(monkeypatch):
     lambda x, q: fastattn.scaled_dot_product_attention(q, q, q, dropout_p=1.5),
     lambda x, q: fastattn.scaled_dot_product_attention(q, q[:, :2], q[:, :2]),
     lambda x, q: fastattn.scaled_dot_product_attention(q, q[..., :3], q),
+    lambda x, q: fastattn.linear(x, torch.randn(5, 15)),
+    lambda x, q: fastattn.linear(x, torch.randn(5, 16), torch.randn(4)),
+    lambda x, q: fastattn.linear(x, torch.randn(5, 16), torch.randn(1, 5)),
+    lambda x, q: fastattn.linear(x, torch.randn(5, 16).half()),
+    lambda x, q: fastattn.linear(x, torch.randn(5, 16), torch.randn(5).bfloat16()),
+    lambda x, q: fastattn.linear(x, torch.randn(16)),
+    lambda x, q: fastattn.linear(x[0, 0], torch.randn(5, 1)),
 ], ids=["softmax-dim", "softmax-causal-1d", "rms-shape", "rms-weight", "ln-bias",
         "sdpa-scale",
-        "sdpa-dropout", "sdpa-heads", "sdpa-key-dim"])
+        "sdpa-dropout", "sdpa-heads", "sdpa-key-dim", "linear-in-features", "linear-bias-shape",
+        "linear-bias-2d", "linear-weight-dtype", "linear-bias-dtype", "linear-weight-1d",
+        "linear-0d-input"])
 def test_invalid_arguments_get_the_general_paths_errors(call):
     x, q = torch.randn(3, 16), torch.randn(1, 4, 5, 8)
     with torch.no_grad(), pytest.raises((ValueError, RuntimeError)):
@@ -326,6 +339,129 @@ def test_decode_fast_paths_leave_bad_input_to_the_general_path(call):
         call(q, k)
 
 
+# ------------------------------------------------------------------ linear
+
+def _random_linear_case(rng):
+    """A seeded fastattn.linear call of a decode step: 1-16 rows as leading dims, Llama-sized
+    and awkward features, strided views of input and weight, bias or not: (input, weight,
+    bias)."""
+    dtype = rng.choice(DTYPES)
+    rows = rng.randint(1, 16)
+    leads = [(rows,), (rows, 1), (1, rows)] + ([()] if rows == 1 else [])
+    leads += [(2, rows // 2)] if rows % 2 == 0 else []
+    lead = rng.choice(leads)
+    k, n = rng.choice([1, 3, 17, 64, 512, 1376]), rng.choice([1, 3, 5, 130, 512])
+    scale = rng.choice([1.0, 30.0])
+    if rng.random() < 0.3 and lead:                 # a transposed view: column stride != 1
+        x = torch.randn(k, *lead[::-1], dtype=dtype).permute(*range(len(lead), -1, -1))
+    else:
+        x = torch.randn(*lead, k, dtype=dtype)
+    x = x * scale
+    r = rng.random()
+    if r < 0.3:                                     # w.t() of a (k, n) tensor
+        w = torch.randn(k, n, dtype=dtype).t()
+    elif r < 0.6:                                   # a row slice: row stride k + 8, offset 3
+        w = torch.randn(n, k + 8, dtype=dtype)[:, 3:3 + k]
+    else:
+        w = torch.randn(n, k, dtype=dtype)
+    w = w * k ** -0.5
+    b = None
+    if rng.random() < 0.5:
+        b = torch.randn(n, dtype=dtype) if rng.random() < 0.5 else torch.randn(2 * n,
+                                                                             dtype=dtype)[::2]
+    return x, w, b
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_linear_fast_path_equals_general_path_bitwise(monkeypatch, seed):
+    """Seeded random configurations of linear's fast path: bitwise the general path's output,
+    both the op's body (the fast path made to decline) and the custom op (forced by a weight
+    that requires grad), and the fast path was taken."""
+    x, w, b = _random_linear_case(random.Random(seed))
+    with selector_calls(monkeypatch, forbid=True), fastattn.record_dispatch() as log, \
+            torch.no_grad():
+        fast = fastattn.linear(x, w, b)
+    assert log == [("linear", "cpu")]
+    with selector_calls(monkeypatch) as calls:
+        through_op = fastattn.linear(x, w.detach().requires_grad_(), b)
+    assert calls == ["linear"]
+    from fastattn import _eager
+    monkeypatch.setattr(_eager, "linear", lambda *a: None)
+    with selector_calls(monkeypatch) as calls, fastattn.record_dispatch() as log, \
+            torch.no_grad():
+        general = fastattn.linear(x, w, b)
+    assert calls == ["linear"] and log == [("linear", "cpu")]
+    cfg = (tuple(x.shape), x.stride(), tuple(w.shape), w.stride(), b is not None, x.dtype)
+    for other in (general, through_op.detach()):
+        assert fast.dtype == other.dtype and fast.shape == other.shape, cfg
+        assert fast.stride() == other.stride(), cfg
+        assert torch.equal(fast, other), cfg
+
+
+@pytest.mark.parametrize("lead", [(16,), (2, 8), (4, 1, 4), (17,), (17, 1), (1, 17)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_linear_row_limit_is_the_same_on_both_paths(monkeypatch, lead):
+    """csrc/eager.cpp's kLinearMaxRows is fastattn/_C_ops.py's LINEAR_MAX_ROWS (16): at 16 rows
+    the fast path runs the kernel without asking the general path; at 17 it declines, and
+    auto's selector gives the call to the torch backend (an explicit cpu backend refuses it).
+    Were the C++ limit higher, 17 rows would skip the selector; lower, 16 would call it."""
+    from fastattn import _C_ops
+    assert _C_ops.LINEAR_MAX_ROWS == 16
+    rows = torch.Size(lead).numel()
+    x, w, b = torch.randn(*lead, 24), torch.randn(6, 24), torch.randn(6)
+    for backend in ("auto", "cpu"):
+        with fastattn.use_backend(backend), torch.no_grad():
+            if rows <= 16:
+                with selector_calls(monkeypatch, forbid=True), \
+                        fastattn.record_dispatch() as log:
+                    y = fastattn.linear(x, w, b)
+                assert log == [("linear", "cpu")]
+                torch.testing.assert_close(y, F.linear(x, w, b))
+            elif backend == "auto":
+                with selector_calls(monkeypatch) as calls, fastattn.record_dispatch() as log:
+                    y = fastattn.linear(x, w, b)
+                assert calls == ["linear"] and log == [("linear", "torch")]
+                assert torch.equal(y, F.linear(x, w, b))
+            else:
+                with selector_calls(monkeypatch) as calls, \
+                        pytest.raises(RuntimeError, match="more than 16 rows"):
+                    fastattn.linear(x, w, b)
+                assert calls == ["linear"]
+
+
+def test_linear_parameters_take_the_fast_path_without_grad(monkeypatch):
+    """nn.Linear's parameters: under no_grad (a decode step) the fast path takes them; with
+    autograd on they need gradients (the general path, which delivers them), as does a bias
+    alone that requires grad."""
+    lin = torch.nn.Linear(48, 5)
+    x = torch.randn(3, 48)
+    with selector_calls(monkeypatch, forbid=True), torch.no_grad():
+        fast = fastattn.linear(x, lin.weight, lin.bias)
+    with selector_calls(monkeypatch) as calls:
+        y = fastattn.linear(x, lin.weight, lin.bias)
+    assert calls == ["linear"] and y.requires_grad
+    y.sum().backward()
+    assert lin.weight.grad is not None and lin.bias.grad is not None
+    assert torch.equal(fast, y.detach())
+    with selector_calls(monkeypatch) as calls:
+        fastattn.linear(x, LIN_W, torch.randn(5, requires_grad=True))
+    assert calls == ["linear"]
+
+
+def test_linear_declines_what_the_kernel_does_not_take(monkeypatch):
+    """float64, rows 0 and in_features 0 go through the general path (auto: the torch backend
+    for float64, the cpu op for empty inputs)."""
+    cases = [(torch.randn(3, 8).double(), torch.randn(5, 8).double(), "torch"),
+             (torch.randn(0, 8), torch.randn(5, 8), "cpu"),
+             (torch.randn(3, 0), torch.randn(5, 0), "cpu")]
+    for x, w, backend in cases:
+        with selector_calls(monkeypatch) as calls, fastattn.record_dispatch() as log, \
+                torch.no_grad():
+            y = fastattn.linear(x, w)
+        assert calls == ["linear"] and log == [("linear", backend)]
+        assert torch.equal(y, F.linear(x, w))
+
+
 def test_fast_path_results_match_pytorch():
     """The fast path's answers against PyTorch's own ops (fp32, tight)."""
     q, k, v, x, w = _inputs()
@@ -336,6 +472,7 @@ def test_fast_path_results_match_pytorch():
                                    F.layer_norm(x, (48,), w, w))
         torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v),
                                    F.scaled_dot_product_attention(q, k, v))
+        torch.testing.assert_close(fastattn.linear(x, LIN_W, LIN_B), F.linear(x, LIN_W, LIN_B))
 
 
 def test_without_the_extension_every_function_declines():
@@ -357,10 +494,13 @@ def test_without_the_extension_every_function_declines():
         "assert _eager.rotary_qk(x, x, x, x, False, 1, None) is None\n"
         "assert _eager.kvcache_attention(x, x, x, 1, None, True, 0.0) is None\n"
         "assert _eager.swiglu(x, x) is None\n"
+        "assert _eager.linear(x, x, None) is None\n"
         "with fastattn.record_dispatch() as calls, torch.no_grad():\n"
         "    y = fastattn.softmax(x, -1)\n"
-        "assert calls == [('softmax', 'torch')], calls\n"
+        "    z = fastattn.linear(x, x)\n"
+        "assert calls == [('softmax', 'torch'), ('linear', 'torch')], calls\n"
         "assert torch.allclose(y, torch.softmax(x, -1))\n"
+        "assert torch.allclose(z, x @ x.T)\n"
         "print('ok')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)

@@ -39,6 +39,8 @@ def op_samples(backend):
          (x4, r(2, 5, 1, 8), cos, sin, None, False, False, backend)),
         (torch.ops.fastattn.swiglu.default, (r(4, 33), r(4, 33), backend)),
         (torch.ops.fastattn.swiglu.default, (r(2, 3, 1), r(2, 3, 1), backend)),
+        (torch.ops.fastattn.linear.default, (r(3, 17), r(5, 17), r(5), backend)),
+        (torch.ops.fastattn.linear.default, (r(1, 9), r(66, 9)[::2], None, backend)),
     ]
 
 
@@ -48,7 +50,7 @@ PUBLIC_OPS = {"attention", "attention_backward", "attention_weights", "attention
               "softmax", "softmax_backward", "layer_norm", "layer_norm_backward", "rms_norm",
               "rms_norm_backward", "rotary", "rotary_", "rotary_qk", "varlen_attention",
               "varlen_attention_backward", "kvcache_attention", "merge_attention_states",
-              "swiglu", "swiglu_backward"}
+              "swiglu", "swiglu_backward", "linear"}    # linear's backward: ATen matmuls
 
 
 def _ops_in(namespace):

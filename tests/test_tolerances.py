@@ -81,3 +81,32 @@ def test_max_err_bound_helpers():
     assert row_sum_fp32_atol(3) == FP32_ATOL and row_sum_fp32_atol(100) == pytest.approx(1e-4)
     assert floor_for(torch.bfloat16) == ATOL_FLOOR[torch.bfloat16]
     assert floor_for(torch.float16, {torch.float16: 5.0}) == 5.0
+
+
+def test_dot_fp32_bound_passes_fp32_sums_and_fails_a_dropped_term():
+    """The linear bound: fp32 sums of k products in any order pass (a blocked GEMM, and a
+    sequential sum, the worst order); one product left out fails, as does an fp32 value
+    rounded to bf16; the floor of the 2x rule is twice the largest element bound."""
+    from tolerances import EPS, assert_dot_fp32, dot_fp32_bound, linear_lowp_floor
+    g = torch.Generator().manual_seed(2)
+    k = 1000
+    x, w = torch.randn(5, k, generator=g), torch.randn(7, k, generator=g)
+    ref = x.double() @ w.double().T
+    terms = x.double().abs() @ w.double().abs().T
+    assert_dot_fp32(x @ w.T, ref, terms, k, "gemm")
+    products = x[:, None, :] * w[None, :, :]                      # (5, 7, k) fp32
+    sequential = torch.zeros(5, 7)
+    for i in range(k):
+        sequential += products[..., i]
+    assert_dot_fp32(sequential, ref, terms, k, "sequential")
+    with pytest.raises(AssertionError, match="dropped: .* over the k=1000 dot-product bound"):
+        assert_dot_fp32(x[:, 1:] @ w[:, 1:].T, ref, terms, k, "dropped")
+    with pytest.raises(AssertionError, match="bf16"):
+        assert_dot_fp32((x @ w.T).bfloat16().float(), ref, terms, k, "bf16")
+    with pytest.raises(AssertionError, match="non-finite"):
+        assert_dot_fp32(torch.full((5, 7), float("nan")), ref, terms, k)
+    u = EPS[torch.float32] / 2
+    bound = dot_fp32_bound(k, terms)
+    assert torch.allclose(bound, terms * (k + 1) * u / (1 - (k + 1) * u), rtol=1e-12, atol=1e-40)
+    assert linear_lowp_floor(k, terms) == pytest.approx(2 * bound.max().item())
+    assert linear_lowp_floor(k, terms[:0]) == 0.0

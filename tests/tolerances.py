@@ -19,6 +19,8 @@ API
         the rule: shapes equal, out finite; fp16/bf16 out: max|out - ref| <= bound_2x(...);
         fp32/fp64 out: torch.testing.assert_close(atol=floor or FP32_ATOL, rtol=FP32_RTOL)
   FP32_TOL, and named per-op bounds below, as `atol=, rtol=` dicts for assert_close.
+  dot_fp32_bound(k, terms), linear_lowp_floor(k, terms), assert_dot_fp32(out, ref, terms, k)
+        fp32 sums of k products (linear layers), bounded by their terms (below)
 
 Per-op constants: where a file used a bound tighter (or differently shaped) than the defaults,
 it keeps it under a name saying which tests use it and why. None is looser than the one the
@@ -130,6 +132,60 @@ KVCACHE_LSE_LOWP_FLOOR = 2e-2
 # tests/kvcache_oracle.py: appended cache rows, two roundings of the dtype (atol = rtol).
 KVCACHE_APPEND_ULPS = {torch.float32: 2e-6, torch.float16: 2 * 2.0 ** -10,
                        torch.bfloat16: 2 * 2.0 ** -7}
+
+
+# ------------------------------------------------------------------------ inner products (linear)
+# tests/test_linear.py, tests/test_fuzz_linear.py: an output (or gradient) of a linear layer is
+# a sum of k products (+ a bias), compared with the fp64 oracle on the same inputs. FP32_TOL
+# does not fit it: its bounds scale with the result, but a sum's rounding error scales with its
+# terms, so an output near 0 made of cancelling products is off by ~sqrt(k) ulps of the terms,
+# not of itself (k = 1376 at |x|, |w| ~ 1: F.linear's own fp32 error is ~3e-5 on outputs near
+# 0). The bound is the standard one for a dot product (Higham, Accuracy and Stability of
+# Numerical Algorithms, 2nd ed., sec. 3.1), which holds for any summation order (lanes, blocks,
+# trees) with or without FMA, so it is earned by every correct kernel, not fitted to one: with
+# u = 2^-24 and gamma_n = n u / (1 - n u),
+#     |fl(sum_i x_i y_i + b) - (sum_i x_i y_i + b)| <= gamma_{k+1} (sum_i |x_i y_i| + |b|)
+# elementwise (k products and k - 1 additions, and the bias one more). Underflow adds at most
+# 2^-150 (half the fp32 subnormal spacing) per operation whose result is subnormal, 2(k+1) of
+# them. The fp64 oracle's own error (gamma_k in 2^-53) is 2^29 times smaller: not counted.
+# fp16/bf16 (fp32 accumulation): the kernel rounds its fp32 sum a (|a - y| within that bound
+# of the exact y) once, to nearest, so |rd(a) - a| <= |q - a| for every finite value q of the
+# dtype, PyTorch's result pt among them, and its error is |rd(a) - y| <= |pt - y| + 2 |a - y|:
+# the 2x rule holds with the floor 2 max(bound) (linear_lowp_floor), which scales with the
+# magnitudes where ATOL_FLOOR is absolute (tiny inputs would pass anything under 1e-3).
+
+
+def dot_fp32_bound(k, terms):
+    """Elementwise bound on the fp32 rounding error of sums of k products plus one addition
+    (the bias): gamma_{k+1} * terms + 2 (k + 1) 2^-150, where terms (float64) holds
+    sum_i |x_i y_i| (+ |b|) per element."""
+    n = k + 1
+    u = EPS[torch.float32] / 2
+    return terms.double() * (n * u / (1 - n * u)) + 2 * n * 2.0 ** -150
+
+
+def linear_lowp_floor(k, terms):
+    """The 2x rule's floor for fp16/bf16 results of fp32-accumulated sums of k products:
+    2 * max dot_fp32_bound(k, terms) (see above)."""
+    return 2 * dot_fp32_bound(k, terms).max().item() if terms.numel() else 0.0
+
+
+def assert_dot_fp32(out, ref, terms, k, name="output"):
+    """fp32 `out` of sums of k products against the fp64 `ref`, elementwise within
+    dot_fp32_bound(k, terms); names the worst element when it is not."""
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    if not out.numel():
+        return
+    err = (out.double() - ref.double()).abs()
+    bound = dot_fp32_bound(k, terms)
+    over = err > bound
+    if over.any():
+        i = int((err - bound).flatten().argmax())
+        raise AssertionError(
+            f"{name}: {int(over.sum())} elements over the k={k} dot-product bound; worst: "
+            f"error {err.flatten()[i].item():.3g} > bound {bound.flatten()[i].item():.3g} "
+            f"(sum |terms| {terms.flatten()[i].item():.3g})")
 
 
 # ------------------------------------------------------------------------ helpers

@@ -1,10 +1,10 @@
 """The benchmark cases of every op, for the pytest microbenchmarks, the CLI and the gate."""
 
-from . import (attention, hf, kvcache, layer_norm, mha, overhead, rotary, softmax,  # noqa: F401
-               swiglu, varlen)
+from . import (attention, hf, kvcache, layer_norm, linear, mha, overhead, rotary,  # noqa: F401
+               softmax, swiglu, varlen)
 
-OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "swiglu", "mha", "varlen",
-       "kvcache", "overhead")
+OPS = ("attention", "softmax", "layer_norm", "rms_norm", "rotary", "swiglu", "linear", "mha",
+       "varlen", "kvcache", "overhead")
 # Whole-model cases (minutes each), only when asked for by name: --ops hf
 MODEL_OPS = ("hf",)
 
