@@ -172,11 +172,28 @@ def select(op, device_type, *, fallback_to_torch=False, **case):
     recompile. The dispatch itself is logged by each op's body when it runs (log_dispatch), so
     record_dispatch() sees compiled calls too.
     """
-    case_items = tuple(case.items())
     if torch.compiler.is_compiling():
+        case_items = tuple((k, _trace_constant(v)) for k, v in case.items())
         return _select_at_trace_time(op, device_type, case_items, use_backend_override(),
                                      fallback_to_torch)
-    return _select_cached(op, device_type, case_items, requested_backend(), fallback_to_torch)
+    return _select_cached(op, device_type, tuple(case.items()), requested_backend(),
+                          fallback_to_torch)
+
+
+def _trace_constant(value):
+    """A case value usable as a trace-time constant. A size torch.compile made dynamic (it
+    changed between calls) arrives as a SymInt, which assume_constant_result cannot take: it is
+    specialised (a guard; another value recompiles). So the callers put in the case only sizes
+    a backend decides on (head dims, which do not change within a model) and booleans about
+    the rest (linear's `rows` <= limit); sequence lengths and row lengths stay out, so that
+    they stay dynamic."""
+    if isinstance(value, torch.SymInt):
+        return int(value)
+    if isinstance(value, torch.SymBool):
+        return bool(value)
+    if isinstance(value, torch.SymFloat):
+        return float(value)
+    return value
 
 
 def _select(op, device_type, case_items, override=None, fallback_to_torch=False):

@@ -220,9 +220,9 @@ def softmax(x, dim=-1, *, scale=None, mask=None, causal=False):
             raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
         mask = _checks.broadcast_to("mask", mask, x.shape)
         mask = mask if last else mask.movedim(dim, -1)
-    backend = _backend.select("softmax", x.device.type, dtype=x.dtype, n=xt.shape[-1],
-                                 mask=_checks.mask_kind(mask), causal=bool(causal),
-                                 device=x.device.type)
+    backend = _backend.select("softmax", x.device.type, dtype=x.dtype,
+                              mask=_checks.mask_kind(mask), causal=bool(causal),
+                              device=x.device.type)
     y = _backend.eager_call(_softmax_ops.softmax_op, _softmax_ops.softmax_impl, backend,
                             xt, mask, scale, bool(causal), backend)
     return y if last else y.movedim(-1, dim)
@@ -273,7 +273,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
             return y
     x2, w, b, r2, n = _norm_rows("layer_norm", input, normalized_shape, weight, bias, residual)
     backend = _backend.select(
-        "layer_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
+        "layer_norm", input.device.type, dtype=input.dtype, residual=r2 is not None,
         weight=w is not None, bias=b is not None,
         weight_dtype=None if w is None else w.dtype, device=input.device.type)
     y, _, _, h = _backend.eager_call(_layer_norm_ops.layer_norm_op, _layer_norm_ops.layer_norm_impl, backend,
@@ -295,7 +295,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
     x2, w, _, r2, n = _norm_rows("rms_norm", input, normalized_shape, weight, None, residual)
     eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
     backend = _backend.select(
-        "rms_norm", input.device.type, dtype=input.dtype, n=n, residual=r2 is not None,
+        "rms_norm", input.device.type, dtype=input.dtype, residual=r2 is not None,
         weight=w is not None, bias=False, weight_dtype=None if w is None else w.dtype,
         device=input.device.type)
     y, _, h = _backend.eager_call(_layer_norm_ops.rms_norm_op, _layer_norm_ops.rms_norm_impl, backend,

@@ -156,7 +156,7 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, blo
 
     backend = _backend.select(
         "kvcache_attention", q.device.type, dtype=q.dtype, head_dim=D, paged=paged,
-        q_len=Sq, alibi=alibi_slopes is not None, device=q.device.type)
+        alibi=alibi_slopes is not None, device=q.device.type)
     out, lse = _backend.eager_call(
         _ops.kvcache_attention_op, _ops.kvcache_attention_impl, backend,
         q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, rotary_cos,

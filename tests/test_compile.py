@@ -250,3 +250,35 @@ def test_mha_with_weights_follows_the_backend_when_compiled():
             assert calls == [("attention", name), ("attention_weights", name)], (name, calls)
             torch.testing.assert_close(out, eager[0], **COMPOSED_FP32_TOL)
             torch.testing.assert_close(w, eager[1], **COMPOSED_FP32_TOL)
+
+
+def test_sizes_that_change_between_calls_stay_dynamic():
+    """A size that changes between calls of a compiled function becomes a SymInt (automatic
+    dynamic shapes). It once reached the backend selector, which takes trace-time constants
+    only, so fullgraph=True raised (sequence lengths for attention, row lengths for softmax and
+    the norms). Now four sizes compile to two graphs (the first static, then one dynamic)
+    without a graph break, and every call gives the eager result."""
+    import torch._dynamo.testing
+    eps = torch.finfo(torch.float32).eps
+    cases = {
+        "softmax": (lambda x: fastattn.softmax(x, -1), lambda n: (torch.randn(3, n),)),
+        "layer_norm": (lambda x, w: fastattn.layer_norm(x, (x.shape[-1],), w),
+                       lambda n: (torch.randn(3, n), torch.randn(n))),
+        "rms_norm": (lambda x, w: fastattn.rms_norm(x, (x.shape[-1],), w, eps),
+                     lambda n: (torch.randn(3, n), torch.randn(n))),
+        "sdpa": (lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, is_causal=True),
+                 lambda n: tuple(torch.randn(2, 4, n, 16) for _ in range(3))),
+        # rows 2..11: all on one side of the cpu kernel's 16-row limit (crossing it recompiles,
+        # a guard on rows <= 16)
+        "linear": (lambda x, w: fastattn.linear(x, w), lambda n: (torch.randn(n - 6, 8),
+                                                               torch.randn(5, 8))),
+    }
+    for name, (fn, make) in cases.items():
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounter()
+        compiled = torch.compile(fn, fullgraph=True, backend=counter)
+        for n in (8, 9, 12, 17):
+            args = make(n)
+            torch.testing.assert_close(compiled(*args), fn(*args), **COMPOSED_FP32_TOL,
+                                       msg=lambda m: f"{name} n={n}: {m}")
+        assert counter.frame_count == 2, (name, counter.frame_count)

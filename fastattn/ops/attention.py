@@ -177,7 +177,7 @@ def select_backend(q, k, v, *, mask=None, key_lengths=None, causal=False, bottom
                        and torch.is_grad_enabled())
     return _backend.select(
         "attention", q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
-        v_head_dim=v.shape[-1], q_len=q.shape[2], k_len=k.shape[2],
+        v_head_dim=v.shape[-1],
         mask=_checks.mask_kind(mask), mask_needs_grad=mask_needs_grad, causal=causal,
         alignment=_alignment(bottom_right), window=window_left >= 0 or window_right >= 0,
         softcap=softcap, key_lengths=key_lengths is not None, dropout_p=dropout_p,
