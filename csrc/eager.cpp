@@ -598,11 +598,19 @@ const auto& linear_kernel() {
   return op;
 }
 
-// The most rows `auto` gives the cpu backend's linear kernel: fastattn/_C_ops.py's
-// LINEAR_MAX_ROWS (tests/test_eager_fast_path.py checks that both paths agree at the edge).
-constexpr int64_t kLinearMaxRows = 16;
+// The most rows `auto` gives the cpu backend's linear kernel, per dtype: fastattn/_C_ops.py's
+// LINEAR_MAX_ROWS (tests/test_eager_fast_path.py checks that both paths agree at the edges).
+int64_t linear_max_rows(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return 16;
+    case at::kHalf: return 8;
+    case at::kBFloat16: return 4;
+    default: return 0;
+  }
+}
 
-// linear(input, weight, bias): fastattn.linear with 1..16 rows and a nonempty in_features.
+// linear(input, weight, bias): fastattn.linear with 1..linear_max_rows rows and a nonempty
+// in_features.
 PyObject* eager_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 3 || !cpu_backend_requested()) return decline();
@@ -612,7 +620,7 @@ PyObject* eager_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int64_t k = x->size(-1);
   if (k == 0 || w->size(1) != k || w->scalar_type() != x->scalar_type()) return decline();
   const int64_t rows = x->numel() / k;
-  if (rows < 1 || rows > kLinearMaxRows) return decline();
+  if (rows < 1 || rows > linear_max_rows(x->scalar_type())) return decline();
   OptTensor bias;
   if (args[2] != Py_None) {
     const at::Tensor* b = plain_cpu_tensor(args[2]);

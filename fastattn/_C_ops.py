@@ -119,8 +119,8 @@ def unsupported(op, **case):
             return f"alibi_slopes (no ALiBi in the {op} kernels)"
         if not _takes_alibi(op):
             return "fastattn._C was built without ALiBi (rebuild it)"
-    if op == "linear" and case.get("rows", 0) > LINEAR_MAX_ROWS:
-        return (f"more than {LINEAR_MAX_ROWS} rows: a compute-bound GEMM, ATen's (the torch "
+    if op == "linear" and case.get("rows", 0) > linear_max_rows(dtype):
+        return (f"more than {linear_max_rows(dtype)} rows of {dtype}: ATen's GEMM (the torch "
                 "backend) is the kernel for it")
     if op == "rotary" and case.get("positions") and not _rotary_takes_positions():
         return "fastattn._C was built without rotary positions (rebuild it)"
@@ -284,10 +284,19 @@ def swiglu_backward(dy, gate, up):
 
 # ------------------------------------------------------------------ linear
 
-# The most rows (batch x tokens) the skinny-GEMM kernel takes: up to here reading the weight
-# once beats a BLAS GEMM (which packs it on every call); past it the product is compute-bound
-# and `auto` gives it to the torch backend (ATen's GEMM). `python -m benchmarks --ops linear`.
-LINEAR_MAX_ROWS = 16
+# The most rows (batch x tokens) the skinny-GEMM kernel takes, per dtype: up to here reading
+# the weight once beats ATen's GEMM (MKL packs the weight on every call); past it the product
+# turns compute-bound and `auto` gives it to the torch backend. fp16/bf16 weights are widened
+# to fp32 in the kernel on every row pass, while ATen's bf16 GEMM runs on AMX/VNNI units, so
+# their limits are lower. Measured on DRAM-resident weights, 2 threads (1376x512 and
+# 4096x4096): fp32 1.0-1.9x up to 16 rows; fp16 1.3-3.0x up to 8, ~0.9x at 12; bf16 1.1-1.8x
+# up to 4, 0.7-1.1x at 6 (`python -m benchmarks --ops linear`).
+LINEAR_MAX_ROWS = {torch.float32: 16, torch.float16: 8, torch.bfloat16: 4}
+
+
+def linear_max_rows(dtype):
+    """The cpu kernel's row limit for `dtype` (0: a dtype it does not take)."""
+    return LINEAR_MAX_ROWS.get(dtype, 0)
 
 
 def linear_forward(x, weight, bias):

@@ -311,8 +311,8 @@ def linear(input, weight, bias=None):
     skinny products of a decode step. input (..., in_features), weight (out_features,
     in_features), bias (out_features,) or None; one dtype and device.
 
-    On the cpu backend, inputs of at most 16 rows (the product of input's leading dims, e.g.
-    batch x new tokens) run a C++ kernel that reads the weight once (fp32 accumulation, one
+    On the cpu backend, inputs of at most 16 rows in fp32 (8 in fp16, 4 in bf16; rows = the
+    product of input's leading dims, e.g. batch x new tokens) run a C++ kernel that reads the weight once (fp32 accumulation, one
     rounding); a BLAS GEMM packs the weight on every call, which at so few rows costs as much
     as the product itself. With more rows the product is compute-bound and `auto` runs it on
     the torch backend (ATen's GEMM), as it does CUDA tensors (cuBLAS); the record_dispatch()
@@ -343,8 +343,9 @@ def linear(input, weight, bias=None):
         x = x.contiguous()
     # The selector caches per case, and under torch.compile takes constants only: the case is
     # whether the rows fit the cpu kernel (a guard when the row count is dynamic, not a SymInt).
-    fits = x.shape[0] <= _C_ops.LINEAR_MAX_ROWS
-    rows = _C_ops.LINEAR_MAX_ROWS if fits else _C_ops.LINEAR_MAX_ROWS + 1
+    limit = _C_ops.linear_max_rows(input.dtype)
+    fits = x.shape[0] <= limit
+    rows = limit if fits else limit + 1
     backend = _backend.select("linear", input.device.type, dtype=input.dtype,
                               device=input.device.type, rows=rows)
     y = _backend.eager_call(_linear_ops.linear_op, _linear_ops.linear_impl, backend, x, weight,

@@ -346,7 +346,7 @@ def _random_linear_case(rng):
     and awkward features, strided views of input and weight, bias or not: (input, weight,
     bias)."""
     dtype = rng.choice(DTYPES)
-    rows = rng.randint(1, 16)
+    rows = rng.randint(1, LINEAR_MAX_ROWS[dtype])
     leads = [(rows,), (rows, 1), (1, rows)] + ([()] if rows == 1 else [])
     leads += [(2, rows // 2)] if rows % 2 == 0 else []
     lead = rng.choice(leads)
@@ -398,20 +398,36 @@ def test_linear_fast_path_equals_general_path_bitwise(monkeypatch, seed):
         assert torch.equal(fast, other), cfg
 
 
-@pytest.mark.parametrize("lead", [(16,), (2, 8), (4, 1, 4), (17,), (17, 1), (1, 17)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_linear_row_limit_is_the_same_on_both_paths(monkeypatch, lead):
-    """csrc/eager.cpp's kLinearMaxRows is fastattn/_C_ops.py's LINEAR_MAX_ROWS (16): at 16 rows
-    the fast path runs the kernel without asking the general path; at 17 it declines, and
-    auto's selector gives the call to the torch backend (an explicit cpu backend refuses it).
-    Were the C++ limit higher, 17 rows would skip the selector; lower, 16 would call it."""
+# The cpu kernel's row limits (fastattn/_C_ops.py's LINEAR_MAX_ROWS, csrc/eager.cpp's
+# linear_max_rows).
+LINEAR_MAX_ROWS = {torch.float32: 16, torch.float16: 8, torch.bfloat16: 4}
+
+
+def _limit_leads():
+    """(dtype, leading dims) at and one past each dtype's row limit, in several shapes."""
+    out = []
+    for dtype, n in LINEAR_MAX_ROWS.items():
+        out += [(dtype, (n,)), (dtype, (2, n // 2)), (dtype, (n // 2, 1, 2)), (dtype, (n + 1,)),
+                (dtype, (n + 1, 1)), (dtype, (1, n + 1))]
+    return out
+
+
+@pytest.mark.parametrize("dtype,lead", _limit_leads(),
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_linear_row_limit_is_the_same_on_both_paths(monkeypatch, dtype, lead):
+    """csrc/eager.cpp's linear_max_rows is fastattn/_C_ops.py's LINEAR_MAX_ROWS (16 fp32, 8
+    fp16, 4 bf16): at the limit the fast path runs the kernel without asking the general
+    path; one row more it declines, and auto's selector gives the call to the torch backend
+    (an explicit cpu backend refuses it). Were the C++ limit higher, limit + 1 rows would skip
+    the selector; lower, the limit would call it."""
     from fastattn import _C_ops
-    assert _C_ops.LINEAR_MAX_ROWS == 16
-    rows = torch.Size(lead).numel()
-    x, w, b = torch.randn(*lead, 24), torch.randn(6, 24), torch.randn(6)
+    assert _C_ops.LINEAR_MAX_ROWS == LINEAR_MAX_ROWS
+    rows, limit = torch.Size(lead).numel(), LINEAR_MAX_ROWS[dtype]
+    x, w, b = (torch.randn(*lead, 24).to(dtype), torch.randn(6, 24).to(dtype),
+               torch.randn(6).to(dtype))
     for backend in ("auto", "cpu"):
         with fastattn.use_backend(backend), torch.no_grad():
-            if rows <= 16:
+            if rows <= limit:
                 with selector_calls(monkeypatch, forbid=True), \
                         fastattn.record_dispatch() as log:
                     y = fastattn.linear(x, w, b)
@@ -424,7 +440,7 @@ def test_linear_row_limit_is_the_same_on_both_paths(monkeypatch, lead):
                 assert torch.equal(y, F.linear(x, w, b))
             else:
                 with selector_calls(monkeypatch) as calls, \
-                        pytest.raises(RuntimeError, match="more than 16 rows"):
+                        pytest.raises(RuntimeError, match=f"more than {limit} rows"):
                     fastattn.linear(x, w, b)
                 assert calls == ["linear"]
 

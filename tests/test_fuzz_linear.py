@@ -30,7 +30,8 @@ import fastattn
 
 K_SIZES = (1, 2, 3, 7, 15, 16, 17, 31, 33, 64, 97, 129, 512, 1000, 1025, 1376, 1500)
 N_SIZES = (1, 2, 3, 4, 5, 7, 8, 9, 130, 257, 300)
-MAX_ROWS = 16             # the cpu kernel's limit (fastattn.linear's docstring)
+# the cpu kernel's row limit per dtype (fastattn.linear's docstring)
+MAX_ROWS = {torch.float32: 16, torch.float16: 8, torch.bfloat16: 4}
 # triton and cuda have no linear kernel (tests/test_linear.py checks that they refuse it);
 # auto is fuzzed for its choice between the cpu kernel and the torch backend.
 BACKENDS = ("cpu", "torch", "auto")
@@ -144,12 +145,13 @@ def one_config(backend):
         x, w, b = draw(rng, gen, cfg)
         x, w = x.to(device), w.to(device)
         rows, k, n = cfg["rows"], cfg["k"], cfg["n"]
-        if backend == "cpu" and rows > MAX_ROWS:
+        limit = MAX_ROWS[x.dtype]
+        if backend == "cpu" and rows > limit:
             try:
                 fastattn.linear(x, w, b)
             except RuntimeError as exc:
-                return [] if "more than 16 rows" in str(exc) else [f"wrong error: {exc}"]
-            return [f"the cpu backend ran {rows} rows (its limit is {MAX_ROWS})"]
+                return [] if f"more than {limit} rows" in str(exc) else [f"wrong error: {exc}"]
+            return [f"the cpu backend ran {rows} rows (its limit is {limit})"]
         xs = strided_copy(x, rng).requires_grad_()
         ws = strided_copy(w, rng).requires_grad_()
         bs = strided_copy(b, rng).requires_grad_() if b is not None else None
@@ -171,7 +173,7 @@ def one_config(backend):
         pgrads = (torch.autograd.grad(pt, pins, dy) if pt.numel()
                   else [torch.zeros_like(t) for t in pins])
         failures = []
-        want = "cpu" if backend == "cpu" or (backend == "auto" and rows <= MAX_ROWS) else "torch"
+        want = "cpu" if backend == "cpu" or (backend == "auto" and rows <= limit) else "torch"
         if calls != [("linear", want)]:
             failures.append(f"dispatch {calls}, expected [('linear', '{want}')]")
         if y.dtype != x.dtype or tuple(y.shape) != (*x.shape[:-1], n):

@@ -22,9 +22,23 @@ from fastattn import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = ["cpu", "torch", "auto"]
-# The most rows (product of input's leading dims) the cpu kernel takes (fastattn.linear's
-# docstring); auto gives more to the torch backend.
-MAX_ROWS = 16
+# The most rows (product of input's leading dims) the cpu kernel takes, per dtype
+# (fastattn.linear's docstring); auto gives more to the torch backend.
+MAX_ROWS = {torch.float32: 16, torch.float16: 8, torch.bfloat16: 4}
+
+
+def max_rows(dtype):
+    return MAX_ROWS.get(dtype, 0)
+
+
+def refused_by_cpu(backend, rows, dtype, x, w, b=None):
+    """True (after checking the error) when the explicitly chosen cpu backend must refuse the
+    call: more rows than its kernel takes for the dtype."""
+    if backend != "cpu" or rows <= max_rows(dtype):
+        return False
+    with pytest.raises(RuntimeError, match=r"cpu.*more than \d+ rows.*use backend 'auto'"):
+        fastattn.linear(x, w, b)
+    return True
 
 
 @pytest.fixture(params=BACKENDS)
@@ -37,7 +51,7 @@ def backend(request):
 def expected_backend(backend, rows, dtype=torch.float32):
     if backend != "auto":
         return backend
-    return "cpu" if rows <= MAX_ROWS and dtype != torch.float64 else "torch"
+    return "cpu" if rows <= max_rows(dtype) else "torch"
 
 
 def rand(*shape, seed=0, scale=1.0, dtype=torch.float32):
@@ -113,9 +127,11 @@ def test_sizes(backend, dtype, size, lead):
     x = rand(*lead, k, seed=1, dtype=dtype)
     w = rand(n, k, seed=2, scale=k ** -0.5, dtype=dtype)
     b = rand(n, seed=3, dtype=dtype) if bias else None
-    calls = check_linear(x, w, b)
     rows = torch.Size(lead).numel()
-    assert calls == [("linear", expected_backend(backend, rows))]
+    if refused_by_cpu(backend, rows, dtype, x, w, b):
+        return
+    calls = check_linear(x, w, b)
+    assert calls == [("linear", expected_backend(backend, rows, dtype))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -125,9 +141,11 @@ def test_rows_by_out_features(backend, dtype, n, rows):
     """Every row count up to the kernel's limit (its 4-row passes and their tails) against
     every column-block tail (blocks of 4 weight rows), K = 1376 (a multiple of 16) and 33."""
     for k in (1376, 33):
-        check_linear(rand(rows, k, seed=rows, dtype=dtype),
-                     rand(n, k, seed=n, scale=k ** -0.5, dtype=dtype),
-                     rand(n, seed=5, dtype=dtype))
+        x, w = rand(rows, k, seed=rows, dtype=dtype), rand(n, k, seed=n, scale=k ** -0.5,
+                                                           dtype=dtype)
+        b = rand(n, seed=5, dtype=dtype)
+        if not refused_by_cpu(backend, rows, dtype, x, w, b):
+            check_linear(x, w, b)
 
 
 def nan_padded(t, view):
@@ -142,17 +160,18 @@ def nan_padded(t, view):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_views(backend, dtype):
-    """Views whose storage around them is NaN (a read outside the view shows)."""
-    k, n = 37, 11
-    xv = rand(6, k, seed=1, dtype=dtype)
+    """Views whose storage around them is NaN (a read outside the view shows). 6 rows (4 in
+    bf16, the kernel's limit there)."""
+    k, n, r = 37, 11, min(6, max_rows(dtype))
+    xv = rand(r, k, seed=1, dtype=dtype)
     wv = rand(n, k, seed=2, scale=0.2, dtype=dtype)
     # input: a transposed view (column stride 7), a column-strided slice, a row of a 3-D
     # tensor (row stride 3k), a row slice (row stride k + 9, offset 4), an expanded row
-    xs = [nan_padded(xv, ((k, 7), lambda s: s[:, 1:7].t())),
-          nan_padded(xv, ((6, 2 * k), lambda s: s[:, ::2])),
-          nan_padded(xv.view(2, 3, k), ((2, 3, 3, k), lambda s: s[:, :, 1])),
-          nan_padded(xv, ((6, k + 9), lambda s: s[:, 4:4 + k])),
-          rand(1, k, seed=4, dtype=dtype).expand(6, k)]
+    xs = [nan_padded(xv, ((k, r + 1), lambda s: s[:, 1:r + 1].t())),
+          nan_padded(xv, ((r, 2 * k), lambda s: s[:, ::2])),
+          nan_padded(xv.view(2, r // 2, k), ((2, r // 2, 3, k), lambda s: s[:, :, 1])),
+          nan_padded(xv, ((r, k + 9), lambda s: s[:, 4:4 + k])),
+          rand(1, k, seed=4, dtype=dtype).expand(r, k)]
     # weight: a row slice with row stride > k and an offset, every other row, w.t() of a
     # (k, n) tensor (column stride n + 2), an expanded row (row stride 0)
     ws = [nan_padded(wv, ((n, k + 9), lambda s: s[:, 4:4 + k])),
@@ -199,14 +218,14 @@ def test_contiguous_input_strided_weight_large(backend, dtype):
 def test_huge_and_tiny_magnitudes(backend, dtype):
     """Inputs up to ~1e4 (fp16: up to ~4e3 against weights ~1e-2, the products well inside
     its range) and tiny ones (fp16: its smallest normals; fp32/bf16: 1e-30 against weights of
-    1, products far from fp32's subnormals)."""
+    1, products far from fp32's subnormals). 5 rows (4 in bf16, the kernel's limit there)."""
     if dtype == torch.float16:
         big, small = (1e3, 1e-2), (1e-4, 1e-2)
     else:
         big, small = (1e4, 1e4), (1e-30, 1.0)
     for (xs, ws) in (big, small):
         for k, n in ((1376, 7), (17, 130)):
-            check_linear(rand(5, k, seed=1, scale=xs, dtype=dtype),
+            check_linear(rand(min(5, max_rows(dtype)), k, seed=1, scale=xs, dtype=dtype),
                          rand(n, k, seed=2, scale=ws, dtype=dtype),
                          rand(n, seed=3, scale=xs * ws, dtype=dtype))
 
@@ -276,8 +295,23 @@ def test_auto_gives_the_cpu_kernel_at_most_16_rows(lead, grad):
     w, b = torch.randn(6, 24), torch.randn(6)
     with fastattn.use_backend("auto"), fastattn.record_dispatch() as calls:
         y = fastattn.linear(x, w, b)
-    assert calls == [("linear", "cpu" if rows <= MAX_ROWS else "torch")]
+    assert calls == [("linear", expected_backend("auto", rows))]
     torch.testing.assert_close(y, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_auto_row_limit_per_dtype(dtype):
+    """The kernel's limit depends on the dtype (fp16/bf16 weights are widened on every row
+    pass, where ATen's bf16 GEMM has AMX): 16 rows fp32, 8 fp16, 4 bf16 run on cpu, one more
+    on torch."""
+    w = torch.randn(6, 24).to(dtype)
+    limit = max_rows(dtype)
+    for rows, want in ((limit, "cpu"), (limit + 1, "torch")):
+        for grad in (False, True):
+            x = torch.randn(rows, 24).to(dtype).requires_grad_(grad)
+            with fastattn.record_dispatch() as calls:
+                fastattn.linear(x, w)
+            assert calls == [("linear", want)], (dtype, rows, grad)
 
 
 @pytest.mark.parametrize("lead", [(17,), (2, 9), (17, 1), (100,)],
@@ -420,7 +454,7 @@ def test_compile_fullgraph_matches_eager(backend, lead, bias):
 
     def fn(x, w, b):
         return torch.tanh(fastattn.linear(x, w, b)) * 2
-    if backend == "cpu" and rows > MAX_ROWS:       # refused while tracing, as eagerly
+    if backend == "cpu" and rows > max_rows(torch.float32):   # refused while tracing
         with fastattn.use_backend(backend), pytest.raises(RuntimeError,
                                                           match="more than 16 rows"):
             torch.compile(fn, fullgraph=True, backend="aot_eager")(x, w, b)
@@ -448,7 +482,7 @@ def test_compile_with_dynamic_rows():
             x = rand(rows, 24, seed=rows)
             with fastattn.record_dispatch() as calls:
                 y = f(x)
-            assert calls == [("linear", "cpu" if rows <= MAX_ROWS else "torch")]
+            assert calls == [("linear", expected_backend("auto", rows))]
             torch.testing.assert_close(y, F.linear(x, w, b))
     finally:
         torch._dynamo.reset()

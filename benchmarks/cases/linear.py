@@ -1,5 +1,6 @@
 """Linear cases: fastattn.linear(x, weight) against F.linear(x, weight) on the linear layers
-of a decode step: x (M, K) with M = 1, 4 or 16 rows (batch x new tokens), weight (N, K), no
+of a decode step: x (M, K) with M = 1, 4 or 16 rows (batch x new tokens; bf16 up to 4, the cpu
+kernel's limit there), weight (N, K), no
 bias (Llama's projections), fp32 and bf16. Shapes (N, K) of a Llama-style model of hidden size
 512 (MLP up/gate (1376, 512), down (512, 1376), q/o (512, 512), k/v with 2 KV heads
 (128, 512)) and a 7B-sized (4096, 4096).
@@ -59,6 +60,13 @@ SHAPES = ((1376, 512), (512, 1376), (512, 512), (128, 512), (4096, 4096))
 ROWS = (1, 4, 16)
 
 
+def rows_for(dtype):
+    """The row counts measured in `dtype`: ROWS up to the cpu kernel's limit for it (16 fp32,
+    4 bf16: fastattn/_C_ops.py's LINEAR_MAX_ROWS; more rows run on ATen's GEMM under auto)."""
+    from fastattn import _C_ops
+    return tuple(m for m in ROWS if m <= _C_ops.linear_max_rows(dtype))
+
+
 def layers(n, k, dtype):
     """Distinct weights per call: enough to hold weight_bytes()."""
     return max(1, math.ceil(weight_bytes() / (n * k * element_size(dtype))))
@@ -102,6 +110,6 @@ def cases(device_type, quick, backends):
         dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
         for dtype in dtypes:
             for n, k in shapes:
-                for m in ROWS:
+                for m in rows_for(dtype):
                     out.append(_case(m, n, k, dtype, be))
     return out

@@ -4,7 +4,7 @@ A decode step multiplies a few rows (batch x new tokens) by every weight of the 
 linear layers are then bound by reading their weights, which a BLAS GEMM does twice (it packs
 the weight on every call). patch() switches each plain nn.Linear to a subclass whose forward
 first offers the call to fastattn.linear's eager fast path (csrc/eager.cpp): plain CPU tensors
-that need no gradient, at most 16 rows, backend cpu or auto, not compiling. The kernel reads
+that need no gradient, at most 16 rows (fp32; 8 fp16, 4 bf16), backend cpu or auto, not compiling. The kernel reads
 the weight once (fp32 accumulation). Every other call (prefill and training-sized inputs,
 gradients, CUDA, another backend, torch.compile) is nn.Linear's own F.linear, unchanged.
 
