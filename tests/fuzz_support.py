@@ -84,6 +84,20 @@ def strided_copy(t, rng, gen=None):
     return view
 
 
+def comparable(name, out, ref, failures):
+    """Whether out can be held to a bound against ref: same shape, nonempty, finite (else a
+    message in `failures` for a wrong shape or a non-finite value; empty tensors pass)."""
+    if tuple(out.shape) != tuple(ref.shape):
+        failures.append(f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}")
+        return False
+    if out.numel() == 0:
+        return False
+    if not torch.isfinite(out).all():
+        failures.append(f"{name}: non-finite values ({(~torch.isfinite(out)).sum().item()})")
+        return False
+    return True
+
+
 def check(name, out, ref, pt, cfg, failures, cond=1.0, scale=None):
     """Append a message to `failures` when out (kernel) misses the tolerance rule against ref
     (float64 oracle) and pt (PyTorch in the input dtype). `cond` (>= 1) scales the fp32 floor
@@ -96,13 +110,7 @@ def check(name, out, ref, pt, cfg, failures, cond=1.0, scale=None):
         if (out is None) != (ref is None):
             failures.append(f"{name}: got {out is not None}, expected {ref is not None}")
         return
-    if tuple(out.shape) != tuple(ref.shape):
-        failures.append(f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}")
-        return
-    if out.numel() == 0:
-        return
-    if not torch.isfinite(out).all():
-        failures.append(f"{name}: non-finite values ({(~torch.isfinite(out)).sum().item()})")
+    if not comparable(name, out, ref, failures):
         return
     err = max_err(out, ref)
     pt_err = max_err(pt, ref)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuzz_support import pick_dtype, run_fuzz, strided_copy
+from fuzz_support import comparable, pick_dtype, run_fuzz, strided_copy
 from tolerances import LOW_PRECISION, dot_fp32_bound, linear_lowp_floor, max_err
 
 import fastattn
@@ -57,13 +57,7 @@ def linear_math(x, w, b, dy):
 def check_sum(name, out, ref, terms, k, pt, failures):
     """out (fastattn) against ref (the float64 oracle) for sums of k products with |terms|;
     pt: F.linear's result in the input dtype."""
-    if tuple(out.shape) != tuple(ref.shape):
-        failures.append(f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}")
-        return
-    if out.numel() == 0:
-        return
-    if not torch.isfinite(out).all():
-        failures.append(f"{name}: non-finite values ({(~torch.isfinite(out)).sum().item()})")
+    if not comparable(name, out, ref, failures):
         return
     if out.dtype in LOW_PRECISION:
         err, pt_err = max_err(out, ref), max_err(pt, ref)
