@@ -351,6 +351,20 @@ def test_triton_backend_refuses_linear():
             fastattn.linear(x, w)
 
 
+def test_no_backend_but_torch_takes_cuda_tensors():
+    """The CPU side of the GPU test below: for CUDA tensors both kernel backends decline
+    linear with a reason (so `auto`'s order triton, cuda, torch ends on torch), whatever the
+    row count."""
+    from fastattn import _C_ops
+    from fastattn.kernels import linear as triton_linear
+    for rows in (1, 4, 17):
+        case = dict(dtype=torch.float32, device="cuda", rows=rows)
+        assert "no Triton linear kernel" in triton_linear.unsupported("linear", **case)
+        assert _C_ops.unsupported("linear", **case) is not None
+        cpu_reason = _C_ops.unsupported("linear", **{**case, "device": "cpu"})
+        assert (cpu_reason is None) == (rows <= 16), cpu_reason     # the CPU tensors' limit
+
+
 @pytest.mark.gpu
 def test_cuda_tensors_run_on_the_torch_backend():
     """No CUDA linear kernel: auto gives CUDA tensors to the torch backend (cuBLAS)."""
