@@ -258,7 +258,7 @@ def _norm_rows(name, input, normalized_shape, weight, bias, residual):
         r2 = residual.reshape(rows, n).contiguous()
     w = weight.reshape(n) if weight is not None else None
     bb = bias.reshape(n) if bias is not None else None
-    return x2.contiguous(), w, bb, r2, n
+    return x2.contiguous(), w, bb, r2
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, residual=None):
@@ -271,7 +271,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, res
         y = _eager.layer_norm(input, normalized_shape, weight, bias, eps)
         if y is not None:
             return y
-    x2, w, b, r2, n = _norm_rows("layer_norm", input, normalized_shape, weight, bias, residual)
+    x2, w, b, r2 = _norm_rows("layer_norm", input, normalized_shape, weight, bias, residual)
     backend = _backend.select(
         "layer_norm", input.device.type, dtype=input.dtype, residual=r2 is not None,
         weight=w is not None, bias=b is not None,
@@ -292,7 +292,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, residual=None):
         y = _eager.rms_norm(input, normalized_shape, weight, eps)
         if y is not None:
             return y
-    x2, w, _, r2, n = _norm_rows("rms_norm", input, normalized_shape, weight, None, residual)
+    x2, w, _, r2 = _norm_rows("rms_norm", input, normalized_shape, weight, None, residual)
     eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
     backend = _backend.select(
         "rms_norm", input.device.type, dtype=input.dtype, residual=r2 is not None,

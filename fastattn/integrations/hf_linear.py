@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import _eager
-from ._subclass import subclass_with_forward
+from ._subclass import has_hooks, subclass_with_forward
 
 
 def _forward(self, input):
@@ -41,7 +41,7 @@ def fast_linear_class():
         __name__)
 
 
-def convert_linear(module, has_hooks):
+def convert_linear(module):
     """Switch `module` (an exact nn.Linear) to the fast subclass, in place: (module, None), or
     (None, reason)."""
     if has_hooks(module):

@@ -19,7 +19,7 @@ longer run).
 from torch import nn
 
 from .. import functional as _functional
-from ._subclass import subclass_with_forward
+from ._subclass import has_hooks, subclass_with_forward
 
 KNOWN_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 SILU_NAMES = ("silu", "swish")
@@ -40,11 +40,6 @@ def _silu_classes():
     return tuple(classes)
 
 
-def _has_hooks(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
 def _forward(self, x):
     return self.down_proj(_functional.swiglu(self.gate_proj(x), self.up_proj(x)))
 
@@ -59,13 +54,13 @@ def fast_mlp_class(cls):
 def convert_mlp(module):
     """Switch `module` (a known HF gated MLP) to its swiglu subclass, in place:
     (module, None), or (None, reason) when it cannot be represented."""
-    if _has_hooks(module):
+    if has_hooks(module):
         return None, "it has hooks registered"
     act = getattr(module, "act_fn", None)
     if type(act) not in _silu_classes():
         return None, (f"its activation is {type(act).__name__}, not SiLU (fastattn fuses "
                       f"silu(gate) * up only)")
-    if _has_hooks(act):
+    if has_hooks(act):
         return None, "its act_fn has hooks registered, which the fused forward would skip"
     hidden_act = getattr(getattr(module, "config", None), "hidden_act", "silu")
     if hidden_act not in SILU_NAMES:

@@ -21,12 +21,8 @@ import warnings
 from torch import nn
 
 from . import hf_cache, hf_linear, hf_mlp, hf_norms, hf_rotary
+from ._subclass import has_hooks
 from .transformers import ATTN_IMPLEMENTATION, register
-
-
-def _has_hooks(m):
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
 
 
 def _attention_modules(model):
@@ -68,7 +64,7 @@ def patch_transformers_model(model, *, attention=True, norms=True, rotary=True, 
             qual = f"{prefix}.{name}" if prefix else name
             new = child
             if norms and hf_norms.is_known_rmsnorm(child):
-                if _has_hooks(child):
+                if has_hooks(child):
                     _warn(qual, child, "it has hooks registered, which a new module would lose")
                 else:
                     new, reason = hf_norms.convert_rmsnorm(child)
@@ -95,7 +91,7 @@ def patch_transformers_model(model, *, attention=True, norms=True, rotary=True, 
                 else:
                     replaced.append((qual, old_name, type(new).__name__))
             elif linear and hf_linear.is_plain_linear(child):
-                new, reason = hf_linear.convert_linear(child, _has_hooks)  # in place
+                new, reason = hf_linear.convert_linear(child)  # in place
                 if new is None:
                     _warn(qual, child, reason)
                     new = child
